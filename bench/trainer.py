@@ -1,0 +1,250 @@
+"""Trainer throughput: how close `dse.train` gets to pure compute, and how far ahead of a textbook loop.
+
+What it measures, in one run, on the machine it runs on (it prints the CPU/GPU, torch version and load):
+
+For Shallow SqueezeNext-06-0.4x, -06-1.0x and SqueezeNext-23-1x on the CPU, batch 128, SGD with
+Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per second of
+  (a) pure compute: forward + backward + optimizer step of the model on one batch already in memory,
+      in the layout the trainer uses (channels_last; the NCHW figure is printed beside it);
+  (b) our trainer: `dse.train.train` on CIFAR-format files read by `dse.data` (generated pixels written
+      as CIFAR python batches: content does not change the speed), with random crop and flip, timed by
+      the trainer's own record of its second epoch (the training pass, evaluation excluded);
+  (c) the loop a user would write: NCHW model, torchvision `DataLoader` (2 workers, shuffled) over PIL
+      images with RandomCrop(32, 4), RandomHorizontalFlip, ToTensor and Normalize, torch's default
+      threads; the second epoch, timed from its first batch (worker start-up excluded);
+and the ratios b/a and b/c, with their geometric means over the three models.
+
+Then a quick width sweep's trials (Shallow SqueezeNext-06 at 0.4x and 1.0x, two trials each, whole
+`train` calls with evaluation) run by one worker with as many threads as cores, against as many
+workers as cores with one thread each, in images per second of wall time, so the sweep can pick its
+default (`sweep.workers`, `sweep.threads`).
+
+On a GPU, when there is one: seconds per CIFAR-10-sized epoch (50,000 images) of our trainer for
+Shallow SqueezeNext-06-0.4x, -14-1.5x and SqueezeNext-23-2x, and the same a/b/c figures there.
+
+Run it on a quiet machine (`uptime`): every figure is a wall-clock time. `--batches` sets the timed
+batches per measurement (default 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's dse, and the tests' CIFAR-format writer
+
+from conftest import write_cifar  # noqa: E402
+
+from dse.config import register_schemas, to_object  # noqa: E402
+from dse.data import DataConfig, load_data  # noqa: E402
+from dse.models import create_model  # noqa: E402
+from dse.train import TrainConfig, make_optimizer, train, train_step  # noqa: E402
+
+CPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-06-1.0x", "SqueezeNext-23-1x"]
+GPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-14-1.5x", "SqueezeNext-23-2x"]
+SWEEP_WIDTHS = [0.4, 1.0]
+BATCH = 128
+
+
+def recipe(**overrides) -> TrainConfig:
+    """conf/train/sgd.yaml with `overrides`."""
+    register_schemas()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        node = compose("run", overrides=["train=sgd", *(f"train.{k}={v}" for k, v in overrides.items())]).train
+    return to_object(TrainConfig, node)
+
+
+class PILImages(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: an H×W×C uint8 array to a PIL image, then the transform."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform):
+        self.images, self.labels, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def pure_compute(name: str, cfg: TrainConfig, steps: int, device: torch.device, channels_last: bool) -> float:
+    """(a): images/s of forward+backward+step on one batch already on the device."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).to(device, memory_format=fmt).train()
+    optimizer = make_optimizer(model, cfg)
+    x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (BATCH,), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(3):
+        train_step(model, optimizer, loss_fn, x, y, autocast)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, loss_fn, x, y, autocast)
+    sync(device)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def our_trainer(name: str, splits, cfg: TrainConfig) -> tuple[float, float]:
+    """(b): (images/s, seconds) of the trainer's second epoch."""
+    torch.manual_seed(0)
+    result = train(create_model(name, num_classes=10), splits, cfg)
+    return result.epochs[-1].images_per_s, result.epochs[-1].seconds
+
+
+def user_loop(name: str, splits, steps: int, device: torch.device) -> float:
+    """(c): images/s of a textbook loop: NCHW model, DataLoader with 2 workers and PIL transforms."""
+    tf = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(splits.mean, splits.std),
+    ])  # fmt: skip
+    data = PILImages(splits.train_x[: steps * BATCH], splits.train_y[: steps * BATCH], tf)
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=2, pin_memory=device.type == "cuda")
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    rate = math.nan
+    for _ in range(2):  # the second epoch is timed
+        images, start = 0, None
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if start is None:
+                sync(device)
+                start = time.perf_counter()
+            else:
+                images += len(y)
+        sync(device)
+        rate = images / (time.perf_counter() - start)
+    return rate
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def compare(models: list[str], splits, steps: int, device: torch.device, epoch_note: str) -> None:
+    cfg = recipe(epochs=2, progress=False, device=device.type)
+    print(f"\n{'model':<30}{'a: compute':>12}{'a (NCHW)':>10}{'b: ours':>10}{'c: user':>10}{'b/a':>7}{'b/c':>7}"
+          f"{epoch_note:>12}")  # fmt: skip
+    ba, bc = [], []
+    for name in models:
+        a = pure_compute(name, cfg, steps, device, channels_last=True)
+        a_nchw = pure_compute(name, cfg, steps, device, channels_last=False)
+        b, seconds = our_trainer(name, splits, cfg)
+        c = user_loop(name, splits, steps, device)
+        ba.append(b / a)
+        bc.append(b / c)
+        extra = f"{seconds * 50_000 / len(splits.train_x):.2f}" if device.type == "cuda" else ""
+        row = f"{name:<30}{a:>12.0f}{a_nchw:>10.0f}{b:>10.0f}{c:>10.0f}{b / a:>7.2f}{b / c:>7.2f}{extra:>12}"
+        print(row, flush=True)
+    print(f"{'geometric mean':<30}{'':>42}{geomean(ba):>7.2f}{geomean(bc):>7.2f}   (images/s; targets b/a >= 0.95, "
+          f"b/c >= {'3' if device.type == 'cuda' else '1.3'})")  # fmt: skip
+
+
+def _trial(root: str, width: float, seed: int, threads: int, subset: int, barrier, queue) -> None:
+    torch.set_num_threads(threads)
+    splits = load_data(DataConfig(name="cifar10", root=root, val_size=256, subset=subset))
+    cfg = recipe(epochs=2, progress=False, device="cpu", threads=threads, seed=seed)
+    torch.manual_seed(seed)
+    model = create_model("shallow_squeezenext", num_classes=10, blocks=[1, 1, 1, 1], width=width)
+    if barrier is not None:
+        barrier.wait()  # the workers start training together
+    start = time.time()
+    result = train(model, splits, cfg)
+    queue.put((start, time.time(), sum(r.seconds * r.images_per_s for r in result.epochs)))
+
+
+def sweep_layouts(root: str, subset: int) -> None:
+    """One worker with all cores vs one worker per core with one thread, on the same trials."""
+    cores = os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    print(f"\nA quick width sweep: Shallow SqueezeNext-06, {cores} trials per width (2 epochs of {subset} images + "
+          "evaluation each), images/s of wall time")  # fmt: skip
+    print(f"{'width':<8}{f'1 worker x {cores} threads':>24}{f'{cores} workers x 1 thread':>24}{'ratio':>8}")
+    for width in SWEEP_WIDTHS:
+        rates = []
+        for workers, threads in ((1, cores), (cores, 1)):
+            queue = ctx.Queue()
+            barrier = ctx.Barrier(workers) if workers > 1 else None
+            trials = [ctx.Process(target=_trial, args=(root, width, s, threads, subset, barrier, queue))
+                      for s in range(cores)]  # fmt: skip
+            batches_of = [trials[i::workers] for i in range(workers)]
+            results = []
+            for round_ in zip(*batches_of):  # `workers` trials at a time
+                for p in round_:
+                    p.start()
+                results += [queue.get() for _ in round_]
+                for p in round_:
+                    p.join()
+            # Sequential trials: add their training times; parallel ones: span of the round.
+            wall = sum(max(r[1] for r in results[i : i + workers]) - min(r[0] for r in results[i : i + workers])
+                       for i in range(0, len(results), workers))  # fmt: skip
+            rates.append(sum(r[2] for r in results) / wall)
+        print(f"{width:<8}{rates[0]:>24.0f}{rates[1]:>24.0f}{rates[1] / rates[0]:>8.2f}", flush=True)
+
+
+def describe_machine() -> None:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} threads, "
+          f"load average {' '.join(f'{v:.2f}' for v in load)}")  # fmt: skip
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement (CPU)")
+    parser.add_argument("--skip-sweep", action="store_true", help="skip the workers × threads comparison")
+    args = parser.parse_args(argv)
+    describe_machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        n = args.batches * BATCH
+        write_cifar(Path(tmp), "cifar10", n_train=n + 256, n_test=256)
+        splits = load_data(DataConfig(name="cifar10", root=tmp, val_size=256))
+        print(f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, training images/s")
+        compare(CPU_MODELS, splits, args.batches, torch.device("cpu"), "")
+        if not args.skip_sweep:
+            sweep_layouts(tmp, n)
+        if torch.cuda.is_available():
+            gpu_root = Path(tmp) / "gpu"
+            write_cifar(gpu_root, "cifar10", n_train=50_000, n_test=10_000)
+            gpu = load_data(DataConfig(name="cifar10", root=str(gpu_root), val_size=0))
+            print(f"\n{torch.cuda.get_device_name()}, batch {BATCH}, CIFAR-10-sized epochs (50,000 images)")
+            compare(GPU_MODELS, gpu, len(gpu.train_x) // BATCH, torch.device("cuda"), "s/epoch (b)")
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""The one trainer: optimizers by name, the learning-rate schedule, per-epoch records, atomic checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import adabound
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dse.data import DataConfig, DataError, Splits, batches, load_data
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "CheckpointError",
+    "EpochRecord",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "evaluate",
+    "learning_rate",
+    "load_checkpoint",
+    "make_optimizer",
+    "save_checkpoint",
+    "train",
+    "train_step",
+]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+    "adagrad": torch.optim.Adagrad,
+    "adabound": adabound.AdaBound,
+    "adadelta": torch.optim.Adadelta,
+    "asgd": torch.optim.ASGD,
+    "rmsprop": torch.optim.RMSprop,
+    "rprop": torch.optim.Rprop,
+}
+SCHEDULES = ("step", "cosine")
+# adabound 0.0.5 calls Tensor.add(Number, Tensor), an overload torch deprecates but still runs.
+warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning, module="adabound")
+
+CHECKPOINT_FORMAT = "dse.train/1"
+# Settings that do not change what a run computes: a checkpoint may be resumed with them changed.
+_RESUMABLE_CHANGES = {"threads", "device", "compile", "checkpoint", "checkpoint_every", "progress", "eval_batch_size"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or belongs to another run; the message says which file and what to do."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the schema of `conf/train/*.yaml`, one file per optimizer with its own lr and kwargs.
+
+    The shared defaults are the recipe of the paper and its baseline code: 200 epochs of batch 128, weight
+    decay 5e-4, step decay ×0.2 at 30/60/80 % of the epochs (60/120/160 of 200). `conf/train/sgd.yaml`
+    adds the paper's optimizer: SGD, lr 0.01, Nesterov momentum 0.9.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. momentum, betas
+    weight_decay: float = 5e-4
+    epochs: int = 200
+    batch_size: int = 128
+    schedule: str = "step"  # step | cosine
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # step: fractions of `epochs`
+    decay: float = 0.2  # step: lr factor at each milestone
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop (pad 4) + horizontal flip
+    seed: int = 0  # dropout, batch order and augmentation (seed the model's init yourself)
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    channels_last: bool = True
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the model
+    checkpoint: str | None = None  # resumed from when it exists, written after every `checkpoint_every` epochs
+    checkpoint_every: int = 1
+    eval_batch_size: int = 512
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        optimizer_kwargs(self)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        for name in ("lr", "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "decay"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be > 0")
+        if not all(0 < m <= 1 for m in self.milestones):
+            raise ValueError(f"train milestones={self.milestones!r} must be fractions of epochs in (0, 1]")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if self.weight_decay < 0 or self.threads < 0:
+            raise ValueError(f"train weight_decay={self.weight_decay!r} and threads={self.threads!r} must be >= 0")
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did. `seconds` and `images_per_s` time the training pass alone."""
+
+    epoch: int  # 1-based
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+    images_per_s: float
+    eval_seconds: float
+
+
+@dataclass
+class TrainResult:
+    """Every epoch's record (earlier runs of a resumed training included) and the final test score."""
+
+    epochs: list[EpochRecord]
+    test_loss: float
+    test_acc: float
+    seconds_per_epoch: float  # mean training-pass seconds of the epochs run by this call
+    device: str
+    split: dict
+    resumed_from: int  # epochs already done when this call started (0: a fresh run)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- optimizers
+
+
+def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments the named optimizer is built with; refuses names and keys it does not take."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train optimizer={cfg.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+    kwargs = {"lr": cfg.lr, **cfg.optimizer_kwargs}
+    if cfg.weight_decay:
+        kwargs["weight_decay"] = cfg.weight_decay
+    accepted = set(inspect.signature(OPTIMIZERS[cfg.optimizer]).parameters) - {"params", "self"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"optimizer {cfg.optimizer!r} does not take {', '.join(unknown)}"
+            f"{' (set train.weight_decay=0)' if 'weight_decay' in unknown else ''}; "
+            f"it takes: {', '.join(sorted(accepted))}"
+        )
+    return kwargs
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` over the model's parameters, with `cfg`'s lr, weight decay and kwargs."""
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), **optimizer_kwargs(cfg))
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of 0-based `epoch`: step decay by `decay` at each milestone, or cosine to 0."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    return cfg.lr * cfg.decay**passed
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` with torch.save atomically: a temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by `train`, loaded on the CPU with weights_only=True; raises CheckpointError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on a truncated or foreign file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); "
+            "it is truncated or not a dse checkpoint: delete it to start over, or set train.checkpoint elsewhere"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a {CHECKPOINT_FORMAT} checkpoint; delete it or set train.checkpoint elsewhere"
+        )
+    return state
+
+
+def _run_identity(cfg: TrainConfig, splits: Splits) -> dict:
+    """What a checkpoint must agree on to be resumed by this run."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    return {"train": settings, "split": dict(splits.split), "num_classes": splits.num_classes}
+
+
+def _restore(state: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict):
+    if state["run"] != identity:
+        ours, theirs = identity, state["run"]
+        diff = [
+            f"{group}.{k}: {theirs.get(group, {}).get(k)!r} there, {v!r} here"
+            for group in ("train", "split")
+            for k, v in ours[group].items()
+            if theirs.get(group, {}).get(k) != v
+        ] or ["num_classes"]
+        raise CheckpointError(
+            f"checkpoint {path!r} belongs to another run ({'; '.join(diff)}); "
+            "delete it to start over, or set train.checkpoint elsewhere"
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))  # skip the heading
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for another model ({first}); "
+            "delete it to start over, or set train.checkpoint elsewhere"
+        ) from e
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["epoch"], [EpochRecord(**r) for r in state["records"]]
+
+
+def _state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, records, identity: dict) -> dict:
+    # The learning rate is a pure function of the epoch, so there is no scheduler state to keep.
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "records": [asdict(r) for r in records],
+        "run": identity,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train device={name!r} but CUDA is not available here; use device=auto or cpu")
+    return device
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor, y: Tensor, autocast=None):
+    """One forward, backward and optimizer step; returns (logits, loss), both still on the device."""
+    with autocast or torch.autocast("cpu", enabled=False):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 512,
+    channels_last: bool = False,
+    autocast=None,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model on uint8 images x, in eval mode; NaN for no images."""
+    if len(x) == 0:
+        return math.nan, math.nan
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for xb, yb in batches(x, y, batch_size, mean=mean, std=std, channels_last=channels_last):
+        with autocast or torch.autocast("cpu", enabled=False):
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(x), correct.item() / len(x)
+
+
+def _train_epoch(model, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, epoch: int, autocast, bar):
+    model.train()
+    loss_sum = torch.zeros((), device=splits.device)
+    correct = torch.zeros((), dtype=torch.int64, device=splits.device)
+    seen = 0
+    start = time.perf_counter()
+    for x, y in batches(
+        splits.train_x, splits.train_y, cfg.batch_size, mean=splits.mean, std=splits.std, train=True,
+        augment=cfg.augment, seed=cfg.seed, epoch=epoch, channels_last=cfg.channels_last,
+    ):  # fmt: skip
+        logits, loss = train_step(model, optimizer, loss_fn, x, y, autocast)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        bar.update()
+    loss = loss_sum.item() / seen  # the one host sync of the epoch
+    return loss, correct.item() / seen, time.perf_counter() - start, seen
+
+
+def train(
+    model: nn.Module,
+    splits: Splits,
+    cfg: TrainConfig,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train `model` (moved in place to the device) on `splits` as `cfg` says; return the records.
+
+    Seeds torch's global RNG with `cfg.seed` (dropout). With a checkpoint path (argument, else
+    `cfg.checkpoint`) that exists, continues from its last finished epoch; a checkpoint is written
+    after every `cfg.checkpoint_every` epochs and after the last. `on_epoch(record)` runs after each
+    epoch's checkpoint; it may raise to stop the run (the exception propagates).
+    """
+    path = str(checkpoint_path or cfg.checkpoint or "") or None
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if len(splits.train_x) < cfg.batch_size:
+        raise ValueError(f"train batch_size={cfg.batch_size} is more than the {len(splits.train_x)} training images")
+    torch.manual_seed(cfg.seed)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt)
+    splits = splits.to(device)
+    optimizer = make_optimizer(model, cfg)
+    identity = _run_identity(cfg, splits)
+    done, records = 0, []
+    if path and Path(path).exists():
+        done, records = _restore(load_checkpoint(path), path, model, optimizer, identity)
+    net = torch.compile(model) if cfg.compile else model
+    autocast = _autocast(cfg, device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+                   autocast=autocast)  # fmt: skip
+    steps = len(splits.train_x) // cfg.batch_size
+    seconds = []
+    with tqdm(total=steps * (cfg.epochs - done), disable=not cfg.progress, unit="batch", dynamic_ncols=True) as bar:
+        for epoch in range(done, cfg.epochs):
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+            train_loss, train_acc, secs, seen = _train_epoch(net, optimizer, loss_fn, splits, cfg, epoch, autocast, bar)
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(f"train loss is {train_loss} in epoch {epoch + 1} at lr={lr:g}; lower train.lr")
+            start = time.perf_counter()
+            val_loss, val_acc = evaluate(net, splits.val_x, splits.val_y, **eval_kw)
+            record = EpochRecord(
+                epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                val_acc=val_acc, seconds=secs, images_per_s=seen / secs, eval_seconds=time.perf_counter() - start,
+            )  # fmt: skip
+            records.append(record)
+            seconds.append(secs)
+            if path and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+                save_checkpoint(path, _state(epoch + 1, model, optimizer, records, identity))
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}", refresh=False)
+            if on_epoch is not None:
+                on_epoch(record)
+    test_loss, test_acc = evaluate(net, splits.test_x, splits.test_y, **eval_kw)
+    return TrainResult(
+        epochs=records,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
+        device=str(device),
+        split=dict(splits.split),
+        resumed_from=done,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _summary(name: str, result: TrainResult, profile, checkpoint: str | None) -> str:
+    last = result.epochs[-1] if result.epochs else None
+    best_val = max((r.val_acc for r in result.epochs), default=math.nan)
+    split = result.split
+    lines = [
+        f"model          {name}",
+        f"data           {split['dataset']}: {split['train']} train / {split['val']} val / {split['test']} test "
+        f"(split seed {split['seed']}, indices sha256 {split['indices_sha256']})",
+        f"test accuracy  {100 * result.test_acc:.2f} %  (loss {result.test_loss:.4f})",
+        f"val accuracy   {100 * (last.val_acc if last else math.nan):.2f} % last, {100 * best_val:.2f} % best",
+        f"model size     {profile.size_mb:.3f} MB fp32 state_dict, {profile.params:,} parameters, "
+        f"{profile.macs / 1e6:.1f} M MACs per image",
+        f"s/epoch        {result.seconds_per_epoch:.2f} s training pass on {result.device}"
+        f" ({last.images_per_s if last else math.nan:.0f} images/s last epoch)",
+        f"epochs         {len(result.epochs)} (resumed after {result.resumed_from})",
+    ]
+    if checkpoint:
+        lines.append(f"checkpoint     {checkpoint}")
+    return "\n".join(lines)
+
+
+def _run(cfg) -> None:
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from dse.config import to_object
+    from dse.measure import profile
+    from dse.models import ModelConfig, build_model, paper_name
+
+    try:
+        data_cfg = to_object(DataConfig, cfg.data)
+        train_cfg = to_object(TrainConfig, cfg.train)
+        model_cfg = to_object(ModelConfig, cfg.model)
+    except ValueError as e:
+        raise SystemExit(f"dse.train: {e}") from None
+    out = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint = train_cfg.checkpoint or str(out / "checkpoint.pt")
+    try:
+        splits = load_data(data_cfg)
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        torch.manual_seed(train_cfg.seed)
+        model = build_model(model_cfg, num_classes=splits.num_classes, in_channels=splits.in_channels)
+        result = train(model, splits, train_cfg, checkpoint_path=checkpoint)
+    except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:
+        raise SystemExit(f"dse.train: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"dse.train: interrupted; resume with the same overrides and train.checkpoint={checkpoint}") from None
+    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    size = profile(model.cpu(), tuple(splits.train_x.shape[1:]), latency=False)
+    print(_summary(paper_name(model_cfg), result, size, checkpoint))
+
+
+def main() -> None:
+    """`python -m dse.train model=... data=... train=...`: one training, then a summary."""
+    import hydra
+
+    from dse.config import register_schemas
+
+    register_schemas()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    hydra.main(version_base="1.3", config_path=str(conf), config_name="run")(_run)()
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so the schemas Hydra checks are dse.train's classes, not __main__'s copies.
+    from dse.train import main as _main
+
+    _main()

@@ -1,0 +1,225 @@
+"""dse.train: optimizers by name, the schedule, records, kill/resume, checkpoints and the command line."""
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import dse.train
+from dse.config import register_schemas
+from dse.data import DataConfig, load_data
+from dse.train import (
+    OPTIMIZERS,
+    CheckpointError,
+    TrainConfig,
+    evaluate,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train,
+    train_step,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes),
+    )  # fmt: skip
+
+
+def quick(**kw) -> TrainConfig:
+    """A few CPU seconds of training on the generated data."""
+    base = dict(epochs=3, batch_size=32, eval_batch_size=64, threads=1, device="cpu", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def splits(cifar10):
+    return load_data(DataConfig(name="cifar10", root=str(cifar10.root), val_size=50))
+
+
+def train_config(name: str) -> TrainConfig:
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return OmegaConf.to_object(compose("run", overrides=[f"train={name}"]).train)
+
+
+def test_every_optimizer_has_a_config_file():
+    assert {p.stem for p in (CONF / "train").glob("*.yaml")} == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_lowers_the_loss_of_a_fixed_batch_in_one_step(name):
+    cfg = train_config(name)
+    assert cfg.optimizer == name
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+    _, before = train_step(model, make_optimizer(model, cfg), loss_fn, x, y)
+    with torch.no_grad():
+        after = loss_fn(model(x), y)
+    assert after < before
+
+
+def test_unknown_optimizer_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ValueError) as e:
+        TrainConfig(optimizer="lamb")
+    assert "'lamb'" in str(e.value) and all(name in str(e.value) for name in OPTIMIZERS)
+
+
+def test_optimizer_options_it_does_not_take_are_refused():
+    with pytest.raises(ValueError, match="adam.*momentum.*it takes:.*betas"):
+        TrainConfig(optimizer="adam", optimizer_kwargs={"momentum": 0.9})
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        TrainConfig(optimizer="rprop", weight_decay=5e-4)
+    with pytest.raises(ValueError, match="schedule='linear'.*step, cosine"):
+        TrainConfig(schedule="linear")
+
+
+def test_step_schedule_decays_at_the_papers_epochs_and_cosine_ends_near_zero():
+    cfg = TrainConfig(lr=0.1, epochs=200)
+    lrs = [learning_rate(cfg, e) for e in range(200)]
+    changes = [e for e in range(1, 200) if lrs[e] != lrs[e - 1]]
+    assert changes == [60, 120, 160] and lrs[0] == 0.1 and math.isclose(lrs[-1], 0.1 * 0.2**3)
+    cos = replace(cfg, schedule="cosine")
+    assert learning_rate(cos, 0) == 0.1 and learning_rate(cos, 199) < 1e-4
+
+
+def test_train_returns_a_record_per_epoch_and_calls_on_epoch(splits):
+    seen = []
+    result = train(tiny_model(), splits, quick(lr=0.05), on_epoch=seen.append)
+    assert [r.epoch for r in result.epochs] == [1, 2, 3] and seen == result.epochs
+    r = result.epochs[-1]
+    assert r.seconds > 0 and r.images_per_s == pytest.approx(192 / r.seconds)  # 200 images: 6 full batches
+    assert 0 <= r.train_acc <= 1 and 0 <= r.val_acc <= 1 and math.isfinite(r.val_loss)
+    assert 0 <= result.test_acc <= 1 and result.split == splits.split and result.resumed_from == 0
+    assert result.epochs[0].train_loss > result.epochs[-1].train_loss  # the generated classes are learnable
+
+
+def test_on_epoch_may_stop_the_run(splits):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_model(), splits, quick(), on_epoch=stop_after_first)
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path):
+    cfg = quick(lr=0.05, epochs=4)
+    whole = tiny_model()
+    expected = train(whole, splits, cfg, checkpoint_path=tmp_path / "whole.pt")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(record):
+        if record.epoch == 2:
+            raise Killed
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train(tiny_model(), splits, cfg, checkpoint_path=path, on_epoch=kill_after_epoch_2)
+    torch.manual_seed(123)  # the resumed process starts from an unrelated RNG state and init
+    resumed_model = tiny_model(seed=7)
+    resumed = train(resumed_model, splits, cfg, checkpoint_path=path)
+
+    assert resumed.resumed_from == 2 and [r.epoch for r in resumed.epochs] == [1, 2, 3, 4]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert [r.train_loss for r in resumed.epochs] == [r.train_loss for r in expected.epochs]
+    assert resumed.test_acc == expected.test_acc
+
+
+def test_finished_run_resumes_to_its_result_without_training(splits, tmp_path):
+    cfg = quick(epochs=1)
+    first = train(tiny_model(), splits, cfg, checkpoint_path=tmp_path / "c.pt")
+    again = train(tiny_model(seed=5), splits, cfg, checkpoint_path=tmp_path / "c.pt")
+    assert again.resumed_from == 1 and again.test_acc == first.test_acc and math.isnan(again.seconds_per_epoch)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_checkpoint_raises_a_clear_error(splits, tmp_path, damage):
+    path = tmp_path / "c.pt"
+    train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="c.pt.*unreadable.*delete it"):
+        train(tiny_model(), splits, quick(epochs=2), checkpoint_path=path)
+
+
+def test_checkpoint_of_another_run_is_refused_naming_the_difference(splits, tmp_path):
+    path = tmp_path / "c.pt"
+    train(tiny_model(), splits, quick(epochs=1, lr=0.05), checkpoint_path=path)
+    with pytest.raises(CheckpointError, match="lr: 0.05 there, 0.01 here"):
+        train(tiny_model(), splits, quick(epochs=1, lr=0.01), checkpoint_path=path)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"format": dse.train.CHECKPOINT_FORMAT, "epoch": 1})
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"format": dse.train.CHECKPOINT_FORMAT, "epoch": 2})
+    assert load_checkpoint(path)["epoch"] == 1  # the old one is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # and no temp file is left behind
+
+
+def test_evaluate_scores_every_image(splits):
+    model = tiny_model()
+    loss, acc = evaluate(model, splits.test_x, splits.test_y, mean=splits.mean, std=splits.std, batch_size=7)
+    assert math.isfinite(loss) and acc * len(splits.test_y) == pytest.approx(round(acc * len(splits.test_y)))
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dse.train", *overrides, f"hydra.run.dir={cwd / 'out'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+def test_cli_trains_and_prints_a_summary(cifar10, tmp_path):
+    done = run_cli(
+        f"data.root={cifar10.root}", "data.val_size=50", "train.epochs=1", "train.batch_size=50",
+        "train.progress=false", "train.threads=1", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for field in ("test accuracy", "model size", "MB", "s/epoch", "Shallow SqueezeNext-06-0.4x"):
+        assert field in done.stdout
+    assert (tmp_path / "out" / "checkpoint.pt").exists() and (tmp_path / "out" / "result.json").exists()
+
+
+def test_cli_reports_bad_input_without_a_traceback(cifar10, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = {
+        "unreadable": [f"data.root={cifar10.root}", "data.val_size=50", f"train.checkpoint={garbage}"],
+        "allowed: sgd, adam": ["train.optimizer=lamb"],
+        "CIFAR-10 not found": [f"data.root={tmp_path / 'nothing'}"],
+    }
+    for expected, overrides in cases.items():
+        done = run_cli(*overrides, cwd=tmp_path)
+        assert done.returncode != 0 and expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr + done.stdout
