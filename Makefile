@@ -1,7 +1,11 @@
-# dse tasks. `make help` lists them.
+# dse tasks. `make help` lists them. STUDY and STORAGE pick the study (default: the quick width sweep).
 PY ?= .venv/bin/python
+STUDY ?= width-cifar10-quick
+STORAGE ?= sqlite:///studies/$(STUDY).db
+ARTIFACTS ?= studies/$(STUDY)/artifacts
+PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes
+.PHONY: help install test test-fast models paper-sizes sweep-quick dashboard bench-trainer bench-pruning
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,3 +24,15 @@ models: ## measure the paper's Table 1 models beside its published sizes
 
 paper-sizes: ## measure every model row of the paper's Tables 1-3 beside its published size
 	$(PY) -m dse.models --tables 1 2 3
+
+sweep-quick: ## the quick width sweep on CIFAR-10 (DATA=fashion_mnist offline)
+	$(PY) -m dse.sweep +space=width budget=quick data=$(or $(DATA),cifar10)
+
+dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080)
+	$(dir $(PY))optuna-dashboard $(STORAGE) --artifact-dir $(ARTIFACTS) --port $(PORT)
+
+bench-trainer: ## benchmark the trainer against pure compute and a DataLoader loop
+	$(PY) bench/trainer.py
+
+bench-pruning: ## the open search with and without the pareto pruner on Fashion-MNIST
+	$(PY) bench/pruning.py

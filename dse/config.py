@@ -7,10 +7,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SpaceConfig", "StudyConfig", "SweepConfig", "SAMPLERS", "PRUNERS", "register_schemas", "to_object"]
+from dse.pruning import PruningConfig
+
+__all__ = ["PruningConfig", "SpaceConfig", "StudyConfig", "SweepConfig", "SAMPLERS", "PRUNERS", "register_schemas", "to_object"]
 
 SAMPLERS = ("grid", "tpe", "nsga2")
 PRUNERS = ("none", "pareto", "median", "hyperband", "successive_halving")
+OPTUNA_PRUNERS = PRUNERS[2:]  # Optuna's own: single-objective studies only
+METRICS = ("val_acc", "size_mb", "latency_ms")
 
 
 @dataclass
@@ -53,7 +57,9 @@ class StudyConfig:
     workdir: str | None = None  # checkpoints and artifacts; default studies/<name>/ (share it across machines)
     max_size_kb: float | None = None  # over-budget models are pruned before any training
     max_latency_ms: float | None = None
+    objectives: list[str] = field(default_factory=lambda: list(METRICS))  # optimised, in this order
     pruner: str = "none"
+    pruning: PruningConfig = field(default_factory=PruningConfig)
     heartbeat_interval: int = 60  # seconds; a trial silent for grace_period is failed and retried
     grace_period: int = 180
     max_retry: int = 3
@@ -62,6 +68,16 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:
             raise ValueError(f"study pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
+        bad = [m for m in self.objectives if m not in METRICS]
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"study objectives={self.objectives} must be distinct names from {', '.join(METRICS)}")
+        if self.pruner in OPTUNA_PRUNERS and len(self.objectives) > 1:
+            raise ValueError(
+                f"study pruner={self.pruner!r} works on single-objective studies only (e.g. study.objectives=[val_acc]); "
+                "multi-objective studies take pruner=pareto or none"
+            )
+        if self.pruner == "pareto" and "val_acc" not in self.objectives:
+            raise ValueError("study pruner='pareto' needs val_acc among the objectives")
         for key in ("max_size_kb", "max_latency_ms"):
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -139,15 +139,21 @@ def _existing(storage: RDBStorage, name: str) -> optuna.study.StudySummary | Non
 
 
 def create_or_check_study(
-    name: str, storage: RDBStorage, *, sampler: optuna.samplers.BaseSampler | None = None, user_attrs: dict | None = None
+    name: str,
+    storage: RDBStorage,
+    *,
+    objectives: list[str] | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    user_attrs: dict | None = None,
 ) -> optuna.Study:
-    """Load the study `name`, or create it with the sweep's objectives and metric names. A study of that
-    name with other objectives is refused before anything is written."""
-    directions = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in OBJECTIVES.values()]
+    """Load the study `name`, or create it with these objectives (default: all of OBJECTIVES) as metric
+    names. A study of that name with other objectives is refused before anything is written."""
+    objectives = list(objectives or OBJECTIVES)
+    directions = [OBJECTIVES[m] for m in objectives]
     summary = _existing(storage, name)
     if summary is not None:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        ours = dict(zip(OBJECTIVES, OBJECTIVES.values()))
+        ours = dict(zip(objectives, directions))
         theirs = dict(zip(study.metric_names or [f"objective {i}" for i in range(len(summary.directions))],
                           [d.name.lower() for d in summary.directions]))
         if theirs != ours:
@@ -157,7 +163,7 @@ def create_or_check_study(
             )
         return study
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
-    study.set_metric_names(list(OBJECTIVES))
+    study.set_metric_names(objectives)
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     return study

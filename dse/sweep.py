@@ -30,8 +30,8 @@ from dse.config import SpaceConfig, StudyConfig, SweepConfig, register_schemas, 
 from dse.data import DataConfig, DataError, load_data
 from dse.measure import profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
+from dse.pruning import History, decide, histories, rungs
 from dse.study import (
-    OBJECTIVES,
     StudyError,
     check_storage,
     create_or_check_study,
@@ -86,7 +86,7 @@ class Plan:
 
     @property
     def study_cfg(self) -> StudyConfig:
-        return StudyConfig(**self.study)
+        return to_object(StudyConfig, self.study)
 
 
 # ---------------------------------------------------------------- overrides and configs
@@ -265,6 +265,18 @@ def make_sampler(plan: Plan, worker: int = 0) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True)
 
 
+def make_pruner(plan: Plan) -> optuna.pruners.BasePruner | None:
+    """Optuna's own pruners (single-objective studies); the pareto pruner runs inside the objective."""
+    name = plan.study_cfg.pruner
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return None
+
+
 def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     """Optuna constraints (<= 0 is feasible), computed from the profile before training."""
     return list(trial.user_attrs.get("constraints", [0.0]))
@@ -361,10 +373,17 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
     checkpoint = run_dir / "checkpoint.pt"
 
     live: list[dict] = []
+    rung_epochs = set(rungs(study_cfg.pruning, setup.train.epochs))
 
     def on_epoch(record) -> None:  # the curves so far, for the dashboard and the pruner
         live.append(asdict(record))
         trial.set_user_attr("curves", live)
+        if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
+            _prune_if_dominated(trial, record, prof.size_mb, prof.latency_ms, study_cfg)
+        elif study_cfg.pruner not in ("none", "pareto"):
+            trial.report(record.val_acc, record.epoch)
+            if trial.should_prune():
+                _record_pruned(trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}")
 
     train_cfg = setup.train
     train_cfg.threads = plan.threads
@@ -383,7 +402,22 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
     })
     _upload(trial, plan, run_dir, curves)
     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-    return result.epochs[-1].val_acc, prof.size_mb, prof.latency_ms
+    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": prof.size_mb, "latency_ms": prof.latency_ms}
+    return tuple(metrics[m] for m in study_cfg.objectives)
+
+
+def _prune_if_dominated(trial: optuna.Trial, record, size: float, latency: float, cfg: StudyConfig) -> None:
+    """The pareto pruner: its evidence is the shared study (finished and running trials), never this process."""
+    others = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    me = History(trial.number, size, latency, {record.epoch: record.val_acc})
+    decision = decide(me, record.epoch, histories(others), cfg.pruning)
+    if decision is not None:
+        _record_pruned(trial, decision.epoch, decision.accuracy, decision.dominated_by, decision.reason())
+
+
+def _record_pruned(trial: optuna.Trial, epoch: int, accuracy: float, by: int | None, reason: str) -> None:
+    _set_attrs(trial, {"pruned_at_epoch": epoch, "pruned_val_acc": accuracy, "dominated_by": by, "pruned_reason": reason})
+    raise optuna.TrialPruned(reason)
 
 
 def _fixed_params(trial: optuna.Trial) -> dict:
@@ -430,10 +464,14 @@ def _todo(study: optuna.Study, plan: Plan) -> str:
 def work(plan: Plan, worker: int = 0) -> int:
     """One worker: run trials until the space is done; return how many this worker ran."""
     torch.set_num_threads(plan.threads)
+    if torch.cuda.is_available():  # workers split the GPUs round-robin ("auto" and "cuda" use this one)
+        torch.cuda.set_device(worker % torch.cuda.device_count())
     study_cfg = plan.study_cfg
     storage = open_storage(plan.storage, heartbeat_interval=study_cfg.heartbeat_interval,
                            grace_period=study_cfg.grace_period, max_retry=study_cfg.max_retry)
-    study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=make_sampler(plan, worker))
+    study = optuna.load_study(
+        study_name=plan.study_name, storage=storage, sampler=make_sampler(plan, worker), pruner=make_pruner(plan)
+    )
     cache: dict = {}
     ran = 0
     while True:
@@ -456,7 +494,7 @@ def _log_trial(t: optuna.trial.FrozenTrial, worker: int) -> None:
     """One line per finished trial."""
     a = t.user_attrs
     if t.state == TrialState.COMPLETE:
-        what = (f"val {100 * t.values[0]:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
+        what = (f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
                 f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms  {a.get('s_per_epoch', 0):.1f} s/epoch")
     else:
         what = a.get("pruned_reason", t.state.name)
@@ -477,7 +515,7 @@ def run_sweep(plan: Plan) -> optuna.Study:
     study_cfg = plan.study_cfg
     storage = open_storage(plan.storage, heartbeat_interval=study_cfg.heartbeat_interval,
                            grace_period=study_cfg.grace_period, max_retry=study_cfg.max_retry)
-    study = create_or_check_study(plan.study_name, storage, sampler=make_sampler(plan), user_attrs={
+    study = create_or_check_study(plan.study_name, storage, objectives=study_cfg.objectives, sampler=make_sampler(plan), user_attrs={
         "space": plan.space, "tables": plan.space["tables"], "command_line": plan.cli, "created_by": f"dse {dse.__version__}",
     })
     queued = enqueue_grid(study, plan) if plan.grid else 0

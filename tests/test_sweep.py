@@ -185,7 +185,8 @@ def test_four_workers_on_postgresql(postgres, data_root):
     "extra, message",
     [
         (["+space=nope"], "Could not find 'space/nope'"),
-        (["train.optimizer=adamw"], "adamw"),
+        (["train.optimizer=adamw"], "optimizer='adamw' is unknown; allowed: sgd, adam, adamax, adagrad, adabound"),
+        (["train=adamw"], "Could not find 'train/adamw'"),
         (["model.activation=tanh"], "activation='tanh' is not allowed; allowed: 'elu', 'relu'"),
         (["space.grid={model.width:[0.2,-1]}"], "width=-1.0 must be > 0"),
         (["model.blocks=[1,1,1]"], "blocks=[1, 1, 1] must be four positive integers"),
@@ -212,6 +213,20 @@ def _db_bytes(db: Path) -> bytes:
     with sqlite3.connect(db) as connection:
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return db.read_bytes()
+
+
+def test_over_budget_model_is_pruned_before_training(tmp_path):
+    from sweeps import run_tiny_sweep
+
+    url, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.125,0.4]}", "space.seeds=[0]",
+                               "sweep.seeds=1", "study.max_size_kb=150", name="budget")
+    by_width = {t.params["model.width"]: t for t in optuna.load_study(study_name=name, storage=url).trials}
+    small, large = by_width[0.125], by_width[0.4]
+    assert small.state == TrialState.COMPLETE and small.user_attrs["constraints"][0] < 0
+    assert large.state == TrialState.PRUNED and "curves" not in large.user_attrs
+    assert large.user_attrs["pruned_reason"].startswith("over budget: size 233.")
+    assert large.user_attrs["constraints"][0] > 0
+    assert list(large.system_attrs["constraints"]) == large.user_attrs["constraints"]  # Optuna's own record
 
 
 def test_dashboard_serves_the_study(swept):
