@@ -5,7 +5,7 @@ STORAGE ?= sqlite:///studies/$(STUDY).db
 ARTIFACTS ?= studies/$(STUDY)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick dashboard bench-trainer bench-pruning
+.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard bench-trainer bench-pruning
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ paper-sizes: ## measure every model row of the paper's Tables 1-3 beside its pub
 
 sweep-quick: ## the quick width sweep on CIFAR-10 (DATA=fashion_mnist offline)
 	$(PY) -m dse.sweep +space=width budget=quick data=$(or $(DATA),cifar10)
+
+tables: ## the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY (in STORAGE) into reports/<STUDY>/
+	$(PY) -m dse.report --study $(STUDY) --storage $(STORAGE) --format markdown csv latex
 
 dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080)
 	$(dir $(PY))optuna-dashboard $(STORAGE) --artifact-dir $(ARTIFACTS) --port $(PORT)

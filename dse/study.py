@@ -172,8 +172,12 @@ def create_or_check_study(
 def load_study(name: str, storage: str) -> optuna.Study:
     """An existing study, read-only use. Unknown names list the studies the storage holds."""
     check_storage(storage, must_exist=True)
-    rdb = RDBStorage(storage, skip_table_creation=True)
-    if _existing(rdb, name) is None:
+    try:
+        rdb = RDBStorage(storage, skip_table_creation=True)
+        found = _existing(rdb, name)
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        raise StudyError(f"{storage} is not an Optuna study DB ({type(e).__name__})") from None
+    if found is None:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
         raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=rdb)

@@ -1,0 +1,23 @@
+"""The report: the paper's Tables 1-7, Figure 9 and a Pareto plot, regenerated from study DBs alone
+(read through `dse.study`; nothing here trains or imports the trainer)."""
+
+from dse.report.frame import StudyData, aggregate, completed, load_studies
+from dse.report.plots import non_dominated, plot_figure9, plot_pareto
+from dse.report.tables import PAPER_TABLES, compare, deployments, formatted
+from dse.report.write import FORMATS, write_report
+
+__all__ = [
+    "FORMATS",
+    "PAPER_TABLES",
+    "StudyData",
+    "aggregate",
+    "compare",
+    "completed",
+    "deployments",
+    "formatted",
+    "load_studies",
+    "non_dominated",
+    "plot_figure9",
+    "plot_pareto",
+    "write_report",
+]

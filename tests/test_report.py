@@ -1,0 +1,257 @@
+"""The report on small real studies (tiny trainings on generated CIFAR-10, two seeds each): the tables' rows,
+the mean/std arithmetic, missing and extra rows, Table 7, the figures, index.md, and bad input."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from dse.models import parse_name, resolve_config
+from dse.paper import paper_table
+from dse.report import load_studies, non_dominated, write_report
+from dse.report.frame import clean, completed
+from dse.report.__main__ import main
+from dse.report.tables import PAPER_TABLES, targets
+from sweeps import run_tiny_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_FORMATS = ("markdown", "csv", "latex")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> dict:
+    """Two studies: `base` (Table 1: SqueezeNet-v1.1 and Shallow SqueezeNext-06-0.4x) with one deployment
+    record, and `drop` (Table 4's model at dropout 0.25, a p the paper lacks); two seeds each."""
+    tmp = tmp_path_factory.mktemp("report")
+    seeds = ("space.seeds=[0,1]", "sweep.seeds=2")
+    base_url, base = run_tiny_sweep(
+        tmp, "+space=baselines", "space.points=[SqueezeNet-v1.1,Shallow SqueezeNext-06-0.4x]", *seeds, name="base"
+    )
+    drop_url, drop = run_tiny_sweep(tmp, "+space=dropout", "space.grid={model.dropout:[0.25]}", *seeds, name="drop")
+    study = optuna.load_study(study_name=base, storage=base_url)
+    deployed = next(t for t in study.trials if t.user_attrs["paper_name"] == "Shallow SqueezeNext-06-0.4x")
+    record = {
+        "trial": deployed.number, "paper_name": "Shallow SqueezeNext-06-0.4x", "fp32_acc": 0.5, "int8_acc": 0.475,
+        "onnx_fp32_bytes": 250_000, "onnx_int8_bytes": 80_000, "latency_fp32_ms": 1.5, "latency_int8_ms": 0.9,
+        "latency_how": "onnxruntime, batch 1, 1 thread", "bundle": "bundles/x",
+    }
+    study.set_user_attr(f"deploy:{deployed.number}", record)
+    return {"tmp": tmp, "base": (base, base_url), "drop": (drop, drop_url), "deployed": record}
+
+
+@pytest.fixture(scope="module")
+def base_report(studies) -> Path:
+    name, url = studies["base"]
+    return write_report(load_studies([name], [url]), studies["tmp"] / "out", ALL_FORMATS)
+
+
+@pytest.fixture(scope="module")
+def both_report(studies) -> Path:
+    (base, base_url), (drop, drop_url) = studies["base"], studies["drop"]
+    return write_report(load_studies([base, drop], [base_url, drop_url]), studies["tmp"] / "out", ("markdown", "csv"))
+
+
+def csv(folder: Path, table: str) -> pd.DataFrame:
+    return pd.read_csv(folder / f"table{table}.csv")
+
+
+def md_line(folder: Path, table: str, model: str) -> str:
+    return next(line for line in (folder / f"table{table}.md").read_text().splitlines() if line.startswith(f"| {model} "))
+
+
+def test_every_paper_row_of_tables_1_to_6_has_a_configuration():
+    assert all(t is not None for table in PAPER_TABLES for t in targets(table))
+    assert [t is None for t in targets("7")] == [True, False, False, False]  # "Squeezed CNN" names no model
+
+
+def test_table1_has_the_papers_rows_in_order_and_missing_rows_as_missing(base_report):
+    t1, paper = csv(base_report, "1"), paper_table(1)
+    assert t1["paper_model"].tolist() == paper["model"].tolist()
+    assert t1["paper_acc"].tolist() == paper["acc"].tolist() and t1["paper_size_mb"].tolist() == paper["size_mb"].tolist()
+    ran = {"SqueezeNet-v1.1", "Shallow SqueezeNext-06-0.4x"}
+    assert dict(zip(t1["paper_model"], t1["n"])) == {m: 2 if m in ran else 0 for m in paper["model"]}
+    missing = t1[t1["n"] == 0]
+    assert missing[["acc_mean", "acc_diff", "size_mb", "s_per_epoch_mean", "params"]].isna().all().all()
+    line = md_line(base_report, "1", "SqueezeNext-23-2x")
+    assert "not run" in line and "0.00" not in line
+
+
+def test_mean_and_std_are_those_of_the_trials(studies, base_report):
+    name, url = studies["base"]
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(states=[TrialState.COMPLETE])
+    t1 = csv(base_report, "1")
+    for model, paper_model in (("SqueezeNet-v1.1", "SqueezeNet-v1.1"), ("Shallow SqueezeNext-06-0.4x",) * 2):
+        mine = [t.user_attrs for t in trials if t.user_attrs["paper_name"] == model]
+        acc = [100 * a["test_acc"] for a in mine]
+        speed = [a["s_per_epoch"] for a in mine]
+        row = t1[t1["paper_model"] == paper_model].iloc[0]
+        assert row["our_model"] == model and row["n"] == 2 and row["seeds"] == "0 1"
+        assert row["acc_mean"] == pytest.approx(statistics.mean(acc))
+        assert row["acc_std"] == pytest.approx(statistics.stdev(acc))
+        assert row["acc_diff"] == pytest.approx(statistics.mean(acc) - row["paper_acc"])
+        assert row["s_per_epoch_mean"] == pytest.approx(statistics.mean(speed))
+        assert row["s_per_epoch_std"] == pytest.approx(statistics.stdev(speed))
+        assert row["size_mb"] == pytest.approx(mine[0]["size_mb"]) and row["params"] == mine[0]["params"]
+        val = [100 * a["curves"][-1]["val_acc"] for a in mine]
+        assert row["val_acc_mean"] == pytest.approx(statistics.mean(val))
+        cell = f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f}"
+        assert cell in md_line(base_report, "1", paper_model)
+
+
+def test_table3_sets_other_depths_beside_our_model_of_the_same_width(base_report):
+    t3 = csv(base_report, "3").set_index("paper_model")
+    assert t3.loc["Shallow SqueezeNext-12-0.4x", "our_model"] == "Shallow SqueezeNext-06-0.4x"
+    assert t3.loc["Shallow SqueezeNext-12-0.4x", "n"] == 2
+    assert t3.loc["Shallow SqueezeNext-14-0.5x", "our_model"] == "Shallow SqueezeNext-06-0.5x"
+    assert t3.loc["Shallow SqueezeNext-14-0.5x", "n"] == 0
+
+
+def test_rows_the_paper_lacks_come_after_its_rows(base_report, both_report):
+    assert both_report.name == "base+drop"
+    t4 = csv(both_report, "4")
+    assert t4["paper_model"].iloc[:5].tolist() == paper_table(4)["model"].tolist() and (t4["n"].iloc[:5] == 0).all()
+    extra = t4.iloc[5:]
+    assert len(extra) == 1 and extra["paper_model"].isna().all()
+    assert extra.iloc[0][["p", "n", "our_model"]].tolist() == [0.25, 2, "Shallow SqueezeNext-06-0.2x"]
+    assert "(not in the paper)" in (both_report / "table4.md").read_text()
+    assert len(csv(both_report, "1")) == 9  # the dropout study reproduces Table 4 only: nothing of it in Table 1
+    assert len(csv(base_report, "4")) == 5
+
+
+def test_table7_shows_recorded_bundles_and_else_says_not_yet_run(studies, base_report, both_report):
+    t7, record = csv(base_report, "7"), studies["deployed"]
+    assert t7["paper_model"].iloc[:4].tolist() == paper_table(7)["model"].tolist() and t7["trial"].iloc[:4].isna().all()
+    ours = t7.iloc[4]
+    assert ours["trial"] == record["trial"] and ours["fp32_acc"] == pytest.approx(50.0)
+    assert ours["int8_acc"] == pytest.approx(47.5) and ours["onnx_int8_mb"] == pytest.approx(0.08)
+    name, url = studies["drop"]
+    folder = write_report(load_studies([name], [url]), studies["tmp"] / "drop-only")
+    assert "**Not yet run**" in (folder / "table7.md").read_text()
+    assert "not yet run" in (folder / "index.md").read_text()
+
+
+@pytest.mark.parametrize("png", ["figure9.png", "pareto.png"])
+def test_figures_are_written(base_report, png):
+    data = (base_report / png).read_bytes()
+    assert data.startswith(PNG) and len(data) > 20_000
+
+
+def test_formats_csv_and_latex(base_report, both_report):
+    tex = (base_report / "table1.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"acc \% ours" in tex and "±" not in tex
+    assert not (both_report / "table1.tex").exists() and (both_report / "table1.csv").exists()
+
+
+def test_index_links_everything_with_provenance(studies, base_report):
+    text = (base_report / "index.md").read_text()
+    for target in [f"table{t}.md" for t in "1234567"] + ["table1.csv", "table1.tex", "figure9.png", "pareto.png"]:
+        assert f"]({target})" in text
+    name, url = studies["base"]
+    attrs = optuna.load_study(study_name=name, storage=url).trials[0].user_attrs
+    assert attrs["provenance"]["git_commit"] in text and attrs["split"]["indices_sha256"] in text
+    assert "python -m dse.sweep" in text and "+space=baselines" in text
+    assert "2 of 9 paper rows run" in text and "No pruned trials." in text
+
+
+def test_report_is_a_pure_function_of_the_db(studies, base_report):
+    name, url = studies["base"]
+    again = write_report(load_studies([name], [url]), studies["tmp"] / "again", ALL_FORMATS)
+    for path in sorted(base_report.iterdir()):
+        assert (again / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_study_with_no_finished_trials_gives_an_empty_valid_report(tmp_path, capsys, pruned):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = optuna.create_study(study_name="empty", storage=url, directions=["maximize", "minimize", "minimize"])
+    if pruned:
+        trial = study.ask()
+        trial.set_user_attr("epochs_planned", 5)
+        trial.set_user_attr("curves", [{"epoch": 1, "train_acc": 0.1, "val_acc": 0.1}])
+        trial.set_user_attr("pruned_reason", "pareto: dominated at epoch 1")
+        study.tell(trial, state=TrialState.PRUNED)
+    main(["--study", "empty", "--storage", url, "--out", str(tmp_path / "out")])
+    folder = tmp_path / "out" / "empty"
+    assert f"0 complete of {int(pruned)} trials" in capsys.readouterr().out
+    index = (folder / "index.md").read_text()
+    assert "No finished trials yet" in index
+    assert ("1 pruned trial(s); epochs saved (planned − run): 4 of 5" if pruned else "No pruned trials.") in index
+    assert (folder / "table1.md").read_text().count("| not run ") == 9
+    assert all((folder / png).read_bytes().startswith(PNG) for png in ("figure9.png", "pareto.png"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--study", "nope"], r"no study 'nope' in sqlite:///.*base\.db; studies there: base$"),
+        (["--study", "base", "--storage", "sqlite:///{tmp}/missing.db"], r"no study DB at .*missing\.db"),
+        (["--study", "base", "--storage", "sqlite:///{tmp}/garbage.db"], r"is not a readable Optuna study DB"),
+        (["--study", "base", "--storage", "postgresql://nobody@127.0.0.1:1/dse"], r"cannot reach storage"),
+        (["--study", "base", "drop", "--storage", "a", "b", "c"], r"3 storages for 2 studies"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(studies, tmp_path, capsys, args, message):
+    (tmp_path / "garbage.db").write_text("not a database")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--storage" not in args:
+        args += ["--storage", studies["base"][1]]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("dse.report: ")
+    assert re.search(message, err.strip())
+    assert (tmp_path / "garbage.db").read_text() == "not a database"
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_exits_2_without_a_traceback(studies):
+    name, url = studies["base"]
+    run = subprocess.run([sys.executable, "-m", "dse.report", "--study", "nope", "--storage", url],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.startswith("dse.report: no study 'nope'")
+
+
+def test_report_never_imports_the_trainer_or_the_sweep():
+    code = "import sys, dse.report; print(sorted(m for m in sys.modules if m in ('dse.train', 'dse.sweep')))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stderr
+
+
+def test_non_dominated_minimises_every_coordinate():
+    assert non_dominated([(1, 5), (2, 2), (3, 3), (5, 1), (2, 2)]) == [0, 1, 3, 4]
+
+
+def test_the_paper_space_fills_every_row_of_tables_1_to_6_and_nothing_else():
+    space = yaml.safe_load((REPO / "conf" / "space" / "paper.yaml").read_text())
+    ran = set()
+    for point in space["points"]:
+        name, overrides = (point, []) if isinstance(point, str) else (point["model"], point["overrides"])
+        knobs = dict(o.split("=") for o in overrides)
+        cfg = parse_name(name)
+        cfg.dropout = float(knobs["model.dropout"]) if "model.dropout" in knobs else None
+        full = resolve_config(cfg)
+        ran.add(clean((full.name, full.blocks, full.width, full.dropout, full.activation, full.inplace,
+                       knobs.get("data", "cifar10"), knobs.get("train", "sgd"))))
+    wanted = {t for table in PAPER_TABLES for t in targets(table)}
+    assert ran == wanted
+
+
+def test_validation_accuracy_is_the_last_epochs_when_the_study_does_not_optimise_it():
+    trial = {
+        "study": "s", "number": 0, "state": "COMPLETE", "val_acc": None, "test_acc": 0.5, "seed": 0,
+        "paper_name": "Shallow SqueezeNext-06-0.4x", "family": "shallow_squeezenext", "blocks": [1, 1, 1, 1],
+        "width": 0.4, "dropout": 0.3, "activation": "elu", "inplace": True, "dataset": "cifar10", "optimizer": "sgd",
+        "lr": 0.01, "epochs_planned": 2, "split": {"train": 100}, "curves": [{"val_acc": 0.25}, {"val_acc": 0.75}],
+    }
+    done = completed(pd.DataFrame([trial]))
+    assert done["val_pct"].tolist() == [75.0] and done["test_pct"].tolist() == [50.0]
