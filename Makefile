@@ -5,7 +5,7 @@ STORAGE ?= sqlite:///studies/$(STUDY).db
 ARTIFACTS ?= studies/$(STUDY)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard bench-trainer bench-pruning
+.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,15 @@ tables: ## the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY (in STORA
 
 dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080)
 	$(dir $(PY))optuna-dashboard $(STORAGE) --artifact-dir $(ARTIFACTS) --port $(PORT)
+
+deploy-list: ## print STUDY's Pareto front
+	$(PY) -m dse.deploy list --study $(STUDY) --storage $(STORAGE)
+
+deploy: ## export STUDY's Pareto front as board bundles into bundles/<STUDY>/
+	$(PY) -m dse.deploy export --study $(STUDY) --storage $(STORAGE) --front
+
+deploy-sizes: ## ONNX fp32/int8 sizes and batch-1 latencies of the paper's 06-0.4x shape (untrained)
+	$(PY) -m dse.deploy measure "Shallow SqueezeNext-06-0.4x"
 
 bench-trainer: ## benchmark the trainer against pure compute and a DataLoader loop
 	$(PY) bench/trainer.py

@@ -102,13 +102,13 @@ def open_storage(
             if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 connection.execute("PRAGMA journal_mode=WAL")
         engine_kwargs = {"connect_args": {"timeout": 300}}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True) if heartbeat_interval else None
     storage = RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
-        heartbeat_stale_trial_callback=retry if heartbeat_interval else None,
+        heartbeat_stale_trial_callback=retry,
     )
     if path is not None:
         _serialize_sqlite(storage.engine)

@@ -1,0 +1,27 @@
+"""Deployment: the study's Pareto front, and bundles (ONNX fp32 + int8, runtime files) for Bluebox 2.0 / RTMaps."""
+
+from dse.deploy.export import (
+    ExportSettings,
+    export_front,
+    export_trial,
+    load_bundle_model,
+    measure_shape,
+    verify_bundle,
+    write_index,
+)
+from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
+
+__all__ = [
+    "PICKS",
+    "DeployError",
+    "ExportSettings",
+    "export_front",
+    "export_trial",
+    "filter_front",
+    "front_frame",
+    "load_bundle_model",
+    "measure_shape",
+    "pick",
+    "verify_bundle",
+    "write_index",
+]

@@ -1,0 +1,177 @@
+"""`python -m dse.deploy list|export|verify|measure`: the Pareto front, bundles for the board, their check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import optuna
+
+from dse.data import DataError
+from dse.deploy.export import ExportSettings, export_front, export_trial, measure_shape, verify_bundle
+from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
+from dse.study import StudyError, default_storage, load_study
+from dse.train import CheckpointError
+
+FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
+
+
+def _study(args) -> tuple[optuna.Study, str]:
+    storage = args.storage or default_storage(args.study)
+    return load_study(args.study, storage), storage
+
+
+def _filters(args) -> dict:
+    return {k: getattr(args, k) for k in FILTERS if getattr(args, k) is not None}
+
+
+def _front(study: optuna.Study, args):
+    return filter_front(front_frame(study), **_filters(args))
+
+
+def cmd_list(args) -> int:
+    study, _ = _study(args)
+    front = _front(study, args)
+    shown = front.assign(val_acc=100 * front.val_acc, test_acc=100 * front.test_acc).rename(
+        columns={"val_acc": "val_acc_%", "test_acc": "test_acc_%"})
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    limits = ", ".join(f"{k}={v:g}" for k, v in _filters(args).items())
+    print(f"Pareto front of study {study.study_name!r} (val_acc up, size down, latency down): {len(front)} model(s) "
+          f"of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 state_dict in "
+          "10^3 bytes; latency_ms: PyTorch batch-1 CPU, as the sweep measured it.")
+    if args.format == "csv":
+        print(shown.to_csv(index=False), end="")
+    else:
+        print(shown.to_markdown(index=False, floatfmt=".3f"))
+    return 0
+
+
+def _settings(args) -> ExportSettings:
+    return ExportSettings(threads=args.threads, warmup=args.warmup, runs=args.runs, atol=args.atol,
+                          calibration_images=args.calibration_images, check_images=args.check_images)
+
+
+def _report(record: dict) -> None:
+    meta = json.loads((Path(record["bundle"]) / "meta.json").read_text())
+    m = meta["metrics"]
+    print(f"trial {record['trial']} {record['paper_name']} -> {record['bundle']} (+ .tar.gz)\n"
+          f"  ONNX Runtime vs PyTorch: max |logit diff| {m['onnx_max_abs_diff']:.2e} on {m['onnx_check_images']} test images\n"
+          f"  test accuracy: fp32 {100 * m['fp32_acc']:.2f} %, int8 {100 * m['int8_acc']:.2f} % "
+          f"(int8 top-1 agrees with fp32 on {100 * m['int8_agreement']:.2f} % of {m['test_images']} images)\n"
+          f"  ONNX size: fp32 {m['onnx_fp32_bytes']:,} bytes, int8 {m['onnx_int8_bytes']:,} bytes\n"
+          f"  latency: fp32 {m['latency_fp32_ms']:.3f} ms, int8 {m['latency_int8_ms']:.3f} ms ({m['latency_how']})")
+
+
+def cmd_export(args) -> int:
+    if args.trial is not None and _filters(args):
+        flags = ", ".join("--" + k.replace("_", "-") for k in _filters(args))
+        raise DeployError(f"{flags} only filter the front for --pick and --front; --trial {args.trial} exports "
+                          f"trial {args.trial} as it is")
+    study, storage = _study(args)
+    kwargs = dict(storage=storage, workdir=args.workdir, data_root=args.data_root, settings=_settings(args), force=args.force)
+    if args.front:
+        numbers = [int(n) for n in _front(study, args)["trial"]]
+        records = export_front(study, numbers, args.out, **kwargs)
+        for record in records:
+            _report(record)
+        print(f"index: {Path(records[0]['bundle']).parent / 'index.md'}")
+        return 0
+    number = args.trial
+    if args.pick:
+        front = _front(study, args)
+        number = pick(front, args.pick)
+        print(f"picked trial {number}: the {args.pick} of {len(front)} Pareto-front model(s) within the filters")
+    _report(export_trial(study, number, args.out, **kwargs))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    meta = verify_bundle(args.folder)
+    print(f"{args.folder}: {len(meta['files']) + 1} files match SHA256SUMS and meta.json "
+          f"({meta['paper_name']}, trial {meta['trial']} of study {meta['study']!r})")
+    return 0
+
+
+def cmd_measure(args) -> int:
+    import pandas as pd
+
+    settings = ExportSettings(threads=args.threads, warmup=args.warmup, runs=args.runs)
+    rows = [measure_shape(name, num_classes=args.num_classes, in_channels=args.in_channels, size=args.size,
+                          settings=settings) for name in args.names]
+    how = rows[0].pop("latency_how")
+    for row in rows[1:]:
+        row.pop("latency_how")
+    print(f"Freshly initialised models (seed 0, untrained: no accuracy), {args.in_channels}x{args.size}x{args.size} "
+          f"input, {args.num_classes} classes. *_bytes: ONNX file; *_weight_bytes: its initializers; latency {how}.")
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+    return 0
+
+
+def _add_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="study storage URL (default sqlite:///studies/<study>.db)")
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-size-kb", type=float, help="largest fp32 state_dict size, in 10^3 bytes")
+    p.add_argument("--max-latency-ms", type=float, help="largest batch-1 CPU latency the sweep measured")
+    p.add_argument("--min-accuracy", type=float, help="smallest validation accuracy, a fraction (0.8 = 80 %%)")
+
+
+def _add_timing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency (default 1)")
+    p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs per model (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m dse.deploy", description="The study's Pareto front, deployment "
+                                  "bundles for Bluebox 2.0 / RTMaps (ONNX fp32 + int8), their check, model-shape sizes.")
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="print the study's Pareto front")
+    _add_study(p)
+    _add_filters(p)
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p = sub.add_parser("export", help="write a bundle (folder + .tar.gz) per chosen trial")
+    _add_study(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--pick", choices=list(PICKS), help="one model of the (filtered) front")
+    which.add_argument("--front", action="store_true", help="every model of the (filtered) front, with index.md")
+    _add_filters(p)
+    p.add_argument("--out", help="bundle folder (with --front: the folder of bundles); default bundles/<study>/...")
+    p.add_argument("--workdir", help="the study's workdir, if not beside its SQLite DB (holds artifacts/)")
+    p.add_argument("--data-root", help="where the trial's dataset lives, if not where it was trained")
+    _add_timing(p)
+    p.add_argument("--calibration-images", type=int, default=256, help="training images for the int8 ranges")
+    p.add_argument("--check-images", type=int, default=256, help="test images for the ONNX-vs-PyTorch check")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder and .tar.gz")
+    p = sub.add_parser("verify", help="check a bundle's files against their sha256 sums")
+    p.add_argument("folder")
+    p = sub.add_parser("measure", help="ONNX sizes and latencies of untrained model shapes, fp32 and int8")
+    p.add_argument("names", nargs="+", help="registry or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    _add_timing(p)
+    return top
+
+
+COMMANDS = {"list": cmd_list, "export": cmd_export, "verify": cmd_verify, "measure": cmd_measure}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (DeployError, StudyError, DataError, CheckpointError, ValueError) as e:
+        print(f"dse.deploy: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
