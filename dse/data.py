@@ -135,7 +135,15 @@ def _read_cifar(cfg: DataConfig, *, folder: str, train: list[str], test: str, me
         import torchvision  # only needed to download
 
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[cfg.name]
-        cls(str(root), train=True, download=True)
+        try:
+            cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive raises RuntimeError
+            raise DataError(
+                f"{what} download into {str(root)!r} failed ({type(e).__name__}: {e}); is there a network? "
+                f"Offline, put the unpacked {folder}/ there, or use data=fashion_mnist, which reads the IDX files "
+                "of Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) or a local copy "
+                f"in {str(root)!r}/fashion_mnist"
+            ) from None
     if not all((root / folder / f).is_file() for f in files):
         raise _cifar_missing(root / folder, files, what, cfg.name.replace("cifar", "cifar-"))
     parts = [_cifar_batch(root / folder / f, label.encode()) for f in train]

@@ -233,16 +233,18 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
         grid=grid_params(space, seeds) if space.sampler == "grid" else [],
     )
     if plan.grid:
-        for params in tqdm(plan.grid[:: len(seeds)], desc="checking configs", leave=False, disable=len(plan.grid) < 20):
-            typed(compose(plan.overrides(params)))
+        setups = [typed(compose(plan.overrides(p))) for p in tqdm(plan.grid[:: len(seeds)], desc="checking configs", leave=False, disable=len(plan.grid) < 20)]
     else:
-        _check_search(space, merge_overrides(static, cli, fixed))
+        setups = _check_search(space, merge_overrides(static, cli, fixed))
     check_storage(storage)
+    for data in {json.dumps(asdict(s.data), sort_keys=True): s.data for s in setups}.values():
+        load_data(data)  # downloads a missing dataset now, or stops with why, before any trial starts
     return plan
 
 
-def _check_search(space: SpaceConfig, base: list[str]) -> None:
+def _check_search(space: SpaceConfig, base: list[str]) -> list[TrialSetup]:
     """Each choice and each range end of a TPE/NSGA-II space composes into a valid config."""
+    setups = [typed(compose(base))]
     for key, dist in space.search.items():
         if "choices" in dist:
             values = list(dist["choices"])
@@ -253,7 +255,8 @@ def _check_search(space: SpaceConfig, base: list[str]) -> None:
         else:
             raise ValueError(f"space {space.name!r}: {key}={dist} needs choices: [...] or low/high")
         for value in values:
-            typed(compose(merge_overrides(base, [f"{key}={_hydra_value(value)}"])))
+            setups.append(typed(compose(merge_overrides(base, [f"{key}={_hydra_value(value)}"]))))
+    return setups
 
 
 def make_sampler(plan: Plan, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -388,6 +391,7 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
     train_cfg = setup.train
     train_cfg.threads = plan.threads
     train_cfg.progress = train_cfg.progress and plan.progress and plan.workers == 1
+    train_started = time.perf_counter()
     try:
         result = train(model, splits, train_cfg, checkpoint_path=checkpoint, on_epoch=on_epoch)
     except TrainingDiverged as e:
@@ -399,6 +403,7 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
         "curves": curves, "test_acc": result.test_acc, "s_per_epoch": result.seconds_per_epoch,
         "images_per_s": curves[-1]["images_per_s"] if curves else None, "resumed_from": result.resumed_from,
         "split": result.split, "device": str(result.device), "train_seconds": train_seconds,
+        "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })
     _upload(trial, plan, run_dir, curves)
     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
@@ -484,7 +489,7 @@ def work(plan: Plan, worker: int = 0) -> int:
             continue
         study.optimize(
             lambda t: objective(t, plan, cache), n_trials=1, gc_after_trial=False,
-            catch=(QueueDrained, DataError, CheckpointError, ValueError),
+            catch=(QueueDrained, CheckpointError, ValueError),
             callbacks=[lambda _, t: _log_trial(t, worker)],
         )
         ran += 1

@@ -168,3 +168,16 @@ def test_normalize_keeps_channels_last():
     out = normalize(x, mean, std)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_failed_download_names_the_offline_alternative(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"CIFAR-10 download .* failed \(URLError.*data=fashion_mnist.*dataset-fashion-mnist"):
+        load_data(DataConfig(name="cifar10", root=str(tmp_path), download=True))

@@ -191,6 +191,7 @@ def test_four_workers_on_postgresql(postgres, data_root):
         (["space.grid={model.width:[0.2,-1]}"], "width=-1.0 must be > 0"),
         (["model.blocks=[1,1,1]"], "blocks=[1, 1, 1] must be four positive integers"),
         (["study.storage=postgresql://nobody@127.0.0.1:9/none"], "cannot reach storage"),
+        (["data.root=/nonexistent/data", "data.download=false"], "CIFAR-10 not found: looked for data_batch_1"),
         (["study.name=other"], "exists in"),
     ],
 )

@@ -210,7 +210,7 @@ def _formatted_deploy(lines: pd.DataFrame) -> pd.DataFrame:
             "fp32 acc %": _fmt(r["fp32_acc"], ".2f") if ran else "not run", "int8 acc %": _fmt(r["int8_acc"], ".2f"),
             "Δ acc (fp32)": _fmt(r["acc_diff"], "+.2f"),
             "ONNX fp32 MB": _fmt(r["onnx_fp32_mb"], ".3f"), "ONNX int8 MB": _fmt(r["onnx_int8_mb"], ".3f"),
-            "Δ MB (fp32)": _fmt(r["size_diff"], "+.3f"),
+            "Δ MB (ONNX fp32 − paper checkpoint)": _fmt(r["size_diff"], "+.3f"),
             "fp32 ms": _fmt(r["latency_fp32_ms"], ".2f"), "int8 ms": _fmt(r["latency_int8_ms"], ".2f"),
             "latency measured": _text(r["latency_how"]), "bundle": _text(r["bundle"]),
         })
