@@ -176,7 +176,7 @@ def load_study(name: str, storage: str) -> optuna.Study:
         rdb = RDBStorage(storage, skip_table_creation=True)
         found = _existing(rdb, name)
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-        raise StudyError(f"{storage} is not an Optuna study DB ({type(e).__name__})") from None
+        raise StudyError(f"storage {storage!r} is not a readable Optuna study DB: {type(e).__name__}") from None
     if found is None:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
         raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}")

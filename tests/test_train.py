@@ -217,7 +217,7 @@ def test_cli_reports_bad_input_without_a_traceback(cifar10, tmp_path):
     cases = {
         "unreadable": [f"data.root={cifar10.root}", "data.val_size=50", f"train.checkpoint={garbage}"],
         "allowed: sgd, adam": ["train.optimizer=lamb"],
-        "CIFAR-10 not found": [f"data.root={tmp_path / 'nothing'}"],
+        "CIFAR-10 not found": [f"data.root={tmp_path / 'nothing'}", "data.download=false"],
     }
     for expected, overrides in cases.items():
         done = run_cli(*overrides, cwd=tmp_path)
