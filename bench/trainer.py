@@ -5,12 +5,14 @@ What it measures, in one run, on the machine it runs on (it prints the CPU/GPU, 
 For Shallow SqueezeNext-06-0.4x, -06-1.0x and SqueezeNext-23-1x on the CPU, batch 128, SGD with
 Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per second of
   (a) pure compute: forward + backward + optimizer step of the model on one batch already in memory,
-      in the layout the trainer uses (channels_last; the NCHW figure is printed beside it);
+      in the layout and precision the trainer uses (channels_last; bf16 autocast where the device has
+      bf16 units, `dse.train.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16), with the NCHW figure
+      beside it;
   (b) our trainer: `dse.train.train` on CIFAR-format files read by `dse.data` (generated pixels written
       as CIFAR python batches: content does not change the speed), with random crop and flip, timed by
       the trainer's own record of its second epoch (the training pass, evaluation excluded);
-  (c) the loop a user would write: NCHW model, torchvision `DataLoader` (2 workers, shuffled) over PIL
-      images with RandomCrop(32, 4), RandomHorizontalFlip, ToTensor and Normalize, torch's default
+  (c) the loop a user would write: NCHW fp32 model, torchvision `DataLoader` (2 workers, shuffled) over
+      PIL images with RandomCrop(32, 4), RandomHorizontalFlip, ToTensor and Normalize, torch's default
       threads; the second epoch, timed from its first batch (worker start-up excluded);
 and the ratios b/a and b/c, with their geometric means over the three models.
 
@@ -22,8 +24,9 @@ default (`sweep.workers`, `sweep.threads`).
 On a GPU, when there is one: seconds per CIFAR-10-sized epoch (50,000 images) of our trainer for
 Shallow SqueezeNext-06-0.4x, -14-1.5x and SqueezeNext-23-2x, and the same a/b/c figures there.
 
-Run it on a quiet machine (`uptime`): every figure is a wall-clock time. `--batches` sets the timed
-batches per measurement (default 20).
+Every figure is a wall-clock rate: the best of `--repeats` interleaved runs (default 3), as timeit
+does, because a shared machine only ever slows a run down; still, run it on a quiet machine (`uptime`;
+the load average is printed before and after). `--batches` sets the timed batches per figure (default 20).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from conftest import write_cifar  # noqa: E402
 from dse.config import register_schemas, to_object  # noqa: E402
 from dse.data import DataConfig, load_data  # noqa: E402
 from dse.models import create_model  # noqa: E402
-from dse.train import TrainConfig, make_optimizer, train, train_step  # noqa: E402
+from dse.train import TrainConfig, make_optimizer, mixed_precision, native_bf16, train, train_step  # noqa: E402
 
 CPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-06-1.0x", "SqueezeNext-23-1x"]
 GPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-14-1.5x", "SqueezeNext-23-2x"]
@@ -90,7 +93,7 @@ def pure_compute(name: str, cfg: TrainConfig, steps: int, device: torch.device, 
     optimizer = make_optimizer(model, cfg)
     x = torch.randn(BATCH, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (BATCH,), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    autocast = mixed_precision(cfg, device)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(3):
         train_step(model, optimizer, loss_fn, x, y, autocast)
@@ -149,16 +152,19 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def compare(models: list[str], splits, steps: int, device: torch.device, epoch_note: str) -> None:
+def compare(models: list[str], splits, steps: int, device: torch.device, repeats: int, epoch_note: str) -> None:
     cfg = recipe(epochs=2, progress=False, device=device.type)
     print(f"\n{'model':<30}{'a: compute':>12}{'a (NCHW)':>10}{'b: ours':>10}{'c: user':>10}{'b/a':>7}{'b/c':>7}"
           f"{epoch_note:>12}")  # fmt: skip
     ba, bc = [], []
     for name in models:
-        a = pure_compute(name, cfg, steps, device, channels_last=True)
-        a_nchw = pure_compute(name, cfg, steps, device, channels_last=False)
-        b, seconds = our_trainer(name, splits, cfg)
-        c = user_loop(name, splits, steps, device)
+        a = a_nchw = b = c = seconds = 0.0
+        for _ in range(repeats):  # interleaved, best of each
+            a = max(a, pure_compute(name, cfg, steps, device, channels_last=True))
+            a_nchw = max(a_nchw, pure_compute(name, cfg, steps, device, channels_last=False))
+            rate, secs = our_trainer(name, splits, cfg)
+            b, seconds = max((b, seconds), (rate, secs))
+            c = max(c, user_loop(name, splits, steps, device))
         ba.append(b / a)
         bc.append(b / c)
         extra = f"{seconds * 50_000 / len(splits.train_x):.2f}" if device.type == "cuda" else ""
@@ -181,7 +187,7 @@ def _trial(root: str, width: float, seed: int, threads: int, subset: int, barrie
     queue.put((start, time.time(), sum(r.seconds * r.images_per_s for r in result.epochs)))
 
 
-def sweep_layouts(root: str, subset: int) -> None:
+def sweep_layouts(root: str, subset: int, repeats: int) -> None:
     """One worker with all cores vs one worker per core with one thread, on the same trials."""
     cores = os.cpu_count() or 1
     ctx = mp.get_context("spawn")
@@ -189,8 +195,9 @@ def sweep_layouts(root: str, subset: int) -> None:
           "evaluation each), images/s of wall time")  # fmt: skip
     print(f"{'width':<8}{f'1 worker x {cores} threads':>24}{f'{cores} workers x 1 thread':>24}{'ratio':>8}")
     for width in SWEEP_WIDTHS:
-        rates = []
-        for workers, threads in ((1, cores), (cores, 1)):
+        rates = [0.0, 0.0]
+        for layout in [0, 1] * repeats:
+            workers, threads = ((1, cores), (cores, 1))[layout]
             queue = ctx.Queue()
             barrier = ctx.Barrier(workers) if workers > 1 else None
             trials = [ctx.Process(target=_trial, args=(root, width, s, threads, subset, barrier, queue))
@@ -206,7 +213,7 @@ def sweep_layouts(root: str, subset: int) -> None:
             # Sequential trials: add their training times; parallel ones: span of the round.
             wall = sum(max(r[1] for r in results[i : i + workers]) - min(r[0] for r in results[i : i + workers])
                        for i in range(0, len(results), workers))  # fmt: skip
-            rates.append(sum(r[2] for r in results) / wall)
+            rates[layout] = max(rates[layout], sum(r[2] for r in results) / wall)
         print(f"{width:<8}{rates[0]:>24.0f}{rates[1]:>24.0f}{rates[1] / rates[0]:>8.2f}", flush=True)
 
 
@@ -226,6 +233,8 @@ def describe_machine() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement (CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per figure; the best counts")
+    parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="CPU models (paper names)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the workers × threads comparison")
     args = parser.parse_args(argv)
     describe_machine()
@@ -233,16 +242,18 @@ def main(argv: list[str] | None = None) -> None:
         n = args.batches * BATCH
         write_cifar(Path(tmp), "cifar10", n_train=n + 256, n_test=256)
         splits = load_data(DataConfig(name="cifar10", root=tmp, val_size=256))
-        print(f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, training images/s")
-        compare(CPU_MODELS, splits, args.batches, torch.device("cpu"), "")
+        precision = "bf16 autocast" if native_bf16(torch.device("cpu")) else "fp32"
+        print(f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, best of {args.repeats}, "
+              f"training images/s; a and b in {precision}, c in fp32")  # fmt: skip
+        compare(args.models, splits, args.batches, torch.device("cpu"), args.repeats, "")
         if not args.skip_sweep:
-            sweep_layouts(tmp, n)
+            sweep_layouts(tmp, n, args.repeats)
         if torch.cuda.is_available():
             gpu_root = Path(tmp) / "gpu"
             write_cifar(gpu_root, "cifar10", n_train=50_000, n_test=10_000)
             gpu = load_data(DataConfig(name="cifar10", root=str(gpu_root), val_size=0))
             print(f"\n{torch.cuda.get_device_name()}, batch {BATCH}, CIFAR-10-sized epochs (50,000 images)")
-            compare(GPU_MODELS, gpu, len(gpu.train_x) // BATCH, torch.device("cuda"), "s/epoch (b)")
+            compare(GPU_MODELS, gpu, len(gpu.train_x) // BATCH, torch.device("cuda"), args.repeats, "s/epoch (b)")
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "learning_rate",
     "load_checkpoint",
     "make_optimizer",
+    "mixed_precision",
+    "native_bf16",
     "save_checkpoint",
     "train",
     "train_step",
@@ -90,7 +92,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     channels_last: bool = True
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast where the hardware has bf16 units: CUDA, CPUs with AMX or AVX512-BF16
     compile: bool = False  # torch.compile the model
     checkpoint: str | None = None  # resumed from when it exists, written after every `checkpoint_every` epochs
     checkpoint_every: int = 1
@@ -136,6 +138,7 @@ class TrainResult:
     test_acc: float
     seconds_per_epoch: float  # mean training-pass seconds of the epochs run by this call
     device: str
+    precision: str  # "bf16 autocast" or "fp32"
     split: dict
     resumed_from: int  # epochs already done when this call started (0: a fresh run)
 
@@ -283,8 +286,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively (any CUDA GPU we train on; a CPU with AMX or AVX512-BF16).
+    Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast context the trainer runs forward passes in: bf16 when `cfg.amp` and the device has bf16 units."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and native_bf16(device))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor, y: Tensor, autocast=None):
@@ -374,7 +387,7 @@ def train(
     if path and Path(path).exists():
         done, records = _restore(load_checkpoint(path), path, model, optimizer, identity)
     net = torch.compile(model) if cfg.compile else model
-    autocast = _autocast(cfg, device)
+    autocast = mixed_precision(cfg, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                    autocast=autocast)  # fmt: skip
@@ -409,6 +422,7 @@ def train(
         test_acc=test_acc,
         seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
         device=str(device),
+        precision="bf16 autocast" if cfg.amp and native_bf16(device) else "fp32",
         split=dict(splits.split),
         resumed_from=done,
     )
@@ -429,7 +443,7 @@ def _summary(name: str, result: TrainResult, profile, checkpoint: str | None) ->
         f"val accuracy   {100 * (last.val_acc if last else math.nan):.2f} % last, {100 * best_val:.2f} % best",
         f"model size     {profile.size_mb:.3f} MB fp32 state_dict, {profile.params:,} parameters, "
         f"{profile.macs / 1e6:.1f} M MACs per image",
-        f"s/epoch        {result.seconds_per_epoch:.2f} s training pass on {result.device}"
+        f"s/epoch        {result.seconds_per_epoch:.2f} s training pass on {result.device}, {result.precision}"
         f" ({last.images_per_s if last else math.nan:.0f} images/s last epoch)",
         f"epochs         {len(result.epochs)} (resumed after {result.resumed_from})",
     ]
@@ -465,7 +479,8 @@ def _run(cfg) -> None:
     except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:
         raise SystemExit(f"dse.train: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"dse.train: interrupted; resume with the same overrides and train.checkpoint={checkpoint}") from None
+        hint = f"resume with the same overrides and train.checkpoint={checkpoint}"
+        raise SystemExit(f"dse.train: interrupted; {hint}") from None
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
     size = profile(model.cpu(), tuple(splits.train_x.shape[1:]), latency=False)
     print(_summary(paper_name(model_cfg), result, size, checkpoint))

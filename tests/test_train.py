@@ -24,6 +24,7 @@ from dse.train import (
     learning_rate,
     load_checkpoint,
     make_optimizer,
+    native_bf16,
     save_checkpoint,
     train,
     train_step,
@@ -62,6 +63,7 @@ def test_every_optimizer_has_a_config_file():
     assert {p.stem for p in (CONF / "train").glob("*.yaml")} == set(OPTIMIZERS)
 
 
+@pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")  # adabound 0.0.5 on current torch
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_lowers_the_loss_of_a_fixed_batch_in_one_step(name):
     cfg = train_config(name)
@@ -108,6 +110,7 @@ def test_train_returns_a_record_per_epoch_and_calls_on_epoch(splits):
     assert r.seconds > 0 and r.images_per_s == pytest.approx(192 / r.seconds)  # 200 images: 6 full batches
     assert 0 <= r.train_acc <= 1 and 0 <= r.val_acc <= 1 and math.isfinite(r.val_loss)
     assert 0 <= result.test_acc <= 1 and result.split == splits.split and result.resumed_from == 0
+    assert result.precision == ("bf16 autocast" if native_bf16(torch.device("cpu")) else "fp32")
     assert result.epochs[0].train_loss > result.epochs[-1].train_loss  # the generated classes are learnable
 
 
@@ -122,8 +125,9 @@ def test_on_epoch_may_stop_the_run(splits):
         train(tiny_model(), splits, quick(), on_epoch=stop_after_first)
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path):
-    cfg = quick(lr=0.05, epochs=4)
+@pytest.mark.parametrize("amp", [False, True])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, amp):
+    cfg = quick(lr=0.05, epochs=4, amp=amp)
     whole = tiny_model()
     expected = train(whole, splits, cfg, checkpoint_path=tmp_path / "whole.pt")
 
@@ -223,3 +227,8 @@ def test_cli_reports_bad_input_without_a_traceback(cifar10, tmp_path):
         done = run_cli(*overrides, cwd=tmp_path)
         assert done.returncode != 0 and expected in done.stderr, done.stderr
         assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_amp_off_trains_in_fp32(splits):
+    result = train(tiny_model(), splits, quick(epochs=1, amp=False))
+    assert result.precision == "fp32"
