@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--subset", type=int, default=3000, help="training images")
     parser.add_argument("--val-size", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="more than 1 makes the trial order, hence the configs each run gets, timing-dependent")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-width", type=float, default=0.125)
     parser.add_argument("--max-width", type=float, default=1.0)

@@ -5,9 +5,9 @@ What it measures, in one run, on the machine it runs on (it prints the CPU/GPU, 
 For Shallow SqueezeNext-06-0.4x, -06-1.0x and SqueezeNext-23-1x on the CPU, batch 128, SGD with
 Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per second of
   (a) pure compute: forward + backward + optimizer step of the model on one batch already in memory,
-      in the layout and precision the trainer uses (channels_last; bf16 autocast where the device has
-      bf16 units, `dse.train.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16), with the NCHW figure
-      beside it;
+      in both layouts (channels_last = NHWC, and NCHW) and the precision the trainer uses (bf16 autocast
+      where the device has bf16 units, `dse.train.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16);
+      b/a divides by the layout the trainer picked (`train.memory_format=auto` times both on its first batch);
   (b) our trainer: `dse.train.train` on CIFAR-format files read by `dse.data` (generated pixels written
       as CIFAR python batches: content does not change the speed), with random crop and flip, timed by
       the trainer's own record of its second epoch (the training pass, evaluation excluded);
@@ -105,11 +105,11 @@ def pure_compute(name: str, cfg: TrainConfig, steps: int, device: torch.device, 
     return steps * BATCH / (time.perf_counter() - start)
 
 
-def our_trainer(name: str, splits, cfg: TrainConfig) -> tuple[float, float]:
-    """(b): (images/s, seconds) of the trainer's second epoch."""
+def our_trainer(name: str, splits, cfg: TrainConfig) -> tuple[float, float, str]:
+    """(b): (images/s, seconds) of the trainer's second epoch, and the layout it picked."""
     torch.manual_seed(0)
     result = train(create_model(name, num_classes=10), splits, cfg)
-    return result.epochs[-1].images_per_s, result.epochs[-1].seconds
+    return result.epochs[-1].images_per_s, result.epochs[-1].seconds, result.memory_format
 
 
 def user_loop(name: str, splits, steps: int, device: torch.device) -> float:
@@ -154,23 +154,26 @@ def geomean(values: list[float]) -> float:
 
 def compare(models: list[str], splits, steps: int, device: torch.device, repeats: int, epoch_note: str) -> None:
     cfg = recipe(epochs=2, progress=False, device=device.type)
-    print(f"\n{'model':<30}{'a: compute':>12}{'a (NCHW)':>10}{'b: ours':>10}{'c: user':>10}{'b/a':>7}{'b/c':>7}"
+    print(f"\n{'model':<30}{'a: NHWC':>9}{'a: NCHW':>9}{'b: ours':>9}{'layout':>8}{'c: user':>9}{'b/a':>7}{'b/c':>7}"
           f"{epoch_note:>12}")  # fmt: skip
     ba, bc = [], []
     for name in models:
-        a = a_nchw = b = c = seconds = 0.0
+        a = {"channels_last": 0.0, "contiguous": 0.0}
+        b = c = seconds = 0.0
         for _ in range(repeats):  # interleaved, best of each
-            a = max(a, pure_compute(name, cfg, steps, device, channels_last=True))
-            a_nchw = max(a_nchw, pure_compute(name, cfg, steps, device, channels_last=False))
-            rate, secs = our_trainer(name, splits, cfg)
+            for layout in a:
+                a[layout] = max(a[layout], pure_compute(name, cfg, steps, device, channels_last=layout == "channels_last"))
+            rate, secs, layout = our_trainer(name, splits, cfg)
             b, seconds = max((b, seconds), (rate, secs))
             c = max(c, user_loop(name, splits, steps, device))
-        ba.append(b / a)
+        ba.append(b / a[layout])  # the trainer's own choice of layout (`train.memory_format=auto`)
         bc.append(b / c)
         extra = f"{seconds * 50_000 / len(splits.train_x):.2f}" if device.type == "cuda" else ""
-        row = f"{name:<30}{a:>12.0f}{a_nchw:>10.0f}{b:>10.0f}{c:>10.0f}{b / a:>7.2f}{b / c:>7.2f}{extra:>12}"
+        short = "NHWC" if layout == "channels_last" else "NCHW"
+        row = (f"{name:<30}{a['channels_last']:>9.0f}{a['contiguous']:>9.0f}{b:>9.0f}{short:>8}{c:>9.0f}"
+               f"{ba[-1]:>7.2f}{bc[-1]:>7.2f}{extra:>12}")  # fmt: skip
         print(row, flush=True)
-    print(f"{'geometric mean':<30}{'':>42}{geomean(ba):>7.2f}{geomean(bc):>7.2f}   (images/s; targets b/a >= 0.95, "
+    print(f"{'geometric mean':<30}{'':>44}{geomean(ba):>7.2f}{geomean(bc):>7.2f}   (images/s; targets b/a >= 0.95, "
           f"b/c >= {'3' if device.type == 'cuda' else '1.3'})")  # fmt: skip
 
 

@@ -403,7 +403,7 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
         "curves": curves, "test_acc": result.test_acc, "s_per_epoch": result.seconds_per_epoch,
         "images_per_s": curves[-1]["images_per_s"] if curves else None, "resumed_from": result.resumed_from,
         "split": result.split, "device": str(result.device), "precision": result.precision,
-        "train_seconds": train_seconds,
+        "memory_format": result.memory_format, "train_seconds": train_seconds,
         "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })
     _upload(trial, plan, run_dir, curves)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from dse.data import DataConfig, DataError, Splits, batches, load_data
 
 __all__ = [
+    "MEMORY_FORMATS",
     "OPTIMIZERS",
     "SCHEDULES",
     "CheckpointError",
@@ -34,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "mixed_precision",
+    "pick_memory_format",
     "native_bf16",
     "save_checkpoint",
     "train",
@@ -52,6 +55,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rprop": torch.optim.Rprop,
 }
 SCHEDULES = ("step", "cosine")
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # adabound 0.0.5 calls Tensor.add(Number, Tensor), an overload torch deprecates but still runs.
 warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning, module="adabound")
 
@@ -91,7 +95,7 @@ class TrainConfig:
     seed: int = 0  # dropout, batch order and augmentation (seed the model's init yourself)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    channels_last: bool = True
+    memory_format: str = "auto"  # channels_last | contiguous (NCHW) | auto: time both on the first batch, keep the faster
     amp: bool = True  # bf16 autocast where the hardware has bf16 units: CUDA, CPUs with AMX or AVX512-BF16
     compile: bool = False  # torch.compile the model
     checkpoint: str | None = None  # resumed from when it exists, written after every `checkpoint_every` epochs
@@ -103,6 +107,9 @@ class TrainConfig:
         optimizer_kwargs(self)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        if self.memory_format not in ("auto", *MEMORY_FORMATS):
+            allowed = ", ".join(("auto", *MEMORY_FORMATS))
+            raise ValueError(f"train memory_format={self.memory_format!r} is unknown; allowed: {allowed}")
         for name in ("lr", "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "decay"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train {name}={getattr(self, name)!r} must be > 0")
@@ -139,6 +146,7 @@ class TrainResult:
     seconds_per_epoch: float  # mean training-pass seconds of the epochs run by this call
     device: str
     precision: str  # "bf16 autocast" or "fp32"
+    memory_format: str  # the layout trained in: channels_last or contiguous
     split: dict
     resumed_from: int  # epochs already done when this call started (0: a fresh run)
 
@@ -254,11 +262,12 @@ def _restore(state: dict, path: str, model: nn.Module, optimizer: torch.optim.Op
     return state["epoch"], [EpochRecord(**r) for r in state["records"]]
 
 
-def _state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, records, identity: dict) -> dict:
+def _state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, records, identity: dict, layout: str) -> dict:
     # The learning rate is a pure function of the epoch, so there is no scheduler state to keep.
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
+        "memory_format": layout,  # an `auto` choice is kept on resume: layouts round differently
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": {
@@ -300,6 +309,47 @@ def mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and native_bf16(device))
 
 
+def pick_memory_format(model: nn.Module, x: Tensor, y: Tensor, autocast, *, repeats: int = 2) -> str:
+    """The faster layout for training `model` on the batch (x, y): times forward+backward of a copy in each.
+
+    Like cudnn.benchmark, the choice follows the clock: NCHW wins for narrow models on some CPUs (oneDNN's
+    channels_last kernels for few channels), channels_last for wide ones and on GPUs. The model, its
+    gradients and torch's RNG are left as they were.
+    """
+    timings = {}
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for name, fmt in MEMORY_FORMATS.items():
+            probe = copy.deepcopy(model).to(memory_format=fmt).train()
+            xb = x.contiguous(memory_format=fmt)
+            best = math.inf
+            for i in range(repeats + 1):  # the first pass warms up
+                _sync(x.device)
+                start = time.perf_counter()
+                with autocast:
+                    loss = F.cross_entropy(probe(xb), y)
+                loss.backward()
+                _sync(x.device)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+            timings[name] = best
+    return min(timings, key=timings.get)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layout(cfg: TrainConfig, model: nn.Module, splits: Splits, autocast, saved: dict | None) -> str:
+    if saved and saved.get("memory_format") in MEMORY_FORMATS:
+        return saved["memory_format"]
+    if cfg.memory_format != "auto":
+        return cfg.memory_format
+    n = cfg.batch_size
+    x, y = next(batches(splits.train_x[:n], splits.train_y[:n], n, mean=splits.mean, std=splits.std))
+    return pick_memory_format(model, x, y, autocast)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor, y: Tensor, autocast=None):
     """One forward, backward and optimizer step; returns (logits, loss), both still on the device."""
     with autocast or torch.autocast("cpu", enabled=False):
@@ -337,7 +387,7 @@ def evaluate(
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def _train_epoch(model, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, epoch: int, autocast, bar):
+def _train_epoch(model, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, epoch: int, autocast, channels_last, bar):
     model.train()
     loss_sum = torch.zeros((), device=splits.device)
     correct = torch.zeros((), dtype=torch.int64, device=splits.device)
@@ -345,7 +395,7 @@ def _train_epoch(model, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, ep
     start = time.perf_counter()
     for x, y in batches(
         splits.train_x, splits.train_y, cfg.batch_size, mean=splits.mean, std=splits.std, train=True,
-        augment=cfg.augment, seed=cfg.seed, epoch=epoch, channels_last=cfg.channels_last,
+        augment=cfg.augment, seed=cfg.seed, epoch=epoch, channels_last=channels_last,
     ):  # fmt: skip
         logits, loss = train_step(model, optimizer, loss_fn, x, y, autocast)
         loss_sum += loss.detach() * len(y)
@@ -378,18 +428,19 @@ def train(
     if len(splits.train_x) < cfg.batch_size:
         raise ValueError(f"train batch_size={cfg.batch_size} is more than the {len(splits.train_x)} training images")
     torch.manual_seed(cfg.seed)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=fmt)
+    model.to(device)
     splits = splits.to(device)
+    autocast = mixed_precision(cfg, device)
+    saved = load_checkpoint(path) if path and Path(path).exists() else None
+    layout = _layout(cfg, model, splits, autocast, saved)
+    model.to(memory_format=MEMORY_FORMATS[layout])
     optimizer = make_optimizer(model, cfg)
     identity = _run_identity(cfg, splits)
-    done, records = 0, []
-    if path and Path(path).exists():
-        done, records = _restore(load_checkpoint(path), path, model, optimizer, identity)
+    done, records = _restore(saved, path, model, optimizer, identity) if saved else (0, [])
     net = torch.compile(model) if cfg.compile else model
-    autocast = mixed_precision(cfg, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+    channels_last = layout == "channels_last"
+    eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=channels_last,
                    autocast=autocast)  # fmt: skip
     steps = len(splits.train_x) // cfg.batch_size
     seconds = []
@@ -399,7 +450,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            train_loss, train_acc, secs, seen = _train_epoch(net, optimizer, loss_fn, splits, cfg, epoch, autocast, bar)
+            train_loss, train_acc, secs, seen = _train_epoch(
+                net, optimizer, loss_fn, splits, cfg, epoch, autocast, channels_last, bar
+            )
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"train loss is {train_loss} in epoch {epoch + 1} at lr={lr:g}; lower train.lr")
             start = time.perf_counter()
@@ -411,7 +464,7 @@ def train(
             records.append(record)
             seconds.append(secs)
             if path and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-                save_checkpoint(path, _state(epoch + 1, model, optimizer, records, identity))
+                save_checkpoint(path, _state(epoch + 1, model, optimizer, records, identity, layout))
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}", refresh=False)
             if on_epoch is not None:
                 on_epoch(record)
@@ -423,6 +476,7 @@ def train(
         seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
         device=str(device),
         precision="bf16 autocast" if cfg.amp and native_bf16(device) else "fp32",
+        memory_format=layout,
         split=dict(splits.split),
         resumed_from=done,
     )
@@ -443,7 +497,7 @@ def _summary(name: str, result: TrainResult, profile, checkpoint: str | None) ->
         f"val accuracy   {100 * (last.val_acc if last else math.nan):.2f} % last, {100 * best_val:.2f} % best",
         f"model size     {profile.size_mb:.3f} MB fp32 state_dict, {profile.params:,} parameters, "
         f"{profile.macs / 1e6:.1f} M MACs per image",
-        f"s/epoch        {result.seconds_per_epoch:.2f} s training pass on {result.device}, {result.precision}"
+        f"s/epoch        {result.seconds_per_epoch:.2f} s training pass on {result.device}, {result.precision}, {result.memory_format}"
         f" ({last.images_per_s if last else math.nan:.0f} images/s last epoch)",
         f"epochs         {len(result.epochs)} (resumed after {result.resumed_from})",
     ]

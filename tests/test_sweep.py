@@ -28,7 +28,7 @@ from conftest import write_cifar
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = {
     "paper_name", "blocks", "width", "params", "macs", "size_bytes", "size_mb", "int8_mb", "latency_ms",
-    "s_per_epoch", "precision", "curves", "seed", "test_acc", "provenance", "artifact_checkpoint", "artifact_curves",
+    "s_per_epoch", "precision", "memory_format", "curves", "seed", "test_acc", "provenance", "artifact_checkpoint", "artifact_curves",
 }
 
 

@@ -17,6 +17,7 @@ import dse.train
 from dse.config import register_schemas
 from dse.data import DataConfig, load_data
 from dse.train import (
+    MEMORY_FORMATS,
     OPTIMIZERS,
     CheckpointError,
     TrainConfig,
@@ -25,6 +26,7 @@ from dse.train import (
     load_checkpoint,
     make_optimizer,
     native_bf16,
+    pick_memory_format,
     save_checkpoint,
     train,
     train_step,
@@ -125,9 +127,9 @@ def test_on_epoch_may_stop_the_run(splits):
         train(tiny_model(), splits, quick(), on_epoch=stop_after_first)
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, amp):
-    cfg = quick(lr=0.05, epochs=4, amp=amp)
+@pytest.mark.parametrize("amp,layout", [(False, "contiguous"), (True, "channels_last"), (True, "contiguous")])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, amp, layout):
+    cfg = quick(lr=0.05, epochs=4, amp=amp, memory_format=layout)
     whole = tiny_model()
     expected = train(whole, splits, cfg, checkpoint_path=tmp_path / "whole.pt")
 
@@ -149,7 +151,41 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_p
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key
     assert [r.train_loss for r in resumed.epochs] == [r.train_loss for r in expected.epochs]
-    assert resumed.test_acc == expected.test_acc
+    assert resumed.test_acc == expected.test_acc and resumed.memory_format == layout
+
+
+def test_auto_layout_is_picked_once_and_kept_on_resume(splits, tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    first = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
+    assert first.memory_format in MEMORY_FORMATS
+    state = load_checkpoint(path)
+    assert state["memory_format"] == first.memory_format
+    state["epoch"], state["records"] = 0, []  # as if killed before its first epoch ended
+    save_checkpoint(path, state)
+
+    def must_not_probe(*args, **kwargs):
+        raise AssertionError("a resumed run re-timed the layouts")
+
+    monkeypatch.setattr("dse.train.pick_memory_format", must_not_probe)
+    again = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
+    assert again.resumed_from == 0 and again.memory_format == first.memory_format
+
+
+def test_layout_probe_leaves_the_model_and_the_rng_as_they_were(splits):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    layout = pick_memory_format(model, x, y, torch.autocast("cpu", enabled=False))
+    assert layout in MEMORY_FORMATS and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN running stats included
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unknown_memory_format_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="memory_format='nhwc' is unknown; allowed: auto, channels_last, contiguous"):
+        TrainConfig(memory_format="nhwc")
 
 
 def test_finished_run_resumes_to_its_result_without_training(splits, tmp_path):
