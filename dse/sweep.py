@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import dse
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, register_schemas, to_object
 from dse.data import DataConfig, DataError, load_data
-from dse.measure import profile
+from dse.measure import count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
@@ -70,6 +70,7 @@ class Plan:
     threads: int
     progress: bool
     grid: list[dict] = field(default_factory=list)  # the fixed params of every grid trial
+    cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
 
     def overrides(self, params: dict) -> list[str]:
         """A trial's Hydra overrides: space < point extras < command line < study < the trial's knobs."""
@@ -192,8 +193,20 @@ def typed(cfg: DictConfig) -> TrialSetup:
     train_cfg = to_object(TrainConfig, cfg.train)
     resolve_config(model)
     with torch.device("meta"):  # builds every layer (checks every knob) without allocating weights
-        build_model(model, num_classes=10, in_channels=1 if data.name == "fashion_mnist" else 3)
+        build_model(model, num_classes=10, in_channels=_in_channels(data))
     return TrialSetup(model, data, train_cfg, OmegaConf.to_container(cfg, resolve=True))
+
+
+def _in_channels(data: DataConfig) -> int:
+    return 1 if data.name == "fashion_mnist" else 3
+
+
+def training_cost(setup: TrialSetup) -> float:
+    """Forward MACs per image times epochs: what orders the grid queue (a relative figure, not a time)."""
+    channels = _in_channels(setup.data)
+    with torch.device("meta"):
+        macs, _ = count_macs(build_model(setup.model, num_classes=10, in_channels=channels), (channels, 32, 32))
+    return float(macs * setup.train.epochs)
 
 
 # ---------------------------------------------------------------- planning (main process)
@@ -234,6 +247,7 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     )
     if plan.grid:
         setups = [typed(compose(plan.overrides(p))) for p in tqdm(plan.grid[:: len(seeds)], desc="checking configs", leave=False, disable=len(plan.grid) < 20)]
+        plan.cost = [training_cost(s) for s in setups for _ in seeds]
     else:
         setups = _check_search(space, merge_overrides(static, cli, fixed))
     check_storage(storage)
@@ -286,12 +300,15 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 def enqueue_grid(study: optuna.Study, plan: Plan) -> int:
-    """Queue every grid trial that has no trial yet (finished, running or queued); return how many."""
+    """Queue every grid trial that has no trial yet (finished, running or queued), the costliest first so
+    that parallel workers do not end waiting on one big model; return how many."""
     have = {
         json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
         for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
     }
-    todo = [p for p in plan.grid if json.dumps(p, sort_keys=True) not in have]
+    cost = plan.cost or [0.0] * len(plan.grid)
+    ranked = sorted(zip(plan.grid, cost), key=lambda pc: -pc[1])  # stable: equal costs keep the grid's order
+    todo = [p for p, _ in ranked if json.dumps(p, sort_keys=True) not in have]
     for params in todo:
         study.enqueue_trial(params)
     return len(todo)

@@ -28,7 +28,8 @@ from conftest import write_cifar
 REPO = Path(__file__).resolve().parents[1]
 ATTRS = {
     "paper_name", "blocks", "width", "params", "macs", "size_bytes", "size_mb", "int8_mb", "latency_ms",
-    "s_per_epoch", "precision", "memory_format", "curves", "seed", "test_acc", "provenance", "artifact_checkpoint", "artifact_curves",
+    "s_per_epoch", "precision", "memory_format", "curves", "seed", "test_acc", "provenance",
+    "artifact_checkpoint", "artifact_curves",
 }
 
 
@@ -84,6 +85,8 @@ def test_two_workers_finish_every_trial_once(swept):
     assert [t.state for t in done] == [TrialState.COMPLETE] * 4
     assert sorted(t.number for t in done) == [0, 1, 2, 3]
     assert sorted((t.params["model.width"], t.params["seed"]) for t in done) == [(0.125, 0), (0.125, 1), (0.2, 0), (0.2, 1)]
+    by_number = sorted(done, key=lambda t: t.number)
+    assert [t.params["model.width"] for t in by_number] == [0.2, 0.2, 0.125, 0.125]  # costliest queued first
     for t in done:
         assert ATTRS <= set(t.user_attrs), ATTRS - set(t.user_attrs)
         assert t.values[0] == t.user_attrs["curves"][-1]["val_acc"]
