@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import dse
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, register_schemas, to_object
-from dse.data import DataConfig, DataError, load_data
+from dse.data import DataConfig, DataError, Splits, load_data
 from dse.measure import count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.pruning import History, decide, histories, rungs
@@ -193,20 +193,16 @@ def typed(cfg: DictConfig) -> TrialSetup:
     train_cfg = to_object(TrainConfig, cfg.train)
     resolve_config(model)
     with torch.device("meta"):  # builds every layer (checks every knob) without allocating weights
-        build_model(model, num_classes=10, in_channels=_in_channels(data))
+        build_model(model, num_classes=10, in_channels=1 if data.name == "fashion_mnist" else 3)
     return TrialSetup(model, data, train_cfg, OmegaConf.to_container(cfg, resolve=True))
 
 
-def _in_channels(data: DataConfig) -> int:
-    return 1 if data.name == "fashion_mnist" else 3
-
-
-def training_cost(setup: TrialSetup) -> float:
-    """Forward MACs per image times epochs: what orders the grid queue (a relative figure, not a time)."""
-    channels = _in_channels(setup.data)
-    with torch.device("meta"):
-        macs, _ = count_macs(build_model(setup.model, num_classes=10, in_channels=channels), (channels, 32, 32))
-    return float(macs * setup.train.epochs)
+def training_cost(setup: TrialSetup, splits: Splits) -> float:
+    """Forward MACs of one epoch's training images times epochs: what orders the grid queue (not a time)."""
+    with torch.device("meta"):  # counts without weights or compute
+        model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+        macs, _ = count_macs(model, tuple(splits.train_x.shape[1:]))
+    return float(macs * len(splits.train_x) * setup.train.epochs)
 
 
 # ---------------------------------------------------------------- planning (main process)
@@ -247,13 +243,19 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     )
     if plan.grid:
         setups = [typed(compose(plan.overrides(p))) for p in tqdm(plan.grid[:: len(seeds)], desc="checking configs", leave=False, disable=len(plan.grid) < 20)]
-        plan.cost = [training_cost(s) for s in setups for _ in seeds]
     else:
         setups = _check_search(space, merge_overrides(static, cli, fixed))
     check_storage(storage)
-    for data in {json.dumps(asdict(s.data), sort_keys=True): s.data for s in setups}.values():
-        load_data(data)  # downloads a missing dataset now, or stops with why, before any trial starts
+    data = {_data_key(s.data): s.data for s in setups}
+    # Downloads a missing dataset now, or stops with why, before any trial starts.
+    loaded = {key: load_data(cfg) for key, cfg in data.items()}
+    if plan.grid:
+        plan.cost = [training_cost(s, loaded[_data_key(s.data)]) for s in setups for _ in seeds]
     return plan
+
+
+def _data_key(data: DataConfig) -> str:
+    return json.dumps(asdict(data), sort_keys=True)
 
 
 def _check_search(space: SpaceConfig, base: list[str]) -> list[TrialSetup]:

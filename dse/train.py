@@ -304,9 +304,13 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.amp and native_bf16(device)
+
+
 def mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     """The autocast context the trainer runs forward passes in: bf16 when `cfg.amp` and the device has bf16 units."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(cfg, device))
 
 
 def pick_memory_format(model: nn.Module, x: Tensor, y: Tensor, autocast, *, repeats: int = 2) -> str:
@@ -473,7 +477,7 @@ def train(
         test_acc=test_acc,
         seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
         device=str(device),
-        precision="bf16 autocast" if cfg.amp and native_bf16(device) else "fp32",
+        precision="bf16 autocast" if _uses_bf16(cfg, device) else "fp32",
         memory_format=layout,
         split=dict(splits.split),
         resumed_from=done,
