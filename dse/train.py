@@ -1,4 +1,5 @@
-"""The one trainer: optimizers by name, the learning-rate schedule, per-epoch records, atomic checkpoints."""
+"""The one trainer: optimizers by name, the learning-rate schedule, the weight average (EMA), test-time flips,
+per-epoch records, atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dse.data import DataConfig, DataError, Splits, batches, load_data
+from dse.data import DataConfig, DataError, Splits, batches, crop_padding, load_data
 
 __all__ = [
     "MEMORY_FORMATS",
@@ -31,16 +32,19 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "ema_decay",
     "evaluate",
     "learning_rate",
     "load_checkpoint",
     "make_optimizer",
+    "peak_lr",
     "mixed_precision",
     "pick_memory_format",
     "native_bf16",
     "save_checkpoint",
     "train",
     "train_step",
+    "update_ema",
 ]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -54,7 +58,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
     "rprop": torch.optim.Rprop,
 }
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "linear")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # adabound 0.0.5 calls Tensor.add(Number, Tensor), an overload torch deprecates but still runs.
 warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning, module="adabound")
@@ -77,8 +81,9 @@ class TrainConfig:
     """How to train: the schema of `conf/train/*.yaml`, one file per optimizer with its own lr and kwargs.
 
     The shared defaults are the recipe of the paper and its baseline code: 200 epochs of batch 128, weight
-    decay 5e-4, step decay ×0.2 at 30/60/80 % of the epochs (60/120/160 of 200). `conf/train/sgd.yaml`
-    adds the paper's optimizer: SGD, lr 0.01, Nesterov momentum 0.9.
+    decay 5e-4, step decay ×0.2 at 30/60/80 % of the epochs (60/120/160 of 200), crop (pad 4 on 32×32)
+    and flip, no warm-up, label smoothing, weight average or test-time flips. `conf/train/sgd.yaml` adds
+    the paper's optimizer: SGD, lr 0.01, Nesterov momentum 0.9; `conf/train/fast.yaml` is the few-epoch recipe.
     """
 
     optimizer: str = "sgd"
@@ -87,11 +92,16 @@ class TrainConfig:
     weight_decay: float = 5e-4
     epochs: int = 200
     batch_size: int = 128
-    schedule: str = "step"  # step | cosine
+    lr_batch_size: int | None = None  # lr is for this batch size: scaled by batch_size / lr_batch_size; null: as is
+    schedule: str = "step"  # step | cosine | linear (cosine and linear decay to 0 at the last step)
+    warmup: float = 0.0  # fraction of the steps over which lr rises linearly from 0, before the schedule
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # step: fractions of `epochs`
     decay: float = 0.2  # step: lr factor at each milestone
     label_smoothing: float = 0.0
-    augment: bool = True  # random crop (pad 4) + horizontal flip
+    augment: bool = True  # random crop + horizontal flip
+    crop: float = 0.125  # crop shift, a fraction of the image side: zero-pad round(crop·side) px (4 on 28 and 32)
+    ema: float = 0.0  # per-step decay of a moving average of the weights that is evaluated and saved; 0: off
+    tta: bool = False  # evaluate on each image and its mirror image (mean logits)
     seed: int = 0  # dropout, batch order and augmentation (seed the model's init yourself)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
@@ -115,8 +125,14 @@ class TrainConfig:
                 raise ValueError(f"train {name}={getattr(self, name)!r} must be > 0")
         if not all(0 < m <= 1 for m in self.milestones):
             raise ValueError(f"train milestones={self.milestones!r} must be fractions of epochs in (0, 1]")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"train label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        for name, high in (("label_smoothing", 1), ("warmup", 1), ("ema", 1), ("crop", 0.5)):
+            if not 0 <= getattr(self, name) < high:
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be in [0, {high})")
+        if self.lr_batch_size is not None and self.lr_batch_size <= 0:
+            raise ValueError(f"train lr_batch_size={self.lr_batch_size!r} must be > 0 or null (lr as given)")
+        for name in ("augment", "tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be true or false")
         if self.weight_decay < 0 or self.threads < 0:
             raise ValueError(f"train weight_decay={self.weight_decay!r} and threads={self.threads!r} must be >= 0")
 
@@ -126,7 +142,7 @@ class EpochRecord:
     """What one epoch did. `seconds` and `images_per_s` time the training pass alone."""
 
     epoch: int  # 1-based
-    lr: float
+    lr: float  # the mean learning rate of its steps
     train_loss: float
     train_acc: float
     val_loss: float
@@ -180,12 +196,48 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer](model.parameters(), **optimizer_kwargs(cfg))
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of 0-based `epoch`: step decay by `decay` at each milestone, or cosine to 0."""
+def peak_lr(cfg: TrainConfig) -> float:
+    """`cfg.lr`, scaled linearly to the batch size when `cfg.lr_batch_size` is set (Goyal et al., 2017)."""
+    return cfg.lr * cfg.batch_size / cfg.lr_batch_size if cfg.lr_batch_size else cfg.lr
+
+
+def learning_rate(cfg: TrainConfig, epoch: float) -> float:
+    """The learning rate at 0-based `epoch`, fractional within an epoch (steps done / steps per epoch).
+
+    A linear warm-up from 0 over the first `warmup` fraction of training, then the schedule: step decay by
+    `decay` at each milestone, or cosine or linear decay from the peak to 0 at the end of training.
+    """
+    lr, progress = peak_lr(cfg), epoch / cfg.epochs
+    if progress < cfg.warmup:
+        return lr * progress / cfg.warmup
+    if cfg.schedule == "step":
+        return lr * cfg.decay ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
+    after = (progress - cfg.warmup) / (1 - cfg.warmup)  # 0 → 1 over the steps after the warm-up
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
-    return cfg.lr * cfg.decay**passed
+        return lr * 0.5 * (1 + math.cos(math.pi * after))
+    return lr * (1 - after)
+
+
+# ---------------------------------------------------------------------------------------------- weight average
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """The weight average's decay at 0-based optimizer `step`: `cfg.ema`, but lower for the first steps
+    (min(ema, (1 + step) / (10 + step)), TensorFlow's ExponentialMovingAverage with num_updates) so that
+    the average soon forgets the random initialisation."""
+    return min(cfg.ema, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average ← decay·average + (1 − decay)·model over every parameter and buffer (BatchNorm statistics
+    included): one foreach lerp for the floating-point tensors; integer buffers (batch counts) are copied."""
+    pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
+    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+    torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1 - decay)
+    for a, m in pairs:
+        if not a.is_floating_point():
+            a.copy_(m)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -234,7 +286,7 @@ def _run_identity(cfg: TrainConfig, splits: Splits) -> dict:
     return {"train": settings, "split": dict(splits.split), "num_classes": splits.num_classes}
 
 
-def _restore(state: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer, identity: dict):
+def _restore(state: dict, path: str, model: nn.Module, average, optimizer: torch.optim.Optimizer, identity: dict):
     if state["run"] != identity:
         ours, theirs = identity, state["run"]
         diff = [
@@ -248,7 +300,9 @@ def _restore(state: dict, path: str, model: nn.Module, optimizer: torch.optim.Op
             "delete it to start over, or set train.checkpoint elsewhere"
         )
     try:
-        model.load_state_dict(state["model"])
+        if average is not None:
+            average.load_state_dict(state["model"])
+        model.load_state_dict(state["trained"] if average is not None else state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))  # skip the heading
@@ -262,13 +316,16 @@ def _restore(state: dict, path: str, model: nn.Module, optimizer: torch.optim.Op
     return state["epoch"], [EpochRecord(**r) for r in state["records"]]
 
 
-def _state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, records, identity: dict, layout: str) -> dict:
-    # The learning rate is a pure function of the epoch, so there is no scheduler state to keep.
+def _state(epoch: int, model: nn.Module, average, optimizer, records, identity: dict, layout: str) -> dict:
+    # The learning rate and the EMA's decay are pure functions of the step: there is no scheduler state to keep.
+    # "model" holds the weights that are evaluated (and deployed): the average's when there is one.
+    trained = {"trained": model.state_dict()} if average is not None else {}
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "memory_format": layout,  # an `auto` choice is kept on resume: layouts round differently
-        "model": model.state_dict(),
+        "model": (average if average is not None else model).state_dict(),
+        **trained,
         "optimizer": optimizer.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -374,8 +431,10 @@ def evaluate(
     batch_size: int = 512,
     channels_last: bool = False,
     autocast=None,
+    tta: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the model on uint8 images x, in eval mode; NaN for no images."""
+    """(mean cross-entropy, accuracy) of the model on uint8 images x, in eval mode; NaN for no images.
+    With `tta` the logits are the mean of the model's on each image and on its left-right mirror."""
     if len(x) == 0:
         return math.nan, math.nan
     model.eval()
@@ -383,29 +442,41 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for xb, yb in batches(x, y, batch_size, mean=mean, std=std, channels_last=channels_last):
         with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
+            logits = model(xb).float()
+            if tta:
+                logits = (logits + model(xb.flip(3)).float()) / 2
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def _train_epoch(model, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, epoch: int, autocast, channels_last, bar):
+def _train_epoch(
+    model, average, optimizer, loss_fn, splits: Splits, cfg: TrainConfig, epoch: int, autocast, channels_last, bar
+):
+    """One epoch: a learning rate per step, the weight average (if any) updated after each step."""
     model.train()
     loss_sum = torch.zeros((), device=splits.device)
     correct = torch.zeros((), dtype=torch.int64, device=splits.device)
-    seen = 0
+    seen, lrs = 0, []
+    steps = len(splits.train_x) // cfg.batch_size
+    pad = crop_padding(cfg.crop, splits.train_x.shape[-2:])
     start = time.perf_counter()
-    for x, y in batches(
+    for i, (x, y) in enumerate(batches(
         splits.train_x, splits.train_y, cfg.batch_size, mean=splits.mean, std=splits.std, train=True,
-        augment=cfg.augment, seed=cfg.seed, epoch=epoch, channels_last=channels_last,
-    ):  # fmt: skip
+        augment=cfg.augment, seed=cfg.seed, epoch=epoch, pad=pad, channels_last=channels_last,
+    )):  # fmt: skip
+        lrs.append(learning_rate(cfg, epoch + i / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[-1]
         logits, loss = train_step(model, optimizer, loss_fn, x, y, autocast)
+        if average is not None:
+            update_ema(average, model, ema_decay(cfg, epoch * steps + i))
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         bar.update()
     loss = loss_sum.item() / seen  # the one host sync of the epoch
-    return loss, correct.item() / seen, time.perf_counter() - start, seen
+    return loss, correct.item() / seen, math.fsum(lrs) / len(lrs), time.perf_counter() - start, seen
 
 
 def train(
@@ -417,6 +488,7 @@ def train(
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainResult:
     """Train `model` (moved in place to the device) on `splits` as `cfg` says; return the records.
+    With `cfg.ema` the model ends with the weight average, the weights that were evaluated and saved.
 
     Seeds torch's global RNG with `cfg.seed` (dropout). With a checkpoint path (argument, else
     `cfg.checkpoint`) that exists, continues from its last finished epoch; a checkpoint is written
@@ -437,28 +509,29 @@ def train(
     layout = _layout(cfg, model, splits, autocast, saved)
     model.to(memory_format=MEMORY_FORMATS[layout])
     optimizer = make_optimizer(model, cfg)
+    average = copy.deepcopy(model) if cfg.ema else None  # the weight average: evaluated and saved when on
     identity = _run_identity(cfg, splits)
-    done, records = _restore(saved, path, model, optimizer, identity) if saved else (0, [])
+    done, records = _restore(saved, path, model, average, optimizer, identity) if saved else (0, [])
     net = torch.compile(model) if cfg.compile else model
+    evaluated = net
+    if average is not None:  # the weight average is evaluated instead
+        evaluated = torch.compile(average) if cfg.compile else average
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     channels_last = layout == "channels_last"
     eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=channels_last,
-                   autocast=autocast)  # fmt: skip
+                   autocast=autocast, tta=cfg.tta)  # fmt: skip
     steps = len(splits.train_x) // cfg.batch_size
     seconds = []
     with tqdm(total=steps * (cfg.epochs - done), disable=not cfg.progress, unit="batch", dynamic_ncols=True) as bar:
         for epoch in range(done, cfg.epochs):
-            lr = learning_rate(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            train_loss, train_acc, secs, seen = _train_epoch(
-                net, optimizer, loss_fn, splits, cfg, epoch, autocast, channels_last, bar
+            train_loss, train_acc, lr, secs, seen = _train_epoch(
+                net, average, optimizer, loss_fn, splits, cfg, epoch, autocast, channels_last, bar
             )
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"train loss is {train_loss} in epoch {epoch + 1} at lr={lr:g}; lower train.lr")
             start = time.perf_counter()
-            val_loss, val_acc = evaluate(net, splits.val_x, splits.val_y, **eval_kw)
+            val_loss, val_acc = evaluate(evaluated, splits.val_x, splits.val_y, **eval_kw)
             record = EpochRecord(
                 epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                 val_acc=val_acc, seconds=secs, images_per_s=seen / secs, eval_seconds=time.perf_counter() - start,
@@ -466,11 +539,13 @@ def train(
             records.append(record)
             seconds.append(secs)
             if path and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-                save_checkpoint(path, _state(epoch + 1, model, optimizer, records, identity, layout))
+                save_checkpoint(path, _state(epoch + 1, model, average, optimizer, records, identity, layout))
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}", refresh=False)
             if on_epoch is not None:
                 on_epoch(record)
-    test_loss, test_acc = evaluate(net, splits.test_x, splits.test_y, **eval_kw)
+    test_loss, test_acc = evaluate(evaluated, splits.test_x, splits.test_y, **eval_kw)
+    if average is not None:
+        model.load_state_dict(average.state_dict())  # the caller's model ends as evaluated and saved
     return TrainResult(
         epochs=records,
         test_loss=test_loss,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dse.data import DATASETS, DataConfig, DataError, batches, crop_flip, load_data, normalize
+from dse.data import DATASETS, DataConfig, DataError, batches, crop_flip, crop_padding, load_data, normalize
 
 
 def test_cifar10_pixels_and_labels_in_file_order_and_nchw(cifar10):
@@ -119,6 +119,24 @@ def test_crop_flip_is_a_shifted_window_of_the_zero_padded_image(channels_last):
     for i in range(16):
         want = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
         assert torch.equal(out[i], want.flip(-1) if flip[i] else want)
+
+
+def test_crop_padding_is_a_fraction_of_the_shorter_side_rounded_half_up():
+    assert [crop_padding(0.125, (s, s)) for s in (28, 32, 64)] == [4, 4, 8]  # 3.5 rounds up to the paper's 4
+    assert [crop_padding(0.07, (s, s)) for s in (28, 32)] == [2, 2]
+    assert crop_padding(0.1, (28, 40)) == 3 and crop_padding(0.0, (32, 32)) == 0
+    with pytest.raises(ValueError, match=r"crop=0.5 must be in \[0, 0.5\)"):
+        crop_padding(0.5, (32, 32))
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_training_batches_crop_within_the_padding(pad):
+    n, size = 64, 28
+    levels = torch.arange(1, n + 1, dtype=torch.uint8) * 3
+    x = levels.view(n, 1, 1, 1).expand(n, 1, size, size).contiguous()
+    for xb, yb in batches(x, torch.arange(n), 16, mean=(0.0,), std=(1.0,), train=True, pad=pad):
+        kept = (torch.round(xb * 255).to(torch.int64) == levels[yb].view(-1, 1, 1, 1)).sum((1, 2, 3))
+        assert (kept >= (size - pad) ** 2).all() and (pad == 0) == bool((kept == size * size).all())
 
 
 def test_training_batches_keep_shapes_and_never_mix_images():

@@ -1,4 +1,5 @@
-"""dse.train: optimizers by name, the schedule, records, kill/resume, checkpoints and the command line."""
+"""dse.train: optimizers by name, the schedule, the weight average, test-time flips, records, kill/resume,
+checkpoints and the command line."""
 
 import math
 import os
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import dse.data
 import dse.train
 from dse.config import register_schemas
 from dse.data import DataConfig, load_data
@@ -21,6 +24,7 @@ from dse.train import (
     OPTIMIZERS,
     CheckpointError,
     TrainConfig,
+    ema_decay,
     evaluate,
     learning_rate,
     load_checkpoint,
@@ -30,10 +34,12 @@ from dse.train import (
     save_checkpoint,
     train,
     train_step,
+    update_ema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+RECIPES = {"fast"}  # conf/train files that are a whole recipe rather than one optimizer's settings
 
 
 def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Module:
@@ -55,14 +61,18 @@ def splits(cifar10):
     return load_data(DataConfig(name="cifar10", root=str(cifar10.root), val_size=50))
 
 
-def train_config(name: str) -> TrainConfig:
+def composed_train(primary: str, *overrides: str) -> TrainConfig:
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(compose("run", overrides=[f"train={name}"]).train)
+        return OmegaConf.to_object(compose(primary, overrides=list(overrides)).train)
+
+
+def train_config(name: str) -> TrainConfig:
+    return composed_train("run", f"train={name}")
 
 
 def test_every_optimizer_has_a_config_file():
-    assert {p.stem for p in (CONF / "train").glob("*.yaml")} == set(OPTIMIZERS)
+    assert {p.stem for p in (CONF / "train").glob("*.yaml")} == set(OPTIMIZERS) | RECIPES
 
 
 @pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")  # adabound 0.0.5 on current torch
@@ -91,8 +101,35 @@ def test_optimizer_options_it_does_not_take_are_refused():
         TrainConfig(optimizer="adam", optimizer_kwargs={"momentum": 0.9})
     with pytest.raises(ValueError, match="weight_decay=0"):
         TrainConfig(optimizer="rprop", weight_decay=5e-4)
-    with pytest.raises(ValueError, match="schedule='linear'.*step, cosine"):
-        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="schedule='exponential'.*step, cosine, linear"):
+        TrainConfig(schedule="exponential")
+
+
+@pytest.mark.parametrize(
+    "knob, value, message",
+    [
+        ("warmup", 1.0, r"warmup=1.0 must be in \[0, 1\)"),
+        ("warmup", -0.1, r"warmup=-0.1 must be in \[0, 1\)"),
+        ("ema", 1.0, r"ema=1.0 must be in \[0, 1\)"),
+        ("ema", -0.5, r"ema=-0.5 must be in \[0, 1\)"),
+        ("label_smoothing", 1.0, r"label_smoothing=1.0 must be in \[0, 1\)"),
+        ("crop", 0.5, r"crop=0.5 must be in \[0, 0.5\)"),
+        ("crop", -0.1, r"crop=-0.1 must be in \[0, 0.5\)"),
+        ("lr_batch_size", 0, r"lr_batch_size=0 must be > 0 or null"),
+        ("tta", "yes", r"tta='yes' must be true or false"),
+        ("augment", 1, r"augment=1 must be true or false"),
+    ],
+)
+def test_every_recipe_knob_refuses_bad_values_naming_them(knob, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{knob: value})
+
+
+def test_recipe_knobs_are_checked_by_the_schema_from_the_command_line():
+    with pytest.raises(Exception, match="tta"):
+        composed_train("run", "train=fast", "train.tta=maybe")
+    with pytest.raises(Exception, match="warmup"):
+        composed_train("run", "train=fast", "train.warmup=fast")
 
 
 def test_step_schedule_decays_at_the_papers_epochs_and_cosine_ends_near_zero():
@@ -102,6 +139,48 @@ def test_step_schedule_decays_at_the_papers_epochs_and_cosine_ends_near_zero():
     assert changes == [60, 120, 160] and lrs[0] == 0.1 and math.isclose(lrs[-1], 0.1 * 0.2**3)
     cos = replace(cfg, schedule="cosine")
     assert learning_rate(cos, 0) == 0.1 and learning_rate(cos, 199) < 1e-4
+
+
+def test_warmup_rises_linearly_from_zero_then_linear_and_cosine_end_at_zero_per_step():
+    steps = 50  # per epoch; the schedule takes fractional epochs
+    for schedule in ("linear", "cosine"):
+        cfg = TrainConfig(lr=0.2, epochs=10, schedule=schedule, warmup=0.2)
+        lrs = [learning_rate(cfg, s / steps) for s in range(10 * steps)]
+        peak = lrs.index(max(lrs))
+        assert lrs[0] == 0 and peak == 2 * steps and max(lrs) == pytest.approx(0.2)
+        assert lrs[steps] == pytest.approx(0.1)  # half-way through the warm-up
+        assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises every step
+        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then falls every step
+        assert 0 < lrs[-1] < 0.2 * 0.01 and learning_rate(cfg, 10) == pytest.approx(0, abs=1e-12)
+    half = TrainConfig(lr=0.2, epochs=10, schedule="linear", warmup=0.2)
+    assert learning_rate(half, 6) == pytest.approx(0.1)  # half-way down from the end of the warm-up
+
+
+def test_lr_scales_linearly_with_the_batch_size_when_asked():
+    assert learning_rate(TrainConfig(lr=0.1, batch_size=512), 0) == 0.1  # lr_batch_size null: lr as given
+    cfg = TrainConfig(lr=0.1, batch_size=512, lr_batch_size=128, schedule="linear", epochs=4)
+    assert learning_rate(cfg, 0) == pytest.approx(0.4) and learning_rate(cfg, 2) == pytest.approx(0.2)
+
+
+def test_ema_decay_ramps_up_to_the_configured_value():
+    cfg = TrainConfig(ema=0.99)
+    decays = [ema_decay(cfg, step) for step in range(2000)]
+    assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.99
+    assert all(a <= b for a, b in zip(decays, decays[1:]))
+
+
+def test_update_ema_lerps_every_float_tensor_and_copies_integer_buffers():
+    model, average = tiny_model(seed=0), tiny_model(seed=1)
+    model.train()(torch.randn(4, 3, 8, 8))  # BatchNorm statistics and its batch count move
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    update_ema(average, model, 0.75)
+    now, current = average.state_dict(), model.state_dict()
+    for key, value in now.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.75 * before[key] + 0.25 * current[key]), key
+        else:
+            assert torch.equal(value, current[key]), key
+    assert any(not v.is_floating_point() for v in now.values())  # num_batches_tracked was among them
 
 
 def test_train_returns_a_record_per_epoch_and_calls_on_epoch(splits):
@@ -127,9 +206,15 @@ def test_on_epoch_may_stop_the_run(splits):
         train(tiny_model(), splits, quick(), on_epoch=stop_after_first)
 
 
-@pytest.mark.parametrize("amp,layout", [(False, "contiguous"), (True, "channels_last"), (True, "contiguous")])
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, amp, layout):
-    cfg = quick(lr=0.05, epochs=4, amp=amp, memory_format=layout)
+RECIPE = dict(schedule="linear", warmup=0.25, label_smoothing=0.1, crop=0.07, ema=0.9, tta=True)
+
+
+@pytest.mark.parametrize(
+    "amp, layout, recipe",
+    [(False, "contiguous", {}), (True, "channels_last", {}), (True, "contiguous", {}), (True, "contiguous", RECIPE)],
+)
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, amp, layout, recipe):
+    cfg = quick(lr=0.05, epochs=4, amp=amp, memory_format=layout, **recipe)
     whole = tiny_model()
     expected = train(whole, splits, cfg, checkpoint_path=tmp_path / "whole.pt")
 
@@ -150,8 +235,79 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_p
     assert resumed.resumed_from == 2 and [r.epoch for r in resumed.epochs] == [1, 2, 3, 4]
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key
+    ends = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(path)
+    for part in ("model", "trained") if recipe else ("model",):  # the average and the trained weights
+        assert all(torch.equal(v, ends[1][part][k]) for k, v in ends[0][part].items()), part
     assert [r.train_loss for r in resumed.epochs] == [r.train_loss for r in expected.epochs]
     assert resumed.test_acc == expected.test_acc and resumed.memory_format == layout
+
+
+def test_ema_weights_are_evaluated_saved_and_returned_and_differ_from_the_trained_ones(splits, tmp_path):
+    cfg = quick(lr=0.05, epochs=2, ema=0.9, amp=False)
+    model = tiny_model()
+    result = train(model, splits, cfg, checkpoint_path=tmp_path / "c.pt")
+    state = load_checkpoint(tmp_path / "c.pt")
+    average, trained = state["model"], state["trained"]
+    assert all(torch.equal(v, average[k]) for k, v in model.state_dict().items())  # the caller gets the average
+    differ = [k for k, v in average.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
+    assert "0.weight" in differ and "1.running_mean" in differ  # weights and BatchNorm statistics
+    raw = tiny_model()
+    raw.load_state_dict(trained)
+    kw = dict(mean=splits.mean, std=splits.std)
+    loss, acc = evaluate(model, splits.test_x, splits.test_y, **kw)
+    assert (result.test_loss, result.test_acc) == pytest.approx((loss, acc), abs=1e-6)  # the average was tested
+    assert result.test_loss != pytest.approx(evaluate(raw, splits.test_x, splits.test_y, **kw)[0], abs=1e-6)
+    assert result.epochs[-1].val_loss == pytest.approx(evaluate(model, splits.val_x, splits.val_y, **kw)[0], abs=1e-6)
+    train(tiny_model(), splits, replace(cfg, ema=0.0), checkpoint_path=tmp_path / "plain.pt")
+    assert "trained" not in load_checkpoint(tmp_path / "plain.pt")  # without the average, "model" is what trained
+
+
+def test_tta_averages_the_logits_of_each_image_and_its_mirror(splits):
+    model = tiny_model().eval()
+    x, y = splits.test_x, splits.test_y
+    with torch.no_grad():
+        xs = next(dse.train.batches(x, y, len(x), mean=splits.mean, std=splits.std))[0]
+        logits = (model(xs) + model(xs.flip(3))) / 2
+    loss, acc = evaluate(model, x, y, mean=splits.mean, std=splits.std, batch_size=16, tta=True)
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert round(acc * len(y)) == (logits.argmax(1) == y).sum().item()
+    plain = evaluate(model, x, y, mean=splits.mean, std=splits.std)
+    assert plain[0] != pytest.approx(loss, rel=1e-5)  # the tiny model is not mirror-symmetric
+    result = train(model, splits, quick(epochs=1, tta=True, amp=False))
+    assert result.test_loss == pytest.approx(evaluate(model, x, y, mean=splits.mean, std=splits.std, tta=True)[0], rel=1e-5)
+
+
+def test_crop_padding_follows_the_image_size(splits, monkeypatch):
+    pads = []
+
+    def spy(*args, **kwargs):
+        if kwargs.get("train"):
+            pads.append(kwargs["pad"])
+        return dse.data.batches(*args, **kwargs)
+
+    monkeypatch.setattr(dse.train, "batches", spy)
+    train(tiny_model(), splits, quick(epochs=1, crop=0.07))
+    train(tiny_model(), splits, quick(epochs=1))
+    assert pads == [2, 4]  # on 32×32: round(0.07·32), and the paper's 4 by default
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "fashion_mnist"])
+def test_fast_recipe_trains_on_every_dataset_format(fake_data, dataset):
+    d = fake_data(dataset, n_train=300, n_test=40)
+    s = load_data(DataConfig(name=dataset, root=str(d.root), val_size=40))
+    cfg = replace(train_config("fast"), epochs=2, batch_size=64, threads=1, device="cpu", progress=False)
+    result = train(tiny_model(in_channels=s.in_channels, num_classes=s.num_classes), s, cfg)
+    assert len(result.epochs) == 2 and 0 <= result.test_acc <= 1 and math.isfinite(result.test_loss)
+
+
+def test_short_budget_picks_the_fast_recipe_unless_a_train_config_is_named():
+    fast = train_config("fast")
+    assert fast.ema > 0 and fast.tta and fast.schedule in ("linear", "cosine") and fast.label_smoothing > 0
+    for primary in ("run", "sweep"):
+        short = composed_train(primary, "budget=short")
+        assert short == replace(fast, epochs=30)
+        assert composed_train(primary, "budget=short", "train=adam").optimizer == "adam"
+    assert composed_train("sweep", "budget=paper") == replace(train_config("sgd"), epochs=200)
 
 
 def test_auto_layout_is_picked_once_and_kept_on_resume(splits, tmp_path, monkeypatch):
