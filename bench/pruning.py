@@ -12,8 +12,13 @@ too, so the hypervolume is printed twice: with each run's own latencies, and wit
 size and latency for the same config (the pruner cannot change a model's latency). Target of issue 7:
 >= 95% of the unpruned hypervolume with <= 50% of the epochs.
 
+`--quick` runs the same comparison smaller (12 trials of 4 epochs, rungs at epochs 1 and 3, on 2,000
+images in batches of 64, widths 0.125-0.5, one torch thread: several threads on busy cores spin-wait) so that
+it fits in 15 minutes on 2 busy cores; the default run is for a GPU or a quiet machine. Every file a run
+writes (study DBs, checkpoints, Hydra's run folders) goes to a temporary folder, or to --keep DIR.
+
 Needs Fashion-MNIST's IDX files (Debian: apt-get install dataset-fashion-mnist, or data.root=...).
-    python bench/pruning.py --trials 24 --epochs 9 --subset 3000 [--pruning eta=3] [--keep DIR [--reuse]]
+    python bench/pruning.py [--quick] [--trials 24 --epochs 9 --subset 3000] [--pruning eta=3] [--keep DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's WFG algorithm (n
 from optuna.trial import TrialState
 
 REPO = Path(__file__).resolve().parents[1]
+QUICK = {"trials": 12, "epochs": 4, "subset": 2000, "val_size": 500, "batch_size": 64, "max_width": 0.5, "threads": 1}
 
 
 def run(pruner: str, args: argparse.Namespace, folder: Path) -> optuna.Study:
@@ -45,9 +52,11 @@ def run(pruner: str, args: argparse.Namespace, folder: Path) -> optuna.Study:
             return study
     overrides = [
         "+space=open", "data=fashion_mnist", f"data.subset={args.subset}", f"data.val_size={args.val_size}",
-        f"train.epochs={args.epochs}", f"space.n_trials={args.trials}", "sweep.seeds=1", f"sweep.workers={args.workers}",
-        "sweep.progress=false", f"study.name={name}", f"study.storage={storage}", f"study.pruner={pruner}",
-        f"study.sampler_seed={args.seed}", f"space.search={{model.width:{{low:{args.min_width},high:{args.max_width},log:true}}}}",
+        f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"space.n_trials={args.trials}",
+        "sweep.seeds=1", f"sweep.workers={args.workers}", f"sweep.threads={args.threads}", "sweep.progress=false",
+        f"study.name={name}", f"study.storage={storage}", f"study.pruner={pruner}", f"study.sampler_seed={args.seed}",
+        f"hydra.run.dir={folder / 'hydra' / name}",  # Hydra's run folder too stays out of the checkout
+        f"space.search={{model.width:{{low:{args.min_width},high:{args.max_width},log:true}}}}",
         *(f"study.pruning.{k}" for k in knobs), *args.overrides,
     ]
     subprocess.run([sys.executable, "-m", "dse.sweep", *overrides], cwd=REPO, check=True)
@@ -82,14 +91,22 @@ def summarize(study: optuna.Study, ref: np.ndarray, costs: dict[str, tuple[float
     }
 
 
-def main() -> None:
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.1%}" if b else "n/a"
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line; --quick changes the defaults, and options given beside it still win."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"a run for 2 busy cores: {QUICK}")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--subset", type=int, default=3000, help="training images")
     parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1,
                         help="more than 1 makes the trial order, hence the configs each run gets, timing-dependent")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-width", type=float, default=0.125)
     parser.add_argument("--max-width", type=float, default=1.0)
@@ -100,19 +117,28 @@ def main() -> None:
     parser.add_argument("--pruning", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings of the pareto pruner (study.pruning.KEY), e.g. eta=3")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both sweeps")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
+    if args.reuse and not args.keep:
+        parser.error("--reuse needs --keep DIR")
+    return args
+
+
+def main() -> None:
+    started = time.perf_counter()
+    args = parse_args()
     ref = np.array([1.0, args.ref_size, args.ref_latency])
     folder = args.keep or Path(tempfile.mkdtemp(prefix="dse-bench-pruning-"))
     folder.mkdir(parents=True, exist_ok=True)
-    if args.reuse and not args.keep:
-        parser.error("--reuse needs --keep DIR")
     studies = {p: run(p, args, folder) for p in ("none", "pareto")}
     costs = {config(t): (t.user_attrs["size_mb"], t.user_attrs["latency_ms"])
              for t in studies["none"].get_trials(states=(TrialState.COMPLETE,))}  # fmt: skip
     results = {p: summarize(study, ref, costs) for p, study in studies.items()}
     off, on = results["none"], results["pareto"]
     print(f"\n{args.trials} trials of `open` on Fashion-MNIST ({args.subset} train / {args.val_size} val images, "
-          f"{args.epochs} epochs, widths {args.min_width}-{args.max_width}, {args.workers} workers, "
+          f"{args.epochs} epochs of batch {args.batch_size}, widths {args.min_width}-{args.max_width}, "
+          f"{args.workers} workers x {args.threads or 'auto'} threads, "
           f"pruner settings: {' '.join(args.pruning) or 'defaults'}); "
           f"HV reference (acc 0, {args.ref_size} MB, {args.ref_latency} ms)")
     print(f"same configs proposed in both runs: {'yes' if off['configs'] == on['configs'] else 'NO'}")
@@ -120,10 +146,10 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:8} {r['epochs']:7d} {r['wall_s']:8.1f} {r['complete']:9d} {r['pruned']:7d} "
               f"{r['hypervolume']:9.4f} {r['hv_shared']:10.4f}")  # fmt: skip
-    print(f"pareto/none: epochs {on['epochs'] / off['epochs']:.1%}, wall time {on['wall_s'] / off['wall_s']:.1%}, "
-          f"hypervolume {on['hypervolume'] / off['hypervolume']:.1%} with each run's own latencies, "
-          f"{on['hv_shared'] / off['hv_shared']:.1%} with shared ones  (target: <= 50% epochs, >= 95% hypervolume)")
-    print(f"study DBs: {folder}")
+    print(f"pareto/none: epochs {ratio(on['epochs'], off['epochs'])}, wall time {ratio(on['wall_s'], off['wall_s'])}, "
+          f"hypervolume {ratio(on['hypervolume'], off['hypervolume'])} with each run's own latencies, "
+          f"{ratio(on['hv_shared'], off['hv_shared'])} with shared ones  (target: <= 50% epochs, >= 95% hypervolume)")
+    print(f"study DBs: {folder}; whole benchmark {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -278,10 +278,10 @@ def _check_search(space: SpaceConfig, base: list[str]) -> list[TrialSetup]:
 def make_sampler(plan: Plan, worker: int = 0) -> optuna.samplers.BaseSampler:
     space, study = plan.space_cfg, plan.study_cfg
     seed = study.sampler_seed + worker
-    constraints = _constraints if (study.max_size_kb or study.max_latency_ms) else None
+    # Budgets reach the sampler as the constraints each trial sets (Trial.set_constraint, in `objective`).
     if space.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
-    return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
 def make_pruner(plan: Plan) -> optuna.pruners.BasePruner | None:
@@ -294,11 +294,6 @@ def make_pruner(plan: Plan) -> optuna.pruners.BasePruner | None:
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
     return None
-
-
-def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna constraints (<= 0 is feasible), computed from the profile before training."""
-    return list(trial.user_attrs.get("constraints", [0.0]))
 
 
 def enqueue_grid(study: optuna.Study, plan: Plan) -> int:
@@ -382,9 +377,9 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
     })
     study_cfg = plan.study_cfg
     limits = [(prof.size_bytes / 1e3, study_cfg.max_size_kb, "size", "KB"), (prof.latency_ms, study_cfg.max_latency_ms, "latency", "ms")]
-    constraints = [value - limit for value, limit, _, _ in limits if limit]
-    if constraints:
-        trial.set_user_attr("constraints", constraints)
+    for value, limit, what, unit in limits:
+        if limit:  # Optuna's constraint (<= 0 is feasible), set before training so that a pruned trial has it too
+            trial.set_constraint(f"{what}_{unit.lower()}", value - limit)
     over = [f"{what} {value:.1f} {unit} > {limit:g} {unit}" for value, limit, what, unit in limits if limit and value > limit]
     if over:
         reason = "over budget: " + ", ".join(over)
