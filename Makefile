@@ -5,10 +5,10 @@ STORAGE ?= sqlite:///studies/$(STUDY).db
 ARTIFACTS ?= studies/$(STUDY)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning
+.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick
 
 help: ## list the tasks
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-20s %s\n", $$1, $$2}'
 
 install: ## create .venv and install dse with its test extra
 	python3 -m venv .venv && .venv/bin/pip install -e '.[test]'
@@ -46,5 +46,8 @@ deploy-sizes: ## ONNX fp32/int8 sizes and batch-1 latencies of the paper's 06-0.
 bench-trainer: ## benchmark the trainer against pure compute and a DataLoader loop
 	$(PY) bench/trainer.py
 
-bench-pruning: ## the open search with and without the pareto pruner on Fashion-MNIST
+bench-pruning: ## the open search with and without the pareto pruner on Fashion-MNIST (a GPU or a quiet machine)
 	$(PY) bench/pruning.py
+
+bench-pruning-quick: ## the same comparison smaller: under 15 minutes on 2 cores
+	$(PY) bench/pruning.py --quick

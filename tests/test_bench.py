@@ -1,0 +1,40 @@
+"""The benchmark scripts' plumbing on tiny settings (their figures are for a quiet machine, never a test)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkout_status() -> str:
+    """Every path git sees changed, untracked or ignored in the checkout."""
+    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_checkout(tmp_path, fake_data):
+    data = fake_data("fashion_mnist", n_train=300, n_test=50)
+    before = checkout_status()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(
+        [sys.executable, "bench/pruning.py", "--quick", "--trials", "3", "--epochs", "2", "--subset", "200",
+         "--val-size", "50", f"data.root={data.root}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "2 epochs of batch 64" in out and "1 workers x 1 threads" in out  # --quick's defaults, options win
+    assert "same configs proposed in both runs: yes" in out
+    assert re.search(r"^none +6 ", out, re.M), out  # 3 trials x 2 epochs, none pruned
+    assert re.search(r"^pareto +\d+ ", out, re.M), out
+    assert checkout_status() == before
+    [folder] = tmp_path.glob("dse-bench-pruning-*")
+    assert sorted(p.name for p in folder.glob("*.db")) == ["bench-pruning-none.db", "bench-pruning-pareto.db"]
+    assert sorted(p.name for p in (folder / "hydra").iterdir()) == ["bench-pruning-none", "bench-pruning-pareto"]
