@@ -46,7 +46,8 @@ QUICK = {"trials": 12, "subset": 800, "val_size": 500, "batch_size": 64, "max_wi
 def run(pruner: str, args: argparse.Namespace, folder: Path) -> optuna.Study:
     """The study of one sweep; with --reuse, a finished study of the same name in the folder is read instead."""
     knobs = args.pruning if pruner == "pareto" else []
-    name = "-".join(["bench-pruning", pruner, *(k.replace("=", "") for k in knobs)])
+    # --quick's studies get names of their own, so that --keep DIR --reuse never mixes them with the default run's
+    name = "-".join(["bench-pruning", *(["quick"] if args.quick else []), pruner, *(k.replace("=", "") for k in knobs)])
     storage = f"sqlite:///{folder / name}.db"
     if args.reuse and (folder / f"{name}.db").exists():
         study = optuna.load_study(study_name=name, storage=storage)

@@ -36,5 +36,6 @@ def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_chec
     assert re.search(r"^pareto +\d+ ", out, re.M), out
     assert checkout_status() == before
     [folder] = tmp_path.glob("dse-bench-pruning-*")
-    assert sorted(p.name for p in folder.glob("*.db")) == ["bench-pruning-none.db", "bench-pruning-pareto.db"]
-    assert sorted(p.name for p in (folder / "hydra").iterdir()) == ["bench-pruning-none", "bench-pruning-pareto"]
+    names = ["bench-pruning-quick-none", "bench-pruning-quick-pareto"]
+    assert sorted(p.stem for p in folder.glob("*.db")) == names
+    assert sorted(p.name for p in (folder / "hydra").iterdir()) == names
