@@ -5,7 +5,7 @@ STORAGE ?= sqlite:///studies/$(STUDY).db
 ARTIFACTS ?= studies/$(STUDY)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick
+.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-20s %s\n", $$1, $$2}'
@@ -51,3 +51,17 @@ bench-pruning: ## the open search with and without the pareto pruner on Fashion-
 
 bench-pruning-quick: ## the same comparison smaller: under 15 minutes on 2 cores
 	$(PY) bench/pruning.py --quick
+
+bench-gpu: ## CUDA-graph steps, fused trials and the paper space's hours on this GPU (bench/gpu.py)
+	PYTHON=$(PY) bash bench/gpu.sh
+
+# The wheels bench/gpu.sh installs on a GPU machine without network: the versions installed here, as wheels
+# for CPython 3.11-3.14 on x86-64 Linux (pure-Python ones once; sdist-only ones built here).
+GPU_PURE = optuna hydra-core omegaconf antlr4-python3-runtime alembic colorlog mako adabound tqdm typing_extensions packaging
+GPU_BINARY = sqlalchemy pyyaml
+pin = $(shell $(PY) -m pip freeze | grep -i -E '^($(subst $(eval) ,|,$(1)))==' | sed 's/ @.*//')
+gpu-wheels: ## fetch into wheels/ what bench/gpu.sh installs on a GPU machine without network
+	$(PY) -m pip wheel --no-deps -w wheels $(call pin,$(GPU_PURE))
+	for v in 3.11 3.12 3.13 3.14; do $(PY) -m pip download --no-deps --only-binary=:all: --python-version $$v \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d wheels $(call pin,$(GPU_BINARY)) || exit 1; done

@@ -112,14 +112,14 @@ def our_trainer(name: str, splits, cfg: TrainConfig) -> tuple[float, float, str]
     return result.epochs[-1].images_per_s, result.epochs[-1].seconds, result.memory_format
 
 
-def user_loop(name: str, splits, steps: int, device: torch.device) -> float:
-    """(c): images/s of a textbook loop: NCHW model, DataLoader with 2 workers and PIL transforms."""
+def user_loop(name: str, splits, steps: int, device: torch.device, *, workers: int = 2, batch: int = BATCH) -> float:
+    """(c): images/s of a textbook loop: NCHW model, DataLoader with `workers` workers and PIL transforms."""
     tf = transforms.Compose([
         transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize(splits.mean, splits.std),
     ])  # fmt: skip
-    data = PILImages(splits.train_x[: steps * BATCH], splits.train_y[: steps * BATCH], tf)
-    loader = DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=2, pin_memory=device.type == "cuda")
+    data = PILImages(splits.train_x[: steps * batch], splits.train_y[: steps * batch], tf)
+    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -8,7 +8,7 @@ import math
 import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ __all__ = [
     "batches",
     "crop_flip",
     "crop_padding",
+    "epoch_draws",
     "load_data",
+    "member_batches",
     "normalize",
 ]
 
@@ -328,6 +330,16 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
 
 
+def epoch_draws(n: int, *, seed: int, epoch: int, pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """One training epoch's random choices for n images, drawn on the CPU from (seed, epoch) alone: the
+    order, the crop offsets (2×n, in [0, 2·pad]) and the horizontal flips."""
+    g = _epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=g)
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    return order, shifts, flips
+
+
 def batches(
     x: Tensor,
     y: Tensor,
@@ -347,21 +359,48 @@ def batches(
     With `train`: full batches in a shuffled order and, with `augment`, random crop (zero pad `pad`)
     and horizontal flip, all drawn from (seed, epoch) alone. Without: every image in order, untouched.
     """
-    n, device = len(x), x.device
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not train:
-        for i in range(0, n, batch_size):
-            yield normalize(x[i : i + batch_size].contiguous(memory_format=fmt), m, s), y[i : i + batch_size]
+    if train:
+        kw = dict(mean=mean, std=std, augment=augment, pad=pad, channels_last=channels_last)
+        for xb, yb in member_batches(x, y, batch_size, seeds=[seed], epochs=[epoch], **kw):
+            yield xb[0], yb[0]
         return
-    g = _epoch_generator(seed, epoch)
-    order = torch.randperm(n, generator=g).to(device)
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=g).to(device)
-    flips = (torch.rand(n, generator=g) < 0.5).to(device)
-    for i in range(0, n - batch_size + 1, batch_size):
-        idx, part = order[i : i + batch_size], slice(i, i + batch_size)
+    m, s = _stats(mean, std, x.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for i in range(0, len(x), batch_size):
+        yield normalize(x[i : i + batch_size].contiguous(memory_format=fmt), m, s), y[i : i + batch_size]
+
+
+def member_batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seeds: Sequence[int],
+    epochs: Sequence[int],
+    augment: bool = True,
+    pad: int = 4,
+    channels_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Training batches of several trials at once, for a fused group: (M×B×C×H×W images, M×B labels) where
+    trial m's part is the batch `batches(train=True, seed=seeds[m], epoch=epochs[m])` yields, all M gathered,
+    cropped and flipped together on x's device."""
+    draws = [epoch_draws(len(x), seed=seed, epoch=epoch, pad=pad) for seed, epoch in zip(seeds, epochs, strict=True)]
+    order, shifts, flips = (torch.stack(d).to(x.device) for d in zip(*draws))  # M×n, M×2×n, M×n
+    m, s = _stats(mean, std, x.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    members = len(draws)
+    for i in range(0, len(x) - batch_size + 1, batch_size):
+        part = slice(i, i + batch_size)
+        idx = order[:, part].reshape(-1)
         xb = x.index_select(0, idx)
         if augment:
-            xb = crop_flip(xb, shifts[0, part], shifts[1, part], flips[part], pad=pad, channels_last=channels_last)
-        yield normalize(xb.contiguous(memory_format=fmt), m, s), y.index_select(0, idx)
+            dy, dx, flip = shifts[:, 0, part].reshape(-1), shifts[:, 1, part].reshape(-1), flips[:, part].reshape(-1)
+            xb = crop_flip(xb, dy, dx, flip, pad=pad, channels_last=channels_last)
+        xb = normalize(xb.contiguous(memory_format=fmt), m, s)
+        yield xb.unflatten(0, (members, batch_size)), y.index_select(0, idx).view(members, batch_size)
+
+
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1)

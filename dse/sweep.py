@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import dse
+from dse.checkpoint import CheckpointError
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, register_schemas, to_object
 from dse.data import DataConfig, DataError, Splits, load_data
 from dse.measure import count_macs, profile
@@ -39,7 +40,7 @@ from dse.study import (
     open_storage,
     study_workdir,
 )
-from dse.train import CheckpointError, TrainConfig, TrainingDiverged, train
+from dse.train import TrainConfig, TrainingDiverged, train
 
 __all__ = ["Plan", "plan_sweep", "run_sweep", "trial_overrides", "work", "main"]
 

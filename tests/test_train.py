@@ -1,5 +1,5 @@
 """dse.train: optimizers by name, the schedule, the weight average, test-time flips, records, kill/resume,
-checkpoints and the command line."""
+checkpoints, fused groups of trials, CUDA-graph steps and the command line."""
 
 import math
 import os
@@ -17,22 +17,26 @@ from omegaconf import OmegaConf
 
 import dse.data
 import dse.train
+from dse.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from dse.config import register_schemas
 from dse.data import DataConfig, load_data
 from dse.train import (
     MEMORY_FORMATS,
+    NOT_CAPTURABLE,
     OPTIMIZERS,
-    CheckpointError,
+    Member,
     TrainConfig,
+    TrainingDiverged,
     ema_decay,
     evaluate,
+    group_key,
     learning_rate,
-    load_checkpoint,
     make_optimizer,
     native_bf16,
+    pick_group_size,
     pick_memory_format,
-    save_checkpoint,
     train,
+    train_group,
     train_step,
     update_ema,
 )
@@ -42,11 +46,11 @@ CONF = REPO / "conf"
 RECIPES = {"fast"}  # conf/train files that are a whole recipe rather than one optimizer's settings
 
 
-def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0) -> nn.Module:
+def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0, dropout: float = 0.3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, num_classes),
+        nn.Flatten(), nn.Dropout(dropout), nn.Linear(8, num_classes),
     )  # fmt: skip
 
 
@@ -281,11 +285,10 @@ def test_crop_padding_follows_the_image_size(splits, monkeypatch):
     pads = []
 
     def spy(*args, **kwargs):
-        if kwargs.get("train"):
-            pads.append(kwargs["pad"])
-        return dse.data.batches(*args, **kwargs)
+        pads.append(kwargs["pad"])
+        return dse.data.member_batches(*args, **kwargs)
 
-    monkeypatch.setattr(dse.train, "batches", spy)
+    monkeypatch.setattr(dse.train, "member_batches", spy)
     train(tiny_model(), splits, quick(epochs=1, crop=0.07))
     train(tiny_model(), splits, quick(epochs=1))
     assert pads == [2, 4]  # on 32×32: round(0.07·32), and the paper's 4 by default
@@ -370,7 +373,7 @@ def test_checkpoint_of_another_run_is_refused_naming_the_difference(splits, tmp_
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
-    save_checkpoint(path, {"format": dse.train.CHECKPOINT_FORMAT, "epoch": 1})
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 1})
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -378,7 +381,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"format": dse.train.CHECKPOINT_FORMAT, "epoch": 2})
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 2})
     assert load_checkpoint(path)["epoch"] == 1  # the old one is intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # and no temp file is left behind
 
@@ -424,3 +427,186 @@ def test_cli_reports_bad_input_without_a_traceback(cifar10, tmp_path):
 def test_amp_off_trains_in_fp32(splits):
     result = train(tiny_model(), splits, quick(epochs=1, amp=False))
     assert result.precision == "fp32"
+
+
+def test_old_checkpoint_format_is_refused_with_a_clear_message(splits, tmp_path):
+    path = tmp_path / "c.pt"
+    train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
+    state = load_checkpoint(path)
+    save_checkpoint(path, {**state, "format": "dse.train/1"})
+    with pytest.raises(CheckpointError, match="older format 'dse.train/1'.*delete it"):
+        train(tiny_model(), splits, quick(epochs=2), checkpoint_path=path)
+
+
+def test_training_draws_nothing_from_torchs_global_rng(splits):
+    torch.manual_seed(0)
+    model = tiny_model()
+    rng = torch.get_rng_state()
+    train(model, splits, quick(epochs=1))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert any(isinstance(m, nn.Dropout) for m in model.modules())  # the model gets its own modules back
+
+
+# ---------------------------------------------------------------------------------------------- fused groups
+
+# Four trials of one architecture that differ in everything a group lets them differ in.
+GROUP = [
+    dict(seed=0, dropout=0.1, lr=0.05),
+    dict(seed=1, dropout=0.3, lr=0.02, label_smoothing=0.1, weight_decay=0.0),
+    dict(seed=2, dropout=0.5, lr=0.003, optimizer="adam", optimizer_kwargs={"betas": [0.9, 0.99]}),
+    dict(seed=3, dropout=0.2, lr=0.1, schedule="cosine", optimizer_kwargs={"momentum": 0.9, "nesterov": True}),
+]
+
+
+def member(i: int, **kw) -> Member:
+    spec = {**GROUP[i], **kw}
+    dropout = spec.pop("dropout")
+    cfg = quick(amp=False, memory_format="contiguous", **spec)
+    return Member(tiny_model(seed=cfg.seed, dropout=dropout), cfg)
+
+
+def assert_same_training(a: nn.Module, ra, b: nn.Module, rb) -> None:
+    """Equal up to floating-point order: a grouped convolution sums in another order than a plain one."""
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=key)
+        else:
+            assert torch.equal(x, y), key
+    for r, s in zip(ra.epochs, rb.epochs, strict=True):
+        assert r.epoch == s.epoch and r.lr == s.lr
+        assert r.train_loss == pytest.approx(s.train_loss, rel=1e-5) and r.val_loss == pytest.approx(s.val_loss, rel=1e-5)
+        assert r.train_acc == s.train_acc and r.val_acc == s.val_acc
+    assert ra.test_acc == rb.test_acc and ra.test_loss == pytest.approx(rb.test_loss, rel=1e-5)
+
+
+def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits):
+    alone = []
+    for i in range(4):
+        m = member(i)
+        alone.append((m.model, train(m.model, splits, m.cfg)))
+    group = [member(i) for i in range(4)]
+    results = train_group(group, splits)
+    for (model, result), m, fused in zip(alone, group, results):
+        assert not isinstance(fused, Exception), fused
+        assert [r.trials for r in fused.epochs] == [4, 4, 4]
+        assert_same_training(model, result, m.model, fused)
+    assert len({tuple(r.train_loss for r in res.epochs) for res in results}) == 4  # they did differ
+
+
+def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits):
+    knobs = [dict(ema=0.9, warmup=0.25, schedule="linear"), dict(ema=0.8, warmup=0.5), dict(ema=0.95)]
+    common = dict(crop=0.07, tta=True)
+    alone = []
+    for i, extra in enumerate(knobs):
+        m = member(i, **common, **extra)
+        alone.append((m.model, train(m.model, splits, m.cfg)))
+    group = [member(i, **common, **extra) for i, extra in enumerate(knobs)]
+    for (model, result), m, fused in zip(alone, group, train_group(group, splits)):
+        assert_same_training(model, result, m.model, fused)  # the models end holding their weight averages
+
+
+class Pruned(Exception):
+    pass
+
+
+def test_a_member_whose_on_epoch_raises_leaves_and_the_others_finish_as_alone(splits, tmp_path):
+    def prune_after_epoch_1(record):
+        if record.epoch == 1:
+            raise Pruned
+
+    group = [member(i, checkpoint=str(tmp_path / f"{i}.pt")) for i in range(3)]
+    group[1].on_epoch = prune_after_epoch_1
+    results = train_group(group, splits)
+    assert isinstance(results[1], Pruned)
+    assert load_checkpoint(tmp_path / "1.pt")["epoch"] == 1  # its checkpoint was written before on_epoch
+    assert [r.trials for r in results[0].epochs] == [3, 2, 2]
+    for i in (0, 2):
+        alone = member(i)
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+
+
+def test_a_diverging_member_leaves_with_training_diverged(splits):
+    group = [member(0), member(1, lr=1e30, label_smoothing=0.0)]
+    results = train_group(group, splits)
+    assert isinstance(results[1], TrainingDiverged) and "lower train.lr" in str(results[1])
+    alone = member(0)
+    assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[0].model, results[0])
+
+
+def test_members_resume_from_different_epochs_in_one_group(splits, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(record):
+        if record.epoch == 2:
+            raise Killed
+
+    first = member(0, checkpoint=str(tmp_path / "0.pt"))
+    first.on_epoch = kill_after_epoch_2
+    with pytest.raises(Killed):
+        train(first.model, splits, first.cfg, on_epoch=first.on_epoch)
+    group = [member(0, checkpoint=str(tmp_path / "0.pt")), member(1)]
+    results = train_group(group, splits)
+    assert results[0].resumed_from == 2 and [r.trials for r in results[0].epochs] == [1, 1, 2]
+    for i in (0, 1):
+        alone = member(i)
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+
+
+def test_group_key_fuses_what_may_differ_and_refuses_what_may_not(splits):
+    key = group_key(member(0).model, member(0).cfg)
+    assert all(group_key(member(i).model, member(i).cfg) == key for i in range(4))
+    wider = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 10))  # fmt: skip
+    assert group_key(wider, member(0).cfg) != key
+    assert group_key(member(0).model, replace(member(0).cfg, batch_size=64)) != key
+    assert group_key(member(0).model, replace(member(0).cfg, optimizer="adagrad", optimizer_kwargs={})) != key
+    with pytest.raises(ValueError, match="member 1 cannot be fused with member 0: its train batch_size differ"):
+        train_group([member(0), member(1, batch_size=64)], splits)
+
+
+def test_pick_group_size_times_each_size_and_leaves_the_model_alone(splits):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    size, rates = pick_group_size(model, splits, quick(), sizes=(1, 2), steps=2)
+    assert set(rates) <= {1, 2} and 1 in rates and all(r > 0 for r in rates.values())
+    assert size == (2 if rates.get(2, 0) >= 1.1 * rates[1] else 1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_graphed_steps_train_as_eager_ones_for_every_optimizer(splits, name, caplog):
+    base = replace(train_config(name), epochs=3, batch_size=32, eval_batch_size=64, progress=False, device="cuda",
+                   amp=False, memory_format="contiguous", schedule="cosine")  # the lr changes after capture  # fmt: skip
+    eager_model, graph_model = tiny_model(), tiny_model()
+    eager = train(eager_model, splits, replace(base, cuda_graph=False))
+    graphed = train(graph_model, splits, base)
+    assert graphed.cuda_graph == (name not in NOT_CAPTURABLE) and not eager.cuda_graph
+    if name in NOT_CAPTURABLE:
+        assert "no CUDA graph" in caplog.text
+    for (key, x), y in zip(eager_model.state_dict().items(), graph_model.state_dict().values()):
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-4, msg=key)
+    assert [r.lr for r in graphed.epochs] == [r.lr for r in eager.epochs]
+
+
+@cuda
+def test_a_graphed_group_trains_each_member_as_alone(splits):
+    device = dict(device="cuda", amp=True, memory_format="channels_last")
+    alone = []
+    for i in range(3):
+        m = member(i, **device)
+        alone.append((m.model, train(m.model, splits, m.cfg)))
+    group = [member(i, **device) for i in range(3)]
+    results = train_group(group, splits)
+    for (model, result), m, fused in zip(alone, group, results):
+        assert fused.cuda_graph and result.cuda_graph
+        for (key, x), y in zip(model.state_dict().items(), m.model.state_dict().values()):
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2, msg=key)  # bf16 forward passes
+        assert fused.test_acc == pytest.approx(result.test_acc, abs=0.05)

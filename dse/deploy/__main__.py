@@ -9,11 +9,11 @@ from pathlib import Path
 
 import optuna
 
+from dse.checkpoint import CheckpointError
 from dse.data import DataError
 from dse.deploy.export import ExportSettings, export_front, export_trial, measure_shape, verify_bundle
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
 from dse.study import StudyError, default_storage, load_study
-from dse.train import CheckpointError
 
 FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
 

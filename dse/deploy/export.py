@@ -34,12 +34,12 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
 import dse
+from dse.checkpoint import load_model_state
 from dse.data import DataConfig, Splits, batches, load_data
 from dse.deploy.bundle import predict as runtime
 from dse.deploy.front import DeployError
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.study import open_storage, study_workdir
-from dse.train import load_checkpoint
 
 __all__ = [
     "ExportSettings",
@@ -129,11 +129,11 @@ def load_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, st
         except Exception as e:  # the store raises several types for a missing or unreadable artifact
             raise DeployError(f"checkpoint artifact of trial {trial.number} is not readable in {store_dir} "
                               f"({type(e).__name__}: {e})") from None
-        state = load_checkpoint(path)
+        weights = load_model_state(path)
     cfg = ModelConfig(**_config(trial)["model"])
     model = build_model(cfg, num_classes=num_classes, in_channels=in_channels)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise DeployError(f"the checkpoint of trial {trial.number} does not fit its config {paper_name(cfg)}: "
                           f"{str(e).splitlines()[0]}") from None

@@ -1,0 +1,162 @@
+"""Several trials' models as one: their weights stacked, one vmapped forward pass, dropout masks drawn from seeds."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+__all__ = [
+    "Forward", "SeededDropout", "dropout_key", "fuse", "fused_forward", "seed_dropouts", "solo_forward", "unfuse", "unseed",
+]  # fmt: skip
+
+# vmap runs adaptive_avg_pool2d of channels_last members one member at a time (no batching rule for its
+# as_strided_): correct, a few more small kernels per step; the warning would repeat every epoch.
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the "
+                        "batching rule for aten::as_strided_", category=UserWarning)  # fmt: skip
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h·c) mod 2**32 for int64 h < 2**32, c split in 16-bit halves so no product overflows int64."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(h: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons' hash prospector): a 32-bit integer hash whose every output bit depends on every input bit."""
+    h = _mul32(h ^ (h >> 16), 0x7FEB352D)
+    h = _mul32(h ^ (h >> 15), 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+class SeededDropout(nn.Module):
+    """nn.Dropout whose mask is a hash of (key, step, site, element index) rather than a draw from torch's RNG.
+
+    The trainer swaps a model's nn.Dropout modules for these while it trains: `key` comes from the trial's
+    (seed, epoch) and `step` counts the epoch's steps on the device, so a trial gets the same masks trained
+    alone or fused in a group (vmap hands each member its own `key` and `p`), eager or replayed in a CUDA graph.
+    """
+
+    def __init__(self, p: float, site: int, step: Tensor):
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p), device=step.device), persistent=False)
+        self.register_buffer("key", torch.zeros((), dtype=torch.int64, device=step.device), persistent=False)
+        self.site, self.step = site, step
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        h = _hash32(_hash32(self.key ^ self.site) ^ self.step)
+        bits = _hash32(h ^ torch.arange(x.numel(), device=x.device).view(x.shape))
+        keep = (bits >> 8).float() * 2.0**-24 >= self.p  # uniform in [0, 1) with 24 bits
+        return x * keep / (1 - self.p)
+
+
+def seed_dropouts(model: nn.Module, step: Tensor) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap each nn.Dropout of `model` for a SeededDropout of the same p; returns what `unseed` puts back."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Dropout:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, SeededDropout(module.p, len(swapped), step))
+            swapped.append((parent, attr, module))
+    return swapped
+
+
+def unseed(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, attr, module in swapped:
+        setattr(parent, attr, module)
+
+
+def dropout_key(seed: int, epoch: int) -> int:
+    # Its own stream of (seed, epoch): the data's order and crops come from SeedSequence([seed, epoch]).
+    return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
+
+
+
+# ---------------------------------------------------------------------------------------------- stacking
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """The tensors stacked along a new first dimension, each slice laid out as the first tensor is (NCHW or NHWC)."""
+    first = tensors[0]
+    if not (first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))):
+        first = first.contiguous()
+    out = torch.empty_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype,
+                              device=first.device)  # fmt: skip
+    for slot, t in zip(out, tensors):
+        slot.copy_(t)
+    return out
+
+
+def fuse(models: list[nn.Module], *, grads: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stack the members' parameters (with zeroed gradients, when `grads`) and buffers, and make every member's
+    own tensors views of the stacks, so that its model, optimizer and checkpoint keep working as if alone."""
+    params, buffers = {}, {}
+    for name, _ in models[0].named_parameters():
+        owned = [m.get_parameter(name) for m in models]
+        stacked = _stack([p.detach() for p in owned])
+        if grads:
+            stacked.requires_grad_()
+            stacked.grad = torch.zeros_like(stacked)
+        grad_views = stacked.grad.unbind() if grads else [None] * len(owned)
+        for p, view, grad in zip(owned, stacked.detach().unbind(), grad_views):
+            p.data, p.grad = view, grad
+        params[name] = stacked
+    for name, _ in models[0].named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        stacked = _stack([m.get_buffer(name) for m in models])
+        for m, view in zip(models, stacked.unbind()):
+            m.get_submodule(module_name)._buffers[attr] = view
+        buffers[name] = stacked
+    return params, buffers
+
+
+def unfuse(model: nn.Module) -> None:
+    """Give a member that trained in a group its own memory again (its tensors are views of the group's stacks)."""
+    for p in model.parameters():
+        p.data, p.grad = p.data.clone(), None
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+
+
+# A forward pass of M models: (M×B×C×H×W images, each model its own batch; or B×C×H×W shared, True) -> M×B×K logits
+Forward = Callable[[Tensor, bool], Tensor]
+
+
+def fused_forward(models: list[nn.Module], *, grads: bool = True) -> tuple[Forward, dict[str, Tensor]]:
+    """One vmapped call of the first member's modules with every member's weights (convolutions become grouped
+    convolutions, BatchNorm keeps per-member statistics), and the stacks by name: the parameters' ones are the
+    tensors backward fills (when `grads`)."""
+    params, buffers = fuse(models, grads=grads)
+
+    def call(p: dict, b: dict, x: Tensor) -> Tensor:
+        return functional_call(models[0], (p, b), (x,))
+
+    own_inputs, shared_inputs = vmap(call), vmap(call, in_dims=(0, 0, None))
+
+    def forward(x: Tensor, shared: bool) -> Tensor:
+        return (shared_inputs if shared else own_inputs)(params, buffers, x)
+
+    return forward, {**params, **buffers}
+
+
+def solo_forward(model: nn.Module, *, grads: bool = True) -> tuple[Forward, dict[str, Tensor]]:
+    """The same for a group of one, which calls its model directly (no vmap), and its own tensors by name."""
+    if grads:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
+    def forward(x: Tensor, shared: bool) -> Tensor:
+        return model(x if shared else x[0]).unsqueeze(0)
+
+    return forward, {**dict(model.named_parameters()), **dict(model.named_buffers())}
