@@ -191,7 +191,8 @@ def estimate(trials: list, scale: Scale, device: torch.device) -> tuple[float, s
     hours = sum(timed[k][0] for k in chunks) / 3600
     name = paper_name(setup.model) + ("" if setup.data.name == "cifar10" else f" ({setup.data.name})")
     optimizers = "/".join(sorted({c.optimizer for _, c in trials}))
-    return hours, f"  {name:<44}{len(trials):>3} trials  auto {auto:<3}{timed[auto][1]:>7.2f} s/epoch{hours:>7.2f} h  {optimizers}"
+    line = f"  {name:<44}{len(trials):>3} trials  auto {auto:<3}{timed[auto][1]:>7.2f} s/epoch{hours:>7.2f} h"
+    return hours, f"{line}  {optimizers}"
 
 
 def group_seconds(trials: list, num_classes: int, train_images: int, test_images: int, scale: Scale,

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 __all__ = [
-    "Forward", "SeededDropout", "dropout_key", "fuse", "fused_forward", "seed_dropouts", "solo_forward", "unfuse", "unseed",
+    "Forward", "SeededDropout", "dropout_key", "fuse", "fused_forward", "seed_dropouts", "solo_forward", "unfuse",
+    "unseed",
 ]  # fmt: skip
 
 # vmap runs adaptive_avg_pool2d of channels_last members one member at a time (no batching rule for its
@@ -29,7 +30,7 @@ def _mul32(h: Tensor, c: int) -> Tensor:
 
 
 def _hash32(h: Tensor) -> Tensor:
-    """lowbias32 (C. Wellons' hash prospector): a 32-bit integer hash whose every output bit depends on every input bit."""
+    """lowbias32 (C. Wellons' hash prospector): a 32-bit integer hash, each output bit depending on every input bit."""
     h = _mul32(h ^ (h >> 16), 0x7FEB352D)
     h = _mul32(h ^ (h >> 15), 0x846CA68B)
     return h ^ (h >> 16)
@@ -129,7 +130,7 @@ def unfuse(model: nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
-# A forward pass of M models: (M×B×C×H×W images, each model its own batch; or B×C×H×W shared, True) -> M×B×K logits
+# A forward pass of M models: (M×B×C×H×W images, each its own batch, or B×C×H×W shared: True) -> M×B×K logits
 Forward = Callable[[Tensor, bool], Tensor]
 
 

@@ -713,7 +713,8 @@ def _train_pass(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, cha
     losses, hits = torch.stack([group.loss_sum.double(), group.correct.double()]).tolist()  # the epoch's host sync
     seconds = time.perf_counter() - start
     seen = steps * cfg.batch_size
-    return [loss / seen for loss in losses], [hit / seen for hit in hits], seconds, [math.fsum(lr) / steps for lr in lrs]
+    mean_lrs = [math.fsum(lr) / steps for lr in lrs]
+    return [loss / seen for loss in losses], [hit / seen for hit in hits], seconds, mean_lrs
 
 
 def _end_epoch(run: _Run, record: EpochRecord, layout: str) -> None:
@@ -755,7 +756,6 @@ def _group_epoch(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, la
         _end_epoch(run, record, layout)
 
 
-
 def _finish(group: _Group, splits: Splits, eval_kw: dict, context: dict) -> None:
     """Score the test set for the members whose epochs are all done, and hand them their results."""
     _set_mode(group, False)
@@ -773,7 +773,8 @@ def _open(member: Member, splits: Splits, layout: str, step: Tensor, graphed: bo
     """A member ready to train: its model in the group's layout, its optimizer, its checkpoint restored."""
     path = str(member.checkpoint_path or member.cfg.checkpoint or "") or None
     model = member.model.to(memory_format=MEMORY_FORMATS[layout])
-    run = _Run(member, path, make_optimizer(model, member.cfg, graph=graphed), identity=_run_identity(member.cfg, splits))
+    optimizer = make_optimizer(model, member.cfg, graph=graphed)
+    run = _Run(member, path, optimizer, identity=_run_identity(member.cfg, splits))
     run.average = copy.deepcopy(model) if member.cfg.ema else None
     if saved is not None:
         run.done, run.records = _restore(saved, path, model, run.average, run.optimizer, run.identity)

@@ -474,7 +474,8 @@ def assert_same_training(a: nn.Module, ra, b: nn.Module, rb) -> None:
             assert torch.equal(x, y), key
     for r, s in zip(ra.epochs, rb.epochs, strict=True):
         assert r.epoch == s.epoch and r.lr == s.lr
-        assert r.train_loss == pytest.approx(s.train_loss, rel=1e-5) and r.val_loss == pytest.approx(s.val_loss, rel=1e-5)
+        assert r.train_loss == pytest.approx(s.train_loss, rel=1e-5)
+        assert r.val_loss == pytest.approx(s.val_loss, rel=1e-5)
         assert r.train_acc == s.train_acc and r.val_acc == s.val_acc
     assert ra.test_acc == rb.test_acc and ra.test_loss == pytest.approx(rb.test_loss, rel=1e-5)
 
@@ -584,7 +585,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_graphed_steps_train_as_eager_ones_for_every_optimizer(splits, name, caplog):
     base = replace(train_config(name), epochs=3, batch_size=32, eval_batch_size=64, progress=False, device="cuda",
-                   amp=False, memory_format="contiguous", schedule="cosine")  # the lr changes after capture  # fmt: skip
+                   amp=False, memory_format="contiguous", schedule="cosine", warmup=0.2)  # fmt: skip
+    # the lr changes every step after the capture
     eager_model, graph_model = tiny_model(), tiny_model()
     eager = train(eager_model, splits, replace(base, cuda_graph=False))
     graphed = train(graph_model, splits, base)
@@ -592,21 +594,27 @@ def test_graphed_steps_train_as_eager_ones_for_every_optimizer(splits, name, cap
     if name in NOT_CAPTURABLE:
         assert "no CUDA graph" in caplog.text
     for (key, x), y in zip(eager_model.state_dict().items(), graph_model.state_dict().values()):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-4, msg=key)
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-3, msg=key)
     assert [r.lr for r in graphed.epochs] == [r.lr for r in eager.epochs]
 
 
 @cuda
 def test_a_graphed_group_trains_each_member_as_alone(splits):
-    device = dict(device="cuda", amp=True, memory_format="channels_last")
+    knobs = dict(device="cuda", amp=False, memory_format="channels_last", ema=0.9, warmup=0.2, tta=True)
     alone = []
     for i in range(3):
-        m = member(i, **device)
+        m = member(i, **knobs)
         alone.append((m.model, train(m.model, splits, m.cfg)))
-    group = [member(i, **device) for i in range(3)]
+    group = [member(i, **knobs) for i in range(3)]
     results = train_group(group, splits)
     for (model, result), m, fused in zip(alone, group, results):
         assert fused.cuda_graph and result.cuda_graph
         for (key, x), y in zip(model.state_dict().items(), m.model.state_dict().values()):
-            torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2, msg=key)  # bf16 forward passes
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2, msg=key)  # TF32 convolutions
         assert fused.test_acc == pytest.approx(result.test_acc, abs=0.05)
+
+
+@cuda
+def test_pick_group_size_captures_and_times_groups_on_cuda(splits):
+    size, rates = pick_group_size(tiny_model(), splits, quick(device="cuda"), sizes=(1, 2), min_gain=-1.0, steps=3)
+    assert size == 2 and set(rates) == {1, 2} and all(r > 0 for r in rates.values())
