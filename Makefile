@@ -55,9 +55,10 @@ bench-pruning-quick: ## the same comparison smaller: under 15 minutes on 2 cores
 bench-gpu: ## CUDA-graph steps, fused trials and the paper space's hours on this GPU (bench/gpu.py)
 	PYTHON=$(PY) bash bench/gpu.sh
 
-# The wheels bench/gpu.sh installs on a GPU machine without network: the versions installed here, as wheels
+# The wheels bench/gpu.sh installs on a GPU machine without network (pytest: for --tests): the versions here, as wheels
 # for CPython 3.11-3.14 on x86-64 Linux (pure-Python ones once; sdist-only ones built here).
-GPU_PURE = optuna hydra-core omegaconf antlr4-python3-runtime alembic colorlog mako adabound tqdm typing_extensions packaging
+GPU_PURE = optuna hydra-core omegaconf antlr4-python3-runtime alembic colorlog mako adabound tqdm typing_extensions \
+	packaging pytest pytest-timeout pluggy iniconfig pygments
 GPU_BINARY = sqlalchemy pyyaml
 pin = $(shell $(PY) -m pip freeze | grep -i -E '^($(subst $(eval) ,|,$(1)))==' | sed 's/ @.*//')
 gpu-wheels: ## fetch into wheels/ what bench/gpu.sh installs on a GPU machine without network
