@@ -27,7 +27,9 @@ from dse.data import DataConfig, DataError, Splits, batches, crop_padding, load_
 from dse.fused import Forward, dropout_key, fused_forward, seed_dropouts, solo_forward, unfuse, unseed
 
 __all__ = [
+    "GRAPH_OPTIONS",
     "MEMORY_FORMATS",
+    "NOT_CAPTURABLE",
     "OPTIMIZERS",
     "SCHEDULES",
     "EpochRecord",
