@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dse.pruning import PruningConfig
 
-__all__ = ["PruningConfig", "SpaceConfig", "StudyConfig", "SweepConfig", "SAMPLERS", "PRUNERS", "register_schemas", "to_object"]
+__all__ = ["finite", "PruningConfig", "SpaceConfig", "StudyConfig", "SweepConfig", "SAMPLERS", "PRUNERS", "register_schemas", "to_object"]
 
 SAMPLERS = ("grid", "tpe", "nsga2")
 PRUNERS = ("none", "pareto", "median", "hyperband", "successive_halving")
@@ -44,8 +45,46 @@ class SpaceConfig:
             raise ValueError(f"space {self.name!r}: a grid space needs `grid` or `points`")
         if self.sampler != "grid" and (not self.search or self.n_trials < 1):
             raise ValueError(f"space {self.name!r}: sampler={self.sampler!r} needs `search` and n_trials >= 1")
-        if not self.seeds:
-            raise ValueError(f"space {self.name!r}: seeds={self.seeds} must list at least one seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"space {self.name!r}: seeds={self.seeds} must list at least one seed, each once")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values or not all(map(finite, values)):
+                raise ValueError(f"space {self.name!r}: grid {key}={values!r} must be a non-empty list of finite values")
+        for key, dist in self.search.items():
+            _check_distribution(self.name, key, dist)
+
+
+def finite(value: Any) -> bool:
+    """No inf or nan anywhere in a value (a number, or lists and dicts of them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(finite, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(finite, value))
+    return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_distribution(space: str, key: str, dist: Any) -> None:
+    """A TPE/NSGA-II distribution: {choices: [...]} or {low, high, log}, with finite numbers."""
+    where = f"space {space!r}: search {key}={dist!r}"
+    if isinstance(dist, dict) and set(dist) == {"choices"}:
+        if not isinstance(dist["choices"], list) or not dist["choices"] or not all(map(finite, dist["choices"])):
+            raise ValueError(f"{where}: choices must be a non-empty list of finite values")
+        return
+    if not isinstance(dist, dict) or not {"low", "high"} <= set(dist) <= {"low", "high", "log"}:
+        raise ValueError(f"{where} needs choices: [...] or low, high and optionally log")
+    low, high, log = dist["low"], dist["high"], dist.get("log", False)
+    if not (_number(low) and _number(high)) or not low < high:
+        raise ValueError(f"{where}: low={low!r} and high={high!r} must be finite numbers with low < high")
+    if not isinstance(log, bool):
+        raise ValueError(f"{where}: log={log!r} must be true or false")
+    if log and low <= 0:
+        raise ValueError(f"{where}: log=true needs low={low!r} > 0")
 
 
 @dataclass
@@ -62,10 +101,14 @@ class StudyConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     heartbeat_interval: int = 60  # seconds; a trial silent for grace_period is failed and retried
     grace_period: int = 180
-    max_retry: int = 3
+    max_retry: int = 3  # retries of a trial that failed (an error, or its worker died) within one run
+    storage_retry_seconds: float = 300  # a database server's calls are retried this long while it is unreachable
     sampler_seed: int = 0
 
     def __post_init__(self) -> None:
+        from dse.study import check_study_name  # here: dse.study imports optuna, which `dse.train` does without
+
+        check_study_name(self.name)
         if self.pruner not in PRUNERS:
             raise ValueError(f"study pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
         bad = [m for m in self.objectives if m not in METRICS]
@@ -86,6 +129,10 @@ class StudyConfig:
             raise ValueError(
                 f"study heartbeat_interval={self.heartbeat_interval} must be >= 1 and "
                 f"grace_period={self.grace_period} larger than it"
+            )
+        if self.max_retry < 0 or not self.storage_retry_seconds >= 0:
+            raise ValueError(
+                f"study max_retry={self.max_retry} and storage_retry_seconds={self.storage_retry_seconds} must be >= 0"
             )
 
 

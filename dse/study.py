@@ -1,44 +1,75 @@
-"""Optuna storage and studies: open a study DB (SQLite or any SQLAlchemy URL), create or check a study,
-and read its trials into a pandas frame."""
+"""Optuna storage and studies: open a study DB (SQLite or any SQLAlchemy URL) with a lock and storage
+retries, create a study with its definition or check a run against it, and read its trials into a pandas frame."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
 import sqlite3
-from pathlib import Path
-
+import sys
+import threading
+import time
 import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import optuna
 import pandas as pd
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 
 __all__ = [
     "OBJECTIVES",
     "StudyError",
+    "check_study_name",
     "default_storage",
     "study_workdir",
+    "check_workdir",
+    "claim_workdir",
     "check_storage",
     "open_storage",
+    "storage_lock",
+    "transient",
+    "fingerprint",
+    "definition_diff",
     "create_or_check_study",
     "load_study",
     "trials_frame",
 ]
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats and their retry
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 # The sweep's objectives, in order: metric name -> direction. Accuracies are fractions in [0, 1].
 OBJECTIVES = {"val_acc": "maximize", "size_mb": "minimize", "latency_ms": "minimize"}
 STUDIES = Path("studies")
+WORKDIR_MARKER = ".dse-workdir"  # a folder dse made for a study's checkpoints and artifacts
+_NAME = re.compile(r"\w[\w.-]*")  # \w: letters and digits of any script, and _
+_LOCK_KEY = int.from_bytes(hashlib.sha256(b"dse.study").digest()[:8], "big", signed=True)  # pg_advisory_lock's key
 
 
 class StudyError(RuntimeError):
-    """A study or its storage cannot be used as asked (unreachable, unknown, other objectives)."""
+    """A study or its storage cannot be used as asked (unreachable, unknown, defined otherwise)."""
+
+
+def check_study_name(name: str) -> str:
+    """A study name is a file name: letters, digits, `_`, `-` and `.` (not `..`), starting with a letter,
+    digit or `_`; it never leaves the folders it names (`studies/<name>.db`, `reports/<name>/`)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"study name={name!r} must be letters, digits, '_', '-' and '.' (not '..'), starting with a letter, "
+            "digit or '_', e.g. width-cifar10-quick"
+        )
+    return name
 
 
 def default_storage(name: str, root: Path = STUDIES) -> str:
     """SQLite at `studies/<name>.db`."""
-    return f"sqlite:///{root / f'{name}.db'}"
+    return f"sqlite:///{root / f'{check_study_name(name)}.db'}"
 
 
 def study_workdir(name: str, storage: str, workdir: str | None = None) -> Path:
@@ -46,7 +77,24 @@ def study_workdir(name: str, storage: str, workdir: str | None = None) -> Path:
     if workdir:
         return Path(workdir)
     path = _sqlite_path(storage)
-    return path.with_suffix("") if path is not None else STUDIES / name
+    return path.with_suffix("") if path is not None else STUDIES / check_study_name(name)
+
+
+def check_workdir(path: Path) -> None:
+    """An explicit study.workdir must be new, empty, or a folder dse made (so `/etc` is never written into)."""
+    if path.exists() and not path.is_dir():
+        raise StudyError(f"study workdir={str(path)!r} is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / WORKDIR_MARKER).exists():
+        raise StudyError(
+            f"study workdir={str(path)!r} is a non-empty folder that dse did not make (no {WORKDIR_MARKER} in it); "
+            "give a new or empty folder"
+        )
+
+
+def claim_workdir(path: Path) -> None:
+    """Make the study's workdir and mark it as dse's."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WORKDIR_MARKER).touch()
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -55,20 +103,17 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def check_storage(url: str, *, must_exist: bool = False) -> None:
-    """Fail early, writing nothing, when a storage URL is malformed or its database unreachable."""
+def check_storage(url: str, *, must_exist: bool = False, writable: bool = False) -> None:
+    """Fail early, writing nothing, when a storage URL is malformed, its database unreachable, or (SQLite)
+    its file empty, corrupt, not an Optuna DB or, with `writable`, read-only."""
     path = _sqlite_path(url)
     if url.startswith("sqlite") and path is None:
         raise StudyError(f"storage {url!r}: write SQLite URLs as sqlite:///path/to/file.db")
     if path is not None:
-        if must_exist and not path.is_file():
-            raise StudyError(f"no study DB at {path} (storage {url!r}); run a sweep first or pass the right storage")
-        folder = path.parent if path.parent != Path("") else Path(".")
-        if path.exists() and not path.is_file() or folder.exists() and not folder.is_dir():
-            raise StudyError(f"storage {url!r}: {path} is not a file in a folder")
+        _check_sqlite(url, path, must_exist=must_exist, writable=writable)
         return
     try:
-        engine = sqlalchemy.create_engine(url)
+        engine = sqlalchemy.create_engine(url, **_server_kwargs(url))
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
         hint = " (for PostgreSQL: pip install -e '.[postgres]')" if "psycopg" in str(e) else ""
         raise StudyError(
@@ -78,10 +123,151 @@ def check_storage(url: str, *, must_exist: bool = False) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(e.orig if hasattr(e, "orig") else e).strip().splitlines()[0]
-        raise StudyError(f"cannot reach storage {url!r}: {reason}") from None
+        raise StudyError(f"cannot reach storage {url!r}: {_first_line(e)}") from None
     finally:
         engine.dispose()
+
+
+def _check_sqlite(url: str, path: Path, *, must_exist: bool, writable: bool) -> None:
+    folder = path.parent if path.parent != Path("") else Path(".")
+    if must_exist and not path.is_file():
+        raise StudyError(f"no study DB at {path} (storage {url!r}); run a sweep first or pass the right storage")
+    if path.exists() and not path.is_file() or folder.exists() and not folder.is_dir():
+        raise StudyError(f"storage {url!r}: {path} is not a file in a folder")
+    if writable:
+        # SQLite writes its journal beside the DB: the folder must be writable too.
+        for what, p in (("file", path), ("folder", folder)):
+            if p.exists() and not os.access(p, os.W_OK):
+                raise StudyError(f"storage {url!r}: the DB {what} {p} is read-only; a sweep must write to it")
+    with _settled(path):  # not while a concurrent sweep is creating it
+        _check_sqlite_file(url, path)
+
+
+@contextlib.contextmanager
+def _settled(path: Path) -> Iterator[None]:
+    """Wait, without writing anything, while a dse process holds the DB's lock (it may be creating the file)."""
+    lock = path.with_name(path.name + ".lock")
+    if not lock.exists():
+        yield
+        return
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
+
+
+def _check_sqlite_file(url: str, path: Path) -> None:
+    if not path.exists():
+        return
+    if path.stat().st_size == 0:
+        raise StudyError(f"storage {url!r}: {path} is empty (0 bytes), not a study DB; delete it to start a new study")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as e:
+        raise StudyError(f"storage {url!r}: {path} is not a readable SQLite DB ({e}); it is corrupt or another file") from None
+    if tables and "studies" not in tables:
+        raise StudyError(f"storage {url!r}: {path} is a SQLite DB without Optuna's tables; point study.storage elsewhere")
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "orig", None) or e.__cause__ or e
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+
+
+# ---------------------------------------------------------------- storage: lock, retries
+
+
+@contextlib.contextmanager
+def storage_lock(url: str) -> Iterator[None]:
+    """One dse process at a time in a storage's critical sections (creating its tables, creating or checking
+    a study, queueing trials): a lock file beside a SQLite DB, pg_advisory_lock on PostgreSQL. Other
+    databases get no lock (Optuna's own transactions only)."""
+    path = _sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_server_kwargs(url))
+    try:
+        with engine.connect() as connection:  # a session lock: released with the connection
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+            connection.commit()
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _server_kwargs(url: str) -> dict:
+    """Engine options for a database server: drop dead pooled connections; give up connecting after 10 s."""
+    connect = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    return {"pool_pre_ping": True, "connect_args": connect}
+
+
+def transient(e: BaseException) -> bool:
+    """A storage error that may pass (server down or restarting, connection lost), not a bad request."""
+    while e is not None:
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        e = e.__cause__
+    return False
+
+
+# Every RDBStorage method that talks to the database, including the private ones Optuna's cache calls.
+_DB_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
+    "_get_trials", "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids",
+)  # fmt: skip
+_retrying = threading.local()
+
+
+def _with_retries(fn: Callable, seconds: float, url: str) -> Callable:
+    """`fn`, retried with exponential backoff (0.5 s to 8 s) while it fails with a transient storage error,
+    for up to `seconds` in all. Only the outermost call of a thread retries (methods call each other)."""
+
+    def call(*args, **kwargs):
+        if getattr(_retrying, "active", False):
+            return fn(*args, **kwargs)
+        _retrying.active = True
+        start, delay, warned = time.monotonic(), 0.5, False
+        try:
+            while True:
+                try:
+                    result = fn(*args, **kwargs)
+                    if warned:
+                        print(f"storage {url!r} is back after {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+                    return result
+                except Exception as e:
+                    waited = time.monotonic() - start
+                    if not transient(e) or waited + delay > seconds:
+                        raise
+                    if not warned:
+                        print(f"storage {url!r} unreachable ({_first_line(e)}); retrying for up to {seconds:g} s",
+                              file=sys.stderr, flush=True)
+                        warned = True
+                    time.sleep(delay)
+                    delay = min(2 * delay, 8.0)
+        finally:
+            _retrying.active = False
+
+    return call
 
 
 def open_storage(
@@ -89,29 +275,36 @@ def open_storage(
     *,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
-    max_retry: int | None = None,
+    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    retry_seconds: float = 0,
 ) -> RDBStorage:
-    """An RDBStorage. SQLite gets a WAL journal and a long busy timeout so parallel workers wait for the
-    write lock instead of dying on "database is locked"; heartbeats fail and re-enqueue stale trials."""
-    check_storage(url)
+    """An RDBStorage, its tables created under `storage_lock` (concurrent creators wait, then find them).
+
+    SQLite gets a WAL journal and a long busy timeout so parallel workers wait for the write lock instead of
+    dying on "database is locked". A server database's calls are retried for up to `retry_seconds` while it
+    is unreachable. With a heartbeat interval, `optuna.storages.fail_stale_trials` fails trials whose
+    heartbeat lapsed for `grace_period` seconds and calls `on_stale` for each."""
+    check_storage(url)  # outside the lock: it waits for the lock's holder (SQLite)
     path = _sqlite_path(url)
-    engine_kwargs: dict = {"pool_pre_ping": True}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path, timeout=60) as connection:  # WAL is a property of the file: set once
-            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                connection.execute("PRAGMA journal_mode=WAL")
-        engine_kwargs = {"connect_args": {"timeout": 300}}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True) if heartbeat_interval else None
-    storage = RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=retry,
-    )
+    engine_kwargs = _server_kwargs(url)
+    with storage_lock(url):
+        if path is not None:
+            with contextlib.closing(sqlite3.connect(path, timeout=60)) as connection:  # WAL is a property of the file
+                if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    connection.execute("PRAGMA journal_mode=WAL")
+            engine_kwargs = {"connect_args": {"timeout": 300}}
+        storage = RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=on_stale,
+        )
     if path is not None:
         _serialize_sqlite(storage.engine)
+    elif retry_seconds > 0:
+        for name in _DB_METHODS:
+            setattr(storage, name, _with_retries(getattr(storage, name), retry_seconds, url))
     return storage
 
 
@@ -131,6 +324,33 @@ def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # connections opened before the listeners are dropped
 
 
+# ---------------------------------------------------------------- studies and their definitions
+
+
+def fingerprint(definition: dict) -> str:
+    """sha256 of a definition's canonical JSON."""
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _flat(node: Any, path: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, (*path, key)).items()}
+    return {path: node}
+
+
+def definition_diff(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs; the per-config settings (`configs.<label>.key`)
+    are named once by their key, with how many configs differ."""
+    a, b = _flat(old), _flat(new)
+    changes: dict[str, list[str]] = {}
+    for path in sorted(a.keys() | b.keys(), key=str):
+        before, after = a.get(path, "unset"), b.get(path, "unset")
+        if before != after:
+            key = ".".join(map(str, path[2:] if path[0] == "configs" and len(path) > 2 else path))
+            changes.setdefault(key, []).append(f"{key}: {before!r} -> {after!r}")
+    return [lines[0] + (f" (in {len(lines)} configs)" if len(lines) > 1 else "") for lines in changes.values()]
+
+
 def _existing(storage: RDBStorage, name: str) -> optuna.study.StudySummary | None:
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if summary.study_name == name:
@@ -143,34 +363,71 @@ def create_or_check_study(
     storage: RDBStorage,
     *,
     objectives: list[str] | None = None,
+    definition: dict | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     user_attrs: dict | None = None,
 ) -> optuna.Study:
     """Load the study `name`, or create it with these objectives (default: all of OBJECTIVES) as metric
-    names. A study of that name with other objectives is refused before anything is written."""
+    names and its `definition` (what makes its trials comparable) with the definition's fingerprint.
+
+    A study of that name with other objectives or another definition is refused, naming what differs,
+    before anything is written. A study made by an older dse (no definition) adopts this one, with a
+    warning. Hold `storage_lock` around this call and the queueing that follows: a concurrent sweep
+    then either creates the study first or finds it."""
     objectives = list(objectives or OBJECTIVES)
     directions = [OBJECTIVES[m] for m in objectives]
     summary = _existing(storage, name)
-    if summary is not None:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        ours = dict(zip(objectives, directions))
-        theirs = dict(zip(study.metric_names or [f"objective {i}" for i in range(len(summary.directions))],
-                          [d.name.lower() for d in summary.directions]))
-        if theirs != ours:
-            raise StudyError(
-                f"study {name!r} exists in {storage.url} with objectives {theirs}; this sweep optimises {ours}. "
-                "Pick another study.name or storage"
-            )
+    if summary is None:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
+        except optuna.exceptions.DuplicatedStudyError:  # created meanwhile by a process that holds no dse lock
+            return create_or_check_study(name, storage, objectives=objectives, definition=definition, sampler=sampler, user_attrs=user_attrs)
+        study.set_metric_names(objectives)
+        for key, value in (user_attrs or {}).items():
+            study.set_user_attr(key, value)
+        _store_definition(study, definition)
         return study
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
-    study.set_metric_names(objectives)
-    for key, value in (user_attrs or {}).items():
-        study.set_user_attr(key, value)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    ours = dict(zip(objectives, directions))
+    theirs = dict(zip(study.metric_names or [f"objective {i}" for i in range(len(summary.directions))],
+                      [d.name.lower() for d in summary.directions]))
+    if theirs != ours:
+        raise StudyError(
+            f"study {name!r} exists in {storage.url} with objectives {theirs}; this sweep optimises {ours}. "
+            "Pick another study.name or storage"
+        )
+    if definition is not None:
+        _check_definition(study, definition, storage.url)
     return study
+
+
+def _store_definition(study: optuna.Study, definition: dict | None) -> None:
+    if definition is not None:
+        study.set_user_attr("definition", definition)
+        study.set_user_attr("definition_sha256", fingerprint(definition))
+
+
+def _check_definition(study: optuna.Study, definition: dict, url: str) -> None:
+    stored = study.user_attrs.get("definition")
+    if stored is None:
+        print(f"warning: study {study.study_name!r} in {url} was made by an older dse and stores no definition; "
+              "it adopts this run's (trials already in it are taken to match)", file=sys.stderr, flush=True)
+        _store_definition(study, definition)
+        return
+    if study.user_attrs.get("definition_sha256") == fingerprint(definition):
+        return
+    changes = definition_diff(stored, definition)
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    raise StudyError(
+        f"study {study.study_name!r} in {url} was defined otherwise (its value -> this run's): {shown}. Nothing was "
+        "written. Its trials would not be comparable with this run's: pick another study.name (or storage), or "
+        "run with the study's settings"
+    )
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
     """An existing study, read-only use. Unknown names list the studies the storage holds."""
+    check_study_name(name)
     check_storage(storage, must_exist=True)
     try:
         rdb = RDBStorage(storage, skip_table_creation=True)

@@ -1,58 +1,73 @@
 """The sweep: Hydra composes each trial's config, Optuna drives the trials (a grid queue, or TPE/NSGA-II)
-through the shared trainer, several workers per machine, heartbeats and resumable trials."""
+through the shared trainer, several workers per machine, our own heartbeats and resumable trials."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import optuna
+import sqlalchemy
 import torch
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 import dse
-from dse.checkpoint import CheckpointError
-from dse.config import SpaceConfig, StudyConfig, SweepConfig, register_schemas, to_object
+from dse.config import SpaceConfig, StudyConfig, SweepConfig, finite, register_schemas, to_object
 from dse.data import DataConfig, DataError, Splits, load_data
-from dse.measure import count_macs, profile
+from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
     StudyError,
     check_storage,
+    check_workdir,
+    claim_workdir,
     create_or_check_study,
     default_storage,
     open_storage,
+    storage_lock,
     study_workdir,
+    transient,
 )
-from dse.train import TrainConfig, TrainingDiverged, train
+from dse.train import _RESUMABLE_CHANGES, TrainConfig, TrainingDiverged, TrainResult, train
 
-__all__ = ["Plan", "plan_sweep", "run_sweep", "trial_overrides", "work", "main"]
+__all__ = [
+    "Plan", "Outcome", "Heartbeat", "TrialLost", "plan_sweep", "prepare_study", "run_sweep", "trial_overrides", "trial_identity",
+    "run_folder", "enqueue_missing", "requeue", "fail_stale", "claim_trial", "setup_trial", "train_trial", "record_result", "finish_trial",
+    "fail_trial", "run_trial", "check_ours", "hold_run_dir", "work", "tally", "main",
+]  # fmt: skip
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# Heartbeats, their retry callback and fail_stale_trials are marked experimental; we rely on them knowingly.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 REPO = CONF_DIR.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ALIVE = (TrialState.RUNNING, TrialState.WAITING)
+# Settings that do not change what a trial computes (where the data live, how fast it runs): left out of
+# the study's definition and of a trial's run folder key.
+NOT_COMPUTED = {"data": {"root", "download"}, "train": {*_RESUMABLE_CHANGES, "seed"}}
 
 
-class QueueDrained(RuntimeError):
-    """Another worker took the last queued grid trial between our check and our ask."""
+class TrialLost(RuntimeError):
+    """This worker no longer owns its trial: another worker failed it as stale, and a retry takes over."""
 
 
 @dataclass
@@ -72,6 +87,7 @@ class Plan:
     progress: bool
     grid: list[dict] = field(default_factory=list)  # the fixed params of every grid trial
     cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
+    definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
 
     def overrides(self, params: dict) -> list[str]:
         """A trial's Hydra overrides: space < point extras < command line < study < the trial's knobs."""
@@ -98,6 +114,13 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def _quote(text: str) -> str:
+    """A string as a quoted Hydra override value (URLs with `?a=b`, names in any script)."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    return QuotedString(text=text, quote=Quote.single).with_quotes()
+
+
 def _hydra_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -105,6 +128,8 @@ def _hydra_value(value: Any) -> str:
         return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):  # what Hydra reads unquoted
+        return _quote(value)
     return str(value)
 
 
@@ -185,6 +210,7 @@ class TrialSetup:
     data: DataConfig
     train: TrainConfig
     resolved: dict
+    full: ModelConfig  # the model config with every knob filled in (what it builds)
 
 
 def typed(cfg: DictConfig) -> TrialSetup:
@@ -192,10 +218,27 @@ def typed(cfg: DictConfig) -> TrialSetup:
     model = to_object(ModelConfig, cfg.model)
     data = to_object(DataConfig, cfg.data)
     train_cfg = to_object(TrainConfig, cfg.train)
-    resolve_config(model)
-    with torch.device("meta"):  # builds every layer (checks every knob) without allocating weights
-        build_model(model, num_classes=10, in_channels=1 if data.name == "fashion_mnist" else 3)
-    return TrialSetup(model, data, train_cfg, OmegaConf.to_container(cfg, resolve=True))
+    for group, node in (("model", model), ("data", data), ("train", train_cfg)):
+        bad = {k: v for k, v in asdict(node).items() if not finite(v)}
+        if bad:
+            raise ValueError(f"{', '.join(f'{group}.{k}={v!r}' for k, v in bad.items())} must be finite")
+    full = resolve_config(model)
+    try:
+        with torch.device("meta"):  # builds every layer (checks every knob) without allocating weights
+            build_model(model, num_classes=10, in_channels=1 if data.name == "fashion_mnist" else 3)
+    except (RuntimeError, OverflowError, MemoryError) as e:  # e.g. a width so large that sizes overflow
+        raise ValueError(f"model {model.name} with {model.overrides()} cannot be built: {str(e).splitlines()[0]}") from None
+    return TrialSetup(model, data, train_cfg, OmegaConf.to_container(cfg, resolve=True), full)
+
+
+def trial_identity(setup: TrialSetup, *, seed: bool = True) -> dict:
+    """What a trial computes: its resolved model, data and training settings, without those that change
+    only where data live or how fast it runs (`NOT_COMPUTED`); the training seed unless `seed=False`."""
+    keep = lambda group, node: {k: v for k, v in asdict(node).items() if k not in NOT_COMPUTED.get(group, ())}
+    out = {"model": asdict(setup.full), "data": keep("data", setup.data), "train": keep("train", setup.train)}
+    if seed:
+        out["train"]["seed"] = setup.train.seed
+    return json.loads(json.dumps(out))  # canonical JSON types (tuples -> lists)
 
 
 def training_cost(setup: TrialSetup, splits: Splits) -> float:
@@ -222,8 +265,13 @@ def grid_params(space: SpaceConfig, seeds: list[int]) -> list[dict]:
     return [{**cell, "seed": seed} for cell in cells for seed in seeds]
 
 
+def _cell_label(params: dict) -> str:
+    return params.get("point") or ", ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
+
+
 def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
-    """Validate the whole sweep (every grid trial's config, the storage, the study) before any trial runs."""
+    """Validate the whole sweep (every grid trial's config, the storage, the data) and define its study,
+    before any trial runs or anything is written."""
     if "space" not in cfg:
         spaces = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
         raise ValueError(f"no search space given; add +space=NAME, one of: {', '.join(spaces)}")
@@ -233,25 +281,35 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     seeds = space.seeds[: sweep.seeds] if sweep.seeds else space.seeds
     static = [o for o in space.overrides if _key(o) not in {_key(c) for c in cli}]
     storage = study.storage or default_storage(study.name)
-    fixed = [f"study.name={study.name}", f"study.storage={storage}"]
+    workdir = study_workdir(study.name, storage, study.workdir)
+    if study.workdir:
+        check_workdir(workdir)
+    fixed = [f"study.name={_quote(study.name)}", f"study.storage={_quote(storage)}"]
+    _check_cli(space, cli, merge_overrides(static, cli, fixed))
     cores = os.cpu_count() or 1
     workers = sweep.workers or (torch.cuda.device_count() or cores)
     plan = Plan(
-        study_name=study.name, storage=storage, workdir=str(study_workdir(study.name, storage, study.workdir)),
+        study_name=study.name, storage=storage, workdir=str(workdir),
         static=static, cli=cli, fixed=fixed, space=asdict(space), study=asdict(study), workers=workers,
         threads=sweep.threads or max(1, cores // workers), progress=sweep.progress,
         grid=grid_params(space, seeds) if space.sampler == "grid" else [],
     )
     if plan.grid:
-        setups = [typed(compose(plan.overrides(p))) for p in tqdm(plan.grid[:: len(seeds)], desc="checking configs", leave=False, disable=len(plan.grid) < 20)]
+        cells = plan.grid[:: len(seeds)]
+        setups = {_cell_label(p): typed(compose(plan.overrides(p)))
+                  for p in tqdm(cells, desc="checking configs", leave=False, disable=len(plan.grid) < 20)}  # fmt: skip
+        _check_distinct(space, setups)
     else:
         setups = _check_search(space, merge_overrides(static, cli, fixed))
-    check_storage(storage)
-    data = {_data_key(s.data): s.data for s in setups}
+    check_storage(storage, writable=True)
+    data = {_data_key(s.data): s.data for s in setups.values()}
     # Downloads a missing dataset now, or stops with why, before any trial starts.
     loaded = {key: load_data(cfg) for key, cfg in data.items()}
+    for setup in setups.values():
+        _check_data(setup, loaded[_data_key(setup.data)], study)
     if plan.grid:
-        plan.cost = [training_cost(s, loaded[_data_key(s.data)]) for s in setups for _ in seeds]
+        plan.cost = [training_cost(s, loaded[_data_key(s.data)]) for s in setups.values() for _ in seeds]
+    plan.definition = _definition(space, seeds, study, setups)
     return plan
 
 
@@ -259,27 +317,108 @@ def _data_key(data: DataConfig) -> str:
     return json.dumps(asdict(data), sort_keys=True)
 
 
-def _check_search(space: SpaceConfig, base: list[str]) -> list[TrialSetup]:
-    """Each choice and each range end of a TPE/NSGA-II space composes into a valid config."""
-    setups = [typed(compose(base))]
+def _swept(space: SpaceConfig) -> dict[str, str]:
+    """The keys the space sets for every trial -> how to change them instead."""
+    keys = {"train.seed": "space.seeds=[...]"}
+    keys.update({k: f"space.grid={{{k}:[...]}}" for k in space.grid})
+    keys.update({k: f"space.search={{{k}:{{...}}}}" for k in space.search})
+    if space.points:
+        keys.update(dict.fromkeys(("model", "model.blocks", "model.width"), "space.points=[...]"))
+    return keys
+
+
+def _check_cli(space: SpaceConfig, cli: list[str], base: list[str]) -> None:
+    """A command-line override of a key the space sweeps would be dropped silently: refuse it, and say
+    what is wrong with its value too."""
+    swept = _swept(space)
+    clash = [o for o in cli if _key(o) in swept]
+    if not clash:
+        return
+    try:
+        typed(compose(base))
+        besides = ""
+    except ValueError as e:
+        besides = f"; besides, {e}"
+    how = ", ".join(dict.fromkeys(swept[_key(o)] for o in clash))
+    raise ValueError(
+        f"{' '.join(clash)}: space {space.name!r} sets {', '.join(_key(o) for o in clash)} for every trial, so the "
+        f"command line cannot; change the space instead ({how}){besides}"
+    )
+
+
+def _check_distinct(space: SpaceConfig, setups: dict[str, TrialSetup]) -> None:
+    """Two grid cells that compose to the same trial would train one config twice (e.g. a command-line
+    override of what tells two points apart)."""
+    seen: dict[str, str] = {}
+    for label, setup in setups.items():
+        key = json.dumps(trial_identity(setup), sort_keys=True)
+        if key in seen:
+            raise ValueError(
+                f"space {space.name!r}: {seen[key]!r} and {label!r} are the same trial config with these overrides; "
+                "drop the override that makes them equal"
+            )
+        seen[key] = label
+
+
+def _check_data(setup: TrialSetup, splits: Splits, study: StudyConfig) -> None:
+    n, bs = len(splits.train_x), setup.train.batch_size
+    if n < bs:
+        raise ValueError(
+            f"train batch_size={bs} is more than the {n} training images of {setup.data.name} "
+            f"(data.subset={setup.data.subset}, val_size={setup.data.val_size}); lower train.batch_size or use more images"
+        )
+    if not len(splits.val_x) and ("val_acc" in study.objectives or study.pruner != "none"):
+        raise ValueError(f"data val_size={setup.data.val_size}: the sweep optimises validation accuracy; set data.val_size > 0")
+
+
+def _check_search(space: SpaceConfig, base: list[str]) -> dict[str, TrialSetup]:
+    """Each choice and each range end of a TPE/NSGA-II space composes into a valid config; labelled
+    'base', or 'key=value' for the choices of a config group (`train: {choices: [sgd, adam]}`)."""
+    setups = {"base": typed(compose(base))}
     for key, dist in space.search.items():
-        if "choices" in dist:
-            values = list(dist["choices"])
-        elif {"low", "high"} <= set(dist):
-            if not dist["low"] < dist["high"]:
-                raise ValueError(f"space {space.name!r}: {key} low={dist['low']} must be < high={dist['high']}")
-            values = [dist["low"], dist["high"]]
-        else:
-            raise ValueError(f"space {space.name!r}: {key}={dist} needs choices: [...] or low/high")
+        values = list(dist["choices"]) if "choices" in dist else [dist["low"], dist["high"]]
         for value in values:
-            setups.append(typed(compose(merge_overrides(base, [f"{key}={_hydra_value(value)}"]))))
+            setup = typed(compose(merge_overrides(base, [f"{key}={_hydra_value(value)}"])))
+            if "." not in key:  # a config group: each choice brings its own settings
+                setups[f"{key}={_param_value(value)}"] = setup
     return setups
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    tree.pop(leaf, None)
+
+
+def _definition(space: SpaceConfig, seeds: list[int], study: StudyConfig, setups: dict[str, TrialSetup]) -> dict:
+    """What makes the study's trials comparable: the space, the seeds, the objectives, pruning and budgets,
+    and what each grid cell's trials compute (a TPE/NSGA-II space: the base config and each group choice,
+    without the searched keys). How many trials a TPE/NSGA-II study runs is not in it: it may grow."""
+    configs = {}
+    for label, setup in setups.items():
+        config = trial_identity(setup, seed=False)
+        for key in space.search:
+            if "." in key:  # a searched knob (a searched config group keeps its choice's settings)
+                _drop(config, key)
+        configs[label] = config
+    definition = {
+        "space": {"sampler": space.sampler, "grid": space.grid, "points": space.points, "search": space.search},
+        "seeds": seeds,
+        "objectives": study.objectives,
+        "pruner": study.pruner,
+        "pruning": asdict(study.pruning) if study.pruner == "pareto" else None,
+        "max_size_kb": study.max_size_kb,
+        "max_latency_ms": study.max_latency_ms,
+        "configs": configs,
+    }
+    return json.loads(json.dumps(definition))
 
 
 def make_sampler(plan: Plan, worker: int = 0) -> optuna.samplers.BaseSampler:
     space, study = plan.space_cfg, plan.study_cfg
     seed = study.sampler_seed + worker
-    # Budgets reach the sampler as the constraints each trial sets (Trial.set_constraint, in `objective`).
+    # Budgets reach the sampler as the constraints each trial sets (Trial.set_constraint, in `setup_trial`).
     if space.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
@@ -297,22 +436,192 @@ def make_pruner(plan: Plan) -> optuna.pruners.BasePruner | None:
     return None
 
 
-def enqueue_grid(study: optuna.Study, plan: Plan) -> int:
-    """Queue every grid trial that has no trial yet (finished, running or queued), the costliest first so
-    that parallel workers do not end waiting on one big model; return how many."""
-    have = {
-        json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
-        for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
-    }
-    cost = plan.cost or [0.0] * len(plan.grid)
-    ranked = sorted(zip(plan.grid, cost), key=lambda pc: -pc[1])  # stable: equal costs keep the grid's order
-    todo = [p for p, _ in ranked if json.dumps(p, sort_keys=True) not in have]
-    for params in todo:
-        study.enqueue_trial(params)
+# ---------------------------------------------------------------- the queue: points, chains, retries
+# A chain is one grid point x seed (or one sampled TPE/NSGA-II trial) and its retries: the trials that
+# share its fixed params (or its `dse:chain` attribute). Each chain should end with one finished trial.
+
+
+def _params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _chain(t: FrozenTrial) -> str:
+    attrs = t.system_attrs
+    return attrs.get("dse:chain") or (_params_key(attrs["fixed_params"]) if "fixed_params" in attrs else str(t.number))
+
+
+def _chains(trials: list[FrozenTrial]) -> dict[str, list[FrozenTrial]]:
+    out: dict[str, list[FrozenTrial]] = {}
+    for t in trials:
+        out.setdefault(_chain(t), []).append(t)
+    return out
+
+
+def _chain_state(trials: list[FrozenTrial]) -> TrialState | None:
+    """COMPLETE or PRUNED once any trial finished; else RUNNING/WAITING while one is alive; else FAIL."""
+    states = {t.state for t in trials}
+    return next((s for s in (*FINISHED, *ALIVE, TrialState.FAIL) if s in states), None)
+
+
+def _queue(study: optuna.Study, params: dict, chain: str, failures: int, retry_of: FrozenTrial | None = None) -> None:
+    attrs = {"fixed_params": params, "dse:chain": chain, "dse:failures": failures}
+    if retry_of is not None:
+        attrs["dse:retry_of"] = retry_of.number
+    values = retry_of.intermediate_values if retry_of is not None else None  # a resumed trial reports later epochs only
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=attrs, intermediate_values=values))
+
+
+def enqueue_missing(study: optuna.Study, plan: Plan) -> int:
+    """Queue every grid trial that has no finished, running or queued trial, the costliest first so that
+    parallel workers do not end waiting on one big model; queue again each chain whose retries a former
+    run used up (a new run gets a fresh `max_retry`). Hold `storage_lock`. Returns how many."""
+    chains = _chains(study.get_trials(deepcopy=False))
+    failed = lambda key: _chain_state(chains.get(key, [])) in (None, TrialState.FAIL)
+    if plan.grid:
+        cost = plan.cost or [0.0] * len(plan.grid)
+        ranked = sorted(zip(plan.grid, cost), key=lambda pc: -pc[1])  # stable: equal costs keep the grid's order
+        todo = [p for p, _ in ranked if failed(_params_key(p))]
+        for params in todo:
+            _queue(study, params, _params_key(params), 0)
+        return len(todo)
+    todo = [trials[-1] for key, trials in chains.items() if failed(key)]
+    for t in todo:
+        _queue(study, t.system_attrs.get("fixed_params") or t.params, _chain(t), 0, t)
     return len(todo)
 
 
-# ---------------------------------------------------------------- the trial (worker processes)
+def requeue(study: optuna.Study, trial: FrozenTrial, *, counted: bool, max_retry: int) -> bool:
+    """Queue a retry of a failed trial with its params (it resumes from the trial's checkpoint), unless it
+    failed `max_retry` times already. A `counted` failure is the trial's own (an error, its worker died);
+    an interruption (the sweep stopped, a lost heartbeat) does not use up a retry."""
+    failures = trial.system_attrs.get("dse:failures", 0) + counted
+    if failures > max_retry:
+        return False
+    _queue(study, trial.system_attrs.get("fixed_params") or trial.params, _chain(trial), failures, trial)
+    return True
+
+
+def _stale_callback(max_retry: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """What `fail_stale_trials` does with a trial whose heartbeat lapsed: retry it, not counted."""
+    return lambda study, trial: requeue(study, trial, counted=False, max_retry=max_retry)
+
+
+def fail_stale(study: optuna.Study, storage: RDBStorage, plan: Plan) -> None:
+    """Fail and retry the running trials nobody works on: those whose heartbeat lapsed (Optuna's check), and
+    those claimed but never taken up (no `worker` attribute after the grace period: the claim's reply was
+    lost in an outage, or its worker died at once), which have no heartbeat Optuna could find stale."""
+    optuna.storages.fail_stale_trials(study)
+    cfg = plan.study_cfg
+    limit = datetime.datetime.now() - datetime.timedelta(seconds=cfg.grace_period)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" not in t.user_attrs and t.datetime_start is not None and t.datetime_start < limit:
+            with contextlib.suppress(UpdateFinishedTrialError):  # another process failed it first
+                if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    requeue(study, t, counted=False, max_retry=cfg.max_retry)
+
+
+# ---------------------------------------------------------------- heartbeats
+
+
+@dataclass
+class Heartbeat:
+    """One thread that beats for every trial this worker runs (a set, for workers that run several at once).
+    A beat that fails (the storage is unreachable) is tried again every second until one lands: the thread
+    survives outages. `silent_for` says how long a trial's beats have not reached the storage."""
+
+    storage: RDBStorage  # without storage retries: a beat never blocks the next
+    interval: float
+    last: dict[int, float] = field(default_factory=dict)  # trial id -> monotonic time of its last beat that landed
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="dse-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, trial_id: int, *, patience: float = 0) -> None:
+        """Beat for this trial from now on; its first beat is tried for up to `patience` seconds."""
+        with self._lock:
+            self.last[trial_id] = time.monotonic()
+        deadline = time.monotonic() + patience
+        while not self._beat(trial_id) and time.monotonic() < deadline:
+            time.sleep(1)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self.last.pop(trial_id, None)
+
+    def silent_for(self, trial_id: int) -> float:
+        with self._lock:
+            return time.monotonic() - self.last.get(trial_id, time.monotonic())
+
+    def _run(self) -> None:
+        pause = self.interval
+        while not self._stop.wait(pause):
+            with self._lock:
+                ids = list(self.last)
+            landed = [self._beat(trial_id) for trial_id in ids]
+            pause = self.interval if all(landed) else min(self.interval, 1.0)  # beat again as soon as it is back
+
+    def _beat(self, trial_id: int) -> bool:
+        try:
+            self.storage.record_heartbeat(trial_id)
+        except Exception:  # noqa: BLE001 - any storage failure: the next beat tries again
+            return False
+        with self._lock:
+            if trial_id in self.last:
+                self.last[trial_id] = time.monotonic()
+        return True
+
+
+def check_ours(storage: RDBStorage, trial_id: int, beat: Heartbeat, grace: float) -> None:
+    """Raise TrialLost once this worker no longer owns the trial: another worker failed it as stale (and
+    its retry takes over), or, while the storage cannot say, none of our beats landed for `grace` seconds
+    (others may take it over as soon as the storage is back)."""
+    try:
+        state = storage.get_trial(trial_id).state
+    except Exception as e:
+        if not transient(e):
+            raise
+        if beat.silent_for(trial_id) > grace:
+            raise TrialLost(f"no heartbeat reached the storage for {beat.silent_for(trial_id):.0f} s (study.grace_period={grace:g})") from None
+        return
+    if state != TrialState.RUNNING:
+        raise TrialLost(f"the trial is {state.name}: another worker found its heartbeat stale and queued a retry")
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, check: Callable[[], None]) -> Iterator[None]:
+    """Hold the run folder's lock file while training in it, so two processes never write one folder (a
+    retry that starts while the original still trains waits here, checking it still owns its trial).
+    Temp files of checkpoint writes that were killed are removed once the folder is ours."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a") as lock:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    tqdm.write(f"waiting for {run_dir}: another process still trains this config there")
+                    waited = True
+                check()
+                time.sleep(1)
+        for tmp in run_dir.glob(".checkpoint.pt.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        yield
+
+
+# ---------------------------------------------------------------- a trial's lifecycle (worker processes)
+# claim_trial -> setup_trial -> train_trial -> record_result -> finish_trial, or fail_trial; run_trial
+# strings them together for one trial.
 
 
 def _provenance(resolved: dict) -> dict:
@@ -334,9 +643,15 @@ def _provenance(resolved: dict) -> dict:
     }
 
 
-def _run_key(overrides: list[str]) -> str:
-    """A trial's run folder: the same config (a retried trial too) maps to the same checkpoint."""
-    return hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:16]
+def _run_dir(plan: Plan, setup: TrialSetup) -> Path:
+    """A trial's run folder: the same computation (a retried trial too) maps to the same checkpoint."""
+    key = hashlib.sha256(json.dumps(trial_identity(setup), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(plan.workdir) / "runs" / key
+
+
+def run_folder(plan: Plan, params: dict) -> Path:
+    """Where the trial with these params trains and keeps its checkpoint."""
+    return _run_dir(plan, typed(compose(plan.overrides(params))))
 
 
 def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
@@ -344,14 +659,54 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         trial.set_user_attr(key, value)
 
 
-def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, float, float]:
-    """Build, profile (budgets checked before training), train, record; return the three objectives."""
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim_trial(study: optuna.Study, storage: RDBStorage, plan: Plan) -> optuna.Trial | None:
+    """The next trial for this worker, marked RUNNING: a queued one first (grid trials, retries), else for a
+    TPE/NSGA-II space a new sampled one while the space has room. None when there is none to take (never
+    an empty trial). A queued grid trial whose point another trial already covers is dropped as a duplicate."""
+    trials = study.get_trials(deepcopy=False)
+    for t in (t for t in trials if t.state == TrialState.WAITING):
+        try:  # one worker wins: the state changes under the storage's row lock (BEGIN IMMEDIATE on SQLite)
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        trial = optuna.Trial(study, t._trial_id)
+        if plan.grid:  # the point's first live or finished trial keeps it
+            kept = min((o for o in _chains(trials)[_chain(t)] if o.state in (*FINISHED, *ALIVE)),
+                       key=lambda o: (o.state not in FINISHED, o.number))
+            if kept.number != t.number:
+                _tell(study, trial, state=TrialState.FAIL, reason=f"duplicate of trial {kept.number} (same grid point)")
+                return None
+        return trial
+    if not plan.grid and len(_chains(trials)) < plan.space_cfg.n_trials:
+        return study.ask()
+    return None
+
+
+@dataclass
+class TrialRun:
+    """A set-up trial: its config, data, model and measurements, and where it trains."""
+
+    trial: optuna.Trial
+    setup: TrialSetup
+    splits: Splits
+    model: torch.nn.Module
+    prof: ModelProfile
+    run_dir: Path
+    started: float
+
+
+def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
+    """Fix the trial's params, compose its config, load its data (cached), build and profile its model and
+    record all that; raises optuna.TrialPruned for a model over the size or latency budget."""
     started = time.perf_counter()
     space = plan.space_cfg
     if space.sampler == "grid":
         params = _fixed_params(trial)
-        if not params:
-            raise QueueDrained("no queued grid trial was left for this worker")
         for key in params:
             trial.suggest_categorical(key, plan.choices(key))
     else:
@@ -366,9 +721,9 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), threads=1)
-    full = resolve_config(setup.model)
+    full = setup.full
     _set_attrs(trial, {
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
+        "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
         "dropout": full.dropout, "activation": full.activation, "inplace": full.inplace,
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
@@ -386,14 +741,18 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
         reason = "over budget: " + ", ".join(over)
         trial.set_user_attr("pruned_reason", reason)
         raise optuna.TrialPruned(reason)
-    run_dir = Path(plan.workdir) / "runs" / _run_key(overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.pt"
+    return TrialRun(trial, setup, splits, model, prof, _run_dir(plan, setup), started)
 
+
+def train_trial(run: TrialRun, plan: Plan, check: Callable[[], None]) -> TrainResult:
+    """Train in the run folder (held locked), resuming its checkpoint; after each epoch check that the trial
+    is still ours (`check` raises TrialLost), record the curves and let the pruner decide."""
+    trial, prof, study_cfg = run.trial, run.prof, plan.study_cfg
     live: list[dict] = []
-    rung_epochs = set(rungs(study_cfg.pruning, setup.train.epochs))
+    rung_epochs = set(rungs(study_cfg.pruning, run.setup.train.epochs))
 
     def on_epoch(record) -> None:  # the curves so far, for the dashboard and the pruner
+        check()
         live.append(asdict(record))
         trial.set_user_attr("curves", live)
         if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
@@ -403,15 +762,20 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
             if trial.should_prune():
                 _record_pruned(trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}")
 
-    train_cfg = setup.train
+    train_cfg = run.setup.train
     train_cfg.threads = plan.threads
     train_cfg.progress = train_cfg.progress and plan.progress and plan.workers == 1
-    train_started = time.perf_counter()
     try:
-        result = train(model, splits, train_cfg, checkpoint_path=checkpoint, on_epoch=on_epoch)
+        with hold_run_dir(run.run_dir, check):
+            return train(run.model, run.splits, train_cfg, checkpoint_path=run.run_dir / "checkpoint.pt", on_epoch=on_epoch)
     except TrainingDiverged as e:
         trial.set_user_attr("pruned_reason", f"diverged: {e}")
         raise optuna.TrialPruned(f"diverged: {e}") from None
+
+
+def record_result(run: TrialRun, result: TrainResult, plan: Plan, train_started: float) -> list[float]:
+    """Record a finished training (curves, test accuracy, speed, artifacts); return the objective values."""
+    trial = run.trial
     curves = [asdict(r) for r in result.epochs]
     train_seconds = sum(r["seconds"] for r in curves[result.resumed_from:]) if curves else 0.0
     _set_attrs(trial, {
@@ -421,10 +785,66 @@ def objective(trial: optuna.Trial, plan: Plan, cache: dict) -> tuple[float, floa
         "memory_format": result.memory_format, "train_seconds": train_seconds,
         "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })
-    _upload(trial, plan, run_dir, curves)
-    trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": prof.size_mb, "latency_ms": prof.latency_ms}
-    return tuple(metrics[m] for m in study_cfg.objectives)
+    _upload(trial, plan, run.run_dir, curves)
+    trial.set_user_attr("trial_seconds", time.perf_counter() - run.started)
+    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": run.prof.size_mb, "latency_ms": run.prof.latency_ms}
+    return [metrics[m] for m in plan.study_cfg.objectives]
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, *, values: list[float] | None = None,
+          state: TrialState | None = None, reason: str | None = None) -> FrozenTrial | None:
+    """Finish a trial; None when another worker finished it first (it failed the trial as stale)."""
+    try:
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
+        return study.tell(trial, values, state=state)
+    except (UpdateFinishedTrialError, ValueError):
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            raise  # a real error (e.g. a value Optuna refuses), not a takeover
+        return None
+
+
+def finish_trial(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None) -> FrozenTrial | None:
+    """COMPLETE with `values`, or PRUNED without; None when the trial was taken over meanwhile."""
+    return _tell(study, trial, values=values, state=TrialState.COMPLETE if values is not None else TrialState.PRUNED)
+
+
+def fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str, *, counted: bool, max_retry: int) -> str:
+    """FAIL the trial with its reason and queue its retry (see `requeue`); says what happened."""
+    frozen = _tell(study, trial, state=TrialState.FAIL, reason=reason)
+    if frozen is None:
+        return "taken over by another worker"
+    if requeue(study, frozen, counted=counted, max_retry=max_retry):
+        return "retry queued" + (f" ({frozen.system_attrs.get('dse:failures', 0) + 1} of {max_retry})" if counted else "")
+    return f"no retry left (study.max_retry={max_retry})"
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, plan: Plan, cache: dict, beat: Heartbeat,
+              raw: RDBStorage, worker: int = 0) -> None:
+    """One claimed trial from set-up to its end state, its heartbeat beating meanwhile."""
+    beat.add(trial._trial_id, patience=plan.study_cfg.storage_retry_seconds)  # a heartbeat exists before "worker"
+    max_retry, frozen, note = plan.study_cfg.max_retry, None, ""
+    check = lambda: check_ours(raw, trial._trial_id, beat, plan.study_cfg.grace_period)
+    try:
+        trial.set_user_attr("worker", _worker_id())
+        run = setup_trial(trial, plan, cache)
+        train_started = time.perf_counter()
+        result = train_trial(run, plan, check)
+        frozen = finish_trial(study, trial, record_result(run, result, plan, train_started))
+    except optuna.TrialPruned:
+        frozen = finish_trial(study, trial)
+    except (TrialLost, UpdateFinishedTrialError) as e:  # the trial was taken over: its retry carries on
+        note = fail_trial(study, trial, f"stopped: {e}", counted=False, max_retry=max_retry)
+    except Exception as e:  # the trial's own failure (a bad checkpoint, a full disk, ...)
+        note = fail_trial(study, trial, f"{type(e).__name__}: {e}", counted=True, max_retry=max_retry)
+    except BaseException:  # Ctrl-C, SystemExit: not the trial's fault
+        with contextlib.suppress(Exception):
+            fail_trial(study, trial, "interrupted", counted=False, max_retry=max_retry)
+        raise
+    finally:
+        beat.remove(trial._trial_id)
+    note = note or ("" if frozen else "taken over by another worker, whose retry records the result")
+    _log_trial(frozen or study._storage.get_trial(trial._trial_id), worker, note)
 
 
 def _prune_if_dominated(trial: optuna.Trial, record, size: float, latency: float, cfg: StudyConfig) -> None:
@@ -472,83 +892,144 @@ def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict]) 
 
 def _todo(study: optuna.Study, plan: Plan) -> str:
     """'work' if a trial can start, 'wait' while others run (they may die and be retried), else 'done'."""
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    waiting, running = states.count(TrialState.WAITING), states.count(TrialState.RUNNING)
-    if plan.space_cfg.sampler == "grid":
-        return "work" if waiting else "wait" if running else "done"
-    finished = sum(s in FINISHED for s in states)
-    if waiting or finished + running < plan.space_cfg.n_trials:
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    if TrialState.WAITING in states or not plan.grid and len(_chains(trials)) < plan.space_cfg.n_trials:
         return "work"
-    return "wait" if running else "done"
+    return "wait" if TrialState.RUNNING in states else "done"
+
+
+def _open(plan: Plan, *, retries: bool = True) -> RDBStorage:
+    """The study's storage as a worker uses it: stale trials are retried; storage calls retried (or not,
+    for the heartbeat thread and the ownership check, which must not block)."""
+    cfg = plan.study_cfg
+    return open_storage(plan.storage, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
+                        on_stale=_stale_callback(cfg.max_retry), retry_seconds=cfg.storage_retry_seconds if retries else 0)
 
 
 def work(plan: Plan, worker: int = 0) -> int:
-    """One worker: run trials until the space is done; return how many this worker ran."""
+    """One worker: claim and run trials until the space is done; return how many this worker ran."""
     torch.set_num_threads(plan.threads)
     if torch.cuda.is_available():  # workers split the GPUs round-robin ("auto" and "cuda" use this one)
         torch.cuda.set_device(worker % torch.cuda.device_count())
-    study_cfg = plan.study_cfg
-    storage = open_storage(plan.storage, heartbeat_interval=study_cfg.heartbeat_interval,
-                           grace_period=study_cfg.grace_period, max_retry=study_cfg.max_retry)
+    storage, raw = _open(plan), _open(plan, retries=False)
     study = optuna.load_study(
         study_name=plan.study_name, storage=storage, sampler=make_sampler(plan, worker), pruner=make_pruner(plan)
     )
     cache: dict = {}
     ran = 0
-    while True:
-        optuna.storages.fail_stale_trials(study)
-        todo = _todo(study, plan)
-        if todo == "done":
-            return ran
-        if todo == "wait":
-            time.sleep(min(study_cfg.heartbeat_interval, 5))
-            continue
-        study.optimize(
-            lambda t: objective(t, plan, cache), n_trials=1, gc_after_trial=False,
-            catch=(QueueDrained, CheckpointError, ValueError),
-            callbacks=[lambda _, t: _log_trial(t, worker)],
-        )
-        ran += 1
+    with Heartbeat(raw, plan.study_cfg.heartbeat_interval) as beat:
+        while True:
+            fail_stale(study, storage, plan)
+            todo = _todo(study, plan)
+            if todo == "done":
+                return ran
+            trial = claim_trial(study, storage, plan) if todo == "work" else None
+            if trial is None:
+                time.sleep(min(plan.study_cfg.heartbeat_interval, 5) if todo == "wait" else 0.1)
+                continue
+            run_trial(study, trial, plan, cache, beat, raw, worker)
+            ran += 1
 
 
-def _log_trial(t: optuna.trial.FrozenTrial, worker: int) -> None:
+def _log_trial(t: optuna.trial.FrozenTrial, worker: int, note: str = "") -> None:
     """One line per finished trial."""
     a = t.user_attrs
     if t.state == TrialState.COMPLETE:
         what = (f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
                 f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms  {a.get('s_per_epoch', 0):.1f} s/epoch")
     else:
-        what = a.get("pruned_reason", t.state.name)
-    tqdm.write(f"[worker {worker}] trial {t.number} {a.get('paper_name', '')} seed {a.get('seed', '')}: {what}")
+        what = a.get("pruned_reason") or a.get("fail_reason") or t.state.name
+    tqdm.write(f"[worker {worker}] trial {t.number} {a.get('paper_name', '')} seed {a.get('seed', '')}: {what}"
+               + (f"; {note}" if note else ""))
 
 
 def _worker_entry(plan: Plan, worker: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial replaces Optuna's
     register_schemas()
-    work(plan, worker)
+    try:
+        work(plan, worker)
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        if not transient(e):
+            raise
+        raise SystemExit(f"[worker {worker}] stopped: storage unreachable for over {plan.study_cfg.storage_retry_seconds:g} s "
+                         "(study.storage_retry_seconds)") from None
 
 
 # ---------------------------------------------------------------- the command
 
 
-def run_sweep(plan: Plan) -> optuna.Study:
-    """Create or check the study, queue the grid, run the workers, print a summary."""
-    study_cfg = plan.study_cfg
-    storage = open_storage(plan.storage, heartbeat_interval=study_cfg.heartbeat_interval,
-                           grace_period=study_cfg.grace_period, max_retry=study_cfg.max_retry)
-    study = create_or_check_study(plan.study_name, storage, objectives=study_cfg.objectives, sampler=make_sampler(plan), user_attrs={
-        "space": plan.space, "tables": plan.space["tables"], "command_line": plan.cli, "created_by": f"dse {dse.__version__}",
-    })
-    queued = enqueue_grid(study, plan) if plan.grid else 0
+@dataclass
+class Outcome:
+    """Where the space stands after a run: trials by end state, why the last ones failed, workers that died."""
+
+    total: int
+    complete: int
+    pruned: int
+    failed: int  # retries used up
+    left: int  # not finished: queued, running, or never started
+    reasons: list[str] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)  # "worker 1 exited with code -9"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed or self.left or self.workers)
+
+    def problems(self) -> str:
+        parts = [f"{n} of {self.total} trials {what}" for n, what in
+                 ((self.failed, "FAILED with no retry left"), (self.left, "not finished")) if n]  # fmt: skip
+        if self.reasons:
+            parts.append("last failures: " + "; ".join(self.reasons))
+        parts += self.workers
+        return ", ".join(parts) + ". Fix the cause and run the same command again: finished trials are kept"
+
+
+def tally(study: optuna.Study, plan: Plan, workers: list[str] = ()) -> Outcome:
+    """Count the space's trials by chain (a point x seed and its retries): finished, failed for good, left."""
+    trials = study.get_trials(deepcopy=False)
+    chains = _chains(trials)
+    if plan.grid:
+        chains = {key: chains.get(key, []) for key in map(_params_key, plan.grid)}
+    total = len(plan.grid) or plan.space_cfg.n_trials
+    states = [_chain_state(ts) for ts in chains.values()]
+    complete, pruned, failed = (states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    last = [ts[-1] for ts in chains.values() if _chain_state(ts) == TrialState.FAIL]
+    reasons = [f"trial {t.number}: {_reason(t)}" for t in sorted(last, key=lambda t: t.number)[-3:]]
+    return Outcome(total, complete, pruned, failed, max(0, total - complete - pruned - failed), reasons, list(workers))
+
+
+def _reason(t: FrozenTrial) -> str:
+    reason = t.user_attrs.get("fail_reason") or "its worker stopped sending heartbeats (killed, or lost the storage)"
+    return reason.splitlines()[0][:300]
+
+
+def prepare_study(plan: Plan) -> tuple[optuna.Study, int]:
+    """Create the study or check this run against its definition, retry stale trials and queue what is
+    missing; return the study and how many trials were queued. Sweeps of one study that start at once
+    take turns here (`storage_lock`): one creates and queues, the others find it done."""
+    storage = _open(plan)
+    with storage_lock(plan.storage):
+        study = create_or_check_study(plan.study_name, storage, objectives=plan.study_cfg.objectives,
+                                      definition=plan.definition, sampler=make_sampler(plan), user_attrs={
+            "space": plan.space, "tables": plan.space["tables"], "command_line": plan.cli, "created_by": f"dse {dse.__version__}",
+        })  # fmt: skip
+        fail_stale(study, storage, plan)
+        return study, enqueue_missing(study, plan)
+
+
+def run_sweep(plan: Plan) -> Outcome:
+    """Prepare the study, run the workers, print a summary; return the outcome."""
+    study, queued = prepare_study(plan)
+    claim_workdir(Path(plan.workdir))
     total = len(plan.grid) if plan.grid else plan.space_cfg.n_trials
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     print(f"study {plan.study_name!r} in {plan.storage}: {total} trials in the space, {done} finished, {queued} queued now; "
           f"{plan.workers} worker(s) x {plan.threads} thread(s)", flush=True)
     started = time.perf_counter()
-    optuna.storages.fail_stale_trials(study)
     if _todo(study, plan) == "done":
         print("nothing to do: every trial of the space is finished", flush=True)
-        return study
+        return tally(study, plan)
+    died: list[str] = []
     if plan.workers == 1:
         work(plan)
     else:
@@ -556,24 +1037,40 @@ def run_sweep(plan: Plan) -> optuna.Study:
         procs = [context.Process(target=_worker_entry, args=(plan, i), daemon=False) for i in range(plan.workers)]
         for p in procs:
             p.start()
-        _watch(study, procs, total, plan.progress)
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    print(f"done in {time.perf_counter() - started:.1f} s: {sum(t.state == TrialState.COMPLETE for t in finished)} complete, "
-          f"{sum(t.state == TrialState.PRUNED for t in finished)} pruned; artifacts in {Path(plan.workdir) / 'artifacts'}", flush=True)
-    return study
+        _watch(study, procs, total, plan.progress, lambda: _reap(study, procs, plan, died))
+    outcome = tally(study, plan, died)
+    print(f"done in {time.perf_counter() - started:.1f} s: {outcome.complete} complete, {outcome.pruned} pruned, "
+          f"{outcome.failed} failed, {outcome.left} left; artifacts in {Path(plan.workdir) / 'artifacts'}", flush=True)
+    return outcome
 
 
-def _watch(study: optuna.Study, procs: list, total: int, progress: bool) -> None:
+def _reap(study: optuna.Study, procs: list, plan: Plan, died: list[str]) -> None:
+    """A worker that died (killed, out of memory) fails its running trials at once, as their own failure."""
+    for i, p in enumerate(procs):
+        if p.exitcode in (None, 0) or any(d.startswith(f"worker {i} ") for d in died):
+            continue
+        died.append(f"worker {i} exited with code {p.exitcode}")
+        host_pid = f"{socket.gethostname()}:{p.pid}"
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker") == host_pid:
+                note = fail_trial(study, optuna.Trial(study, t._trial_id), f"its worker process died (exit code {p.exitcode})",
+                                  counted=True, max_retry=plan.study_cfg.max_retry)
+                tqdm.write(f"[worker {i}] died (exit code {p.exitcode}) in trial {t.number}; {note}")
+
+
+def _watch(study: optuna.Study, procs: list, total: int, progress: bool, on_tick: Callable[[], None]) -> None:
     bar = tqdm(total=total, desc="trials", unit="trial", disable=not progress)
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(2)
+            on_tick()
             finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
             bar.update(min(finished, total) - bar.n)
     finally:
         for p in procs:
             p.join()
         bar.close()
+    on_tick()
 
 
 def _main(cfg: DictConfig) -> None:
@@ -583,11 +1080,18 @@ def _main(cfg: DictConfig) -> None:
     cli = list(HydraConfig.get().overrides.task)
     try:
         plan = plan_sweep(cfg, cli)
-        run_sweep(plan)
+        outcome = run_sweep(plan)
     except (ValueError, StudyError, DataError) as e:
         raise SystemExit(f"dse.sweep: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("dse.sweep: interrupted; run the same command again to resume") from None
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        if not transient(e):
+            raise
+        raise SystemExit(f"dse.sweep: the storage was unreachable for over study.storage_retry_seconds; "
+                         f"run the same command again to resume ({type(e).__name__})") from None
+    if not outcome.ok:
+        raise SystemExit(f"dse.sweep: {outcome.problems()}")
 
 
 def main() -> None:

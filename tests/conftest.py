@@ -1,10 +1,16 @@
 """Shared fixtures: small datasets written in the original on-disk formats (CIFAR python batches,
-Fashion-MNIST gzipped IDX files) into tmp_path, so no test needs the network or a real dataset."""
+Fashion-MNIST gzipped IDX files) into tmp_path, so no test needs the network or a real dataset; a
+throwaway PostgreSQL cluster."""
 
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import shutil
+import socket
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -123,3 +129,59 @@ def _no_system_fashion_mnist(monkeypatch, tmp_path: Path) -> None:
     import dse.data
 
     monkeypatch.setattr(dse.data, "SYSTEM_FASHION_MNIST", tmp_path / "no-system-fashion-mnist")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin() -> Path | None:
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "initdb").exists():
+            return folder
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster: `url` for SQLAlchemy; `stop()` and `start()` for outages."""
+
+    url: str
+    ctl: Callable[..., None]
+
+    def stop(self) -> None:
+        self.ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        self.ctl("start")
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL cluster on a loopback port, run as an unprivileged user, removed after the test."""
+    pg = _postgres_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser to drop privileges for initdb")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="dse-pg-"))  # pytest's tmp folders are closed to other users
+    os.chmod(folder, 0o777)
+    data, port = folder / "data", free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    ctl = lambda *args: run(str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o", options, *args)
+    run(str(pg / "initdb"), "-D", str(data), "-U", "dse", "--auth=trust", "-E", "UTF8")
+    ctl("start")
+    try:
+        yield Postgres(f"postgresql://dse@127.0.0.1:{port}/postgres", ctl)
+    finally:
+        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)

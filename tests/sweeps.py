@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import write_cifar
-from dse.sweep import compose, plan_sweep, run_sweep
+from dse.sweep import Outcome, compose, plan_sweep, run_sweep
 
 
-def run_tiny_sweep(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None) -> tuple[str, str]:
-    """Train a few tiny models (generated CIFAR-10 data, 2 epochs) into `tmp_path/<name>.db`.
+def run_tiny_plan(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None) -> Outcome:
+    """Train a few tiny models (generated CIFAR-10 data, 2 epochs) into `tmp_path/<name>.db`; return the outcome.
 
     `overrides` pick the space and its size, e.g. "+space=dropout", "space.grid={model.dropout:[0.1,0.2]}",
-    "space.seeds=[0,1]", "sweep.seeds=2". Returns (storage URL, study name); checkpoints and the artifact
-    store are in `tmp_path/<name>/`.
+    "space.seeds=[0,1]", "sweep.seeds=2". Checkpoints and the artifact store are in `tmp_path/<name>/`.
     """
     if data_root is None:
         data_root = tmp_path / "data"
@@ -23,7 +22,13 @@ def run_tiny_sweep(tmp_path: Path, *overrides: str, name: str = "tiny", data_roo
     args = [
         "budget=quick", f"data.root={data_root}", "data.subset=null", "data.val_size=40", "train.epochs=2",
         "train.batch_size=32", f"study.storage=sqlite:///{db}", f"study.name={name}", "sweep.workers=1",
-        "sweep.progress=false", *overrides,
+        "train.memory_format=contiguous", "sweep.progress=false", *overrides,
     ]
-    run_sweep(plan_sweep(compose(args), args))
-    return f"sqlite:///{db}", name
+    return run_sweep(plan_sweep(compose(args), args))
+
+
+def run_tiny_sweep(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None) -> tuple[str, str]:
+    """`run_tiny_plan`, checked to end well; returns (storage URL, study name)."""
+    outcome = run_tiny_plan(tmp_path, *overrides, name=name, data_root=data_root)
+    assert outcome.ok, outcome.problems()
+    return f"sqlite:///{tmp_path / f'{name}.db'}", name

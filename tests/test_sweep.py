@@ -11,20 +11,25 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
-from dse.study import OBJECTIVES
-from dse.sweep import compose, grid_params, merge_overrides, plan_sweep, run_sweep
 from dse.config import SpaceConfig
-from conftest import write_cifar
+from dse.study import OBJECTIVES, StudyError
+from dse.sweep import (
+    Heartbeat, TrialLost, check_ours, compose, grid_params, hold_run_dir, merge_overrides, plan_sweep, prepare_study,
+    run_folder, run_sweep,
+)  # fmt: skip
+from conftest import free_port, write_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 # Every plot optuna-dashboard renders on the server (optuna_dashboard/_app.py: get_plot).
@@ -43,6 +48,7 @@ def tiny(data_root: Path, db: Path, *extra: str) -> list[str]:
         "+space=width", "budget=quick", f"data.root={data_root}", "data.subset=null", "data.val_size=40",
         "train.epochs=1", "train.batch_size=32", "space.grid={model.width:[0.125,0.2]}", "space.seeds=[0,1]",
         "sweep.seeds=2", f"study.storage=sqlite:///{db}", "study.heartbeat_interval=1", "study.grace_period=3",
+        "train.memory_format=contiguous",  # no layout timing: quicker
         *extra,
     ]
 
@@ -137,55 +143,19 @@ def test_killed_worker_trial_is_retried_and_resumes(tmp_path):
     assert retried.params == trials(db)[0].params
     assert retried.user_attrs["resumed_from"] >= 1
     assert len(retried.user_attrs["curves"]) == 4
+    assert retried.system_attrs["dse:failures"] == 0  # a stopped sweep is no failure of the trial: no retry used up
 
 
-def _postgres_bin() -> Path | None:
-    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (folder / "initdb").exists():
-            return folder
-    found = shutil.which("initdb")
-    return Path(found).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on a loopback port, run as an unprivileged user, stopped after."""
-    pg = _postgres_bin()
-    if pg is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[test]')")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser to drop privileges for initdb")
-        as_user = ["runuser", "-u", "nobody", "--"]
-    folder = Path(tempfile.mkdtemp(prefix="dse-pg-"))  # pytest's tmp folders are closed to other users
-    os.chmod(folder, 0o777)
-    data, port = folder / "data", _free_port()
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
-    run(str(pg / "initdb"), "-D", str(data), "-U", "dse", "--auth=trust", "-E", "UTF8")
-    run(str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
-        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1")
-    try:
-        yield f"postgresql://dse@127.0.0.1:{port}/postgres"
-    finally:
-        run(str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_four_workers_on_postgresql(postgres, data_root):
-    result = run_cli(tiny(data_root, Path("unused.db"), "sweep.workers=4", f"study.storage={postgres}", f"study.workdir={data_root.parent / 'pgwork'}"))
+def test_four_workers_on_postgresql_with_a_query_string_and_a_non_ascii_name(postgres, data_root, tmp_path):
+    url = f"{postgres.url}?application_name=dse&sslmode=disable"  # re-passed to Hydra's compose: must be quoted
+    result = run_cli(tiny(data_root, Path("unused.db"), "sweep.workers=4", f"study.storage='{url}'", "study.name='étude-4'",
+                          f"study.workdir={tmp_path / 'pgwork'}"))
     assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="width-cifar10-quick", storage=postgres)
+    study = optuna.load_study(study_name="étude-4", storage=postgres.url)
     done = study.get_trials()
     assert [t.state for t in done] == [TrialState.COMPLETE] * 4
     assert len({(t.params["model.width"], t.params["seed"]) for t in done}) == 4
+    assert (tmp_path / "pgwork" / ".dse-workdir").exists()
 
 
 @pytest.mark.parametrize(
@@ -200,6 +170,8 @@ def test_four_workers_on_postgresql(postgres, data_root):
         (["study.storage=postgresql://nobody@127.0.0.1:9/none"], "cannot reach storage"),
         (["data.root=/nonexistent/data", "data.download=false"], "CIFAR-10 not found: looked for data_batch_1"),
         (["study.name=other"], "exists in"),
+        (["train.epochs=2"], "defined otherwise (its value -> this run's): train.epochs: 1 -> 2 (in 2 configs)"),
+        (["study.name=../x"], "study name='../x' must be letters, digits"),
     ],
 )
 def test_bad_input_is_refused_and_db_untouched(swept, data_root, extra, message):
@@ -241,7 +213,7 @@ def test_over_budget_model_is_pruned_before_training_without_warnings(tmp_path, 
 
 def test_dashboard_serves_the_study(swept):
     db, _ = swept
-    port = _free_port()
+    port = free_port()
     dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
     if dashboard is None:
         pytest.skip("optuna-dashboard is not installed")
@@ -275,3 +247,294 @@ def _get_json(url: str) -> dict:
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- planning refuses before anything runs
+
+
+def _plan(data_root: Path, db: Path, *extra: str):
+    args = tiny(data_root, db, *extra)
+    if "+space=open" in extra:
+        args = [a for a in args if a not in ("+space=width", "space.grid={model.width:[0.125,0.2]}")]
+    return plan_sweep(compose(args), args)
+
+
+@pytest.mark.parametrize(
+    "extra, messages",
+    [
+        (["space.grid={model.width:[1e9]}"], ["model shallow_squeezenext with", "cannot be built"]),
+        (["space.grid={model.width:[inf]}"], ["grid model.width=[inf] must be a non-empty list of finite values"]),
+        (["space.grid={model.width:[nan]}"], ["grid model.width=[nan] must be a non-empty list of finite values"]),
+        (["train.lr=inf"], ["train.lr=inf must be finite"]),
+        (["data.subset=3"], ["train batch_size=32 is more than the 3 training images of cifar10 (data.subset=3"]),
+        (["data.val_size=0"], ["data val_size=0: the sweep optimises validation accuracy"]),
+        (["model.width=-1"], ["model.width=-1: space 'width' sets model.width", "besides, width=-1.0 must be > 0"]),
+        (["train.seed=5"], ["train.seed=5: space 'width' sets train.seed for every trial", "space.seeds=[...]"]),
+        (["+space=open", "space.search={model.width:{low:x,high:1}}"],
+         ["low='x' and high=1 must be finite numbers with low < high"]),
+        (["+space=open", "space.search={model.width:{low:0.1,high:1,log:yes}}"],
+         ["log='yes' must be true or false"]),
+        (["+space=open", "space.search={model.width:{low:0,high:1,log:true}}"],
+         ["log=true needs low=0 > 0"]),
+    ],
+)
+def test_plan_refuses_bad_values_naming_them(data_root, tmp_path, extra, messages):
+    with pytest.raises(ValueError) as e:
+        _plan(data_root, tmp_path / "x.db", *extra)
+    for message in messages:
+        assert message in str(e.value)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_points_made_equal_by_an_override_are_refused(data_root, tmp_path):
+    space = "space.points=[{model:Shallow SqueezeNext-06-0.2x,overrides:['model.dropout=0.1']},Shallow SqueezeNext-06-0.2x]"
+    with pytest.raises(ValueError, match="are the same trial config"):
+        _plan(data_root, tmp_path / "x.db", space, "model.dropout=0.3")
+
+
+def test_run_folder_depends_only_on_what_the_trial_computes(data_root, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(data_root, moved)
+    a = _plan(data_root, tmp_path / "x.db")
+    b = _plan(moved, tmp_path / "x.db", "sweep.workers=2", "sweep.progress=false", "study.heartbeat_interval=5",
+              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=1", "sweep.threads=1")
+    c = _plan(data_root, tmp_path / "x.db", "train.epochs=2")
+    point = a.grid[0]
+    assert run_folder(a, point) == run_folder(b, point) != run_folder(c, point)
+    assert run_folder(a, point) != run_folder(a, a.grid[1])
+    assert a.definition == b.definition != c.definition
+
+
+def test_an_explicit_workdir_must_be_new_empty_or_dse_s(data_root, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not dse's")
+    with pytest.raises(StudyError, match="non-empty folder that dse did not make"):
+        _plan(data_root, tmp_path / "x.db", f"study.workdir={foreign}")
+    (foreign / ".dse-workdir").touch()
+    assert _plan(data_root, tmp_path / "x.db", f"study.workdir={foreign}").workdir == str(foreign)
+
+
+# ---------------------------------------------------------------- exit codes, retries
+
+
+def test_full_disk_fails_the_trials_and_the_outcome_then_a_rerun_finishes(tmp_path, monkeypatch):
+    import errno
+
+    import dse.train
+    from sweeps import run_tiny_plan
+
+    def full(path, state):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(dse.train, "save_checkpoint", full)
+    args = ("+space=width", "space.grid={model.width:[0.125]}", "space.seeds=[0]", "sweep.seeds=1", "study.max_retry=1")
+    outcome = run_tiny_plan(tmp_path, *args, name="full")
+    assert not outcome.ok and (outcome.failed, outcome.left, outcome.complete) == (1, 0, 0)
+    assert "No space left on device" in outcome.problems() and "1 of 1 trials FAILED" in outcome.problems()
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full.db'}")
+    assert [(t.state, t.system_attrs["dse:failures"]) for t in study.trials] == [(TrialState.FAIL, 0), (TrialState.FAIL, 1)]
+
+    monkeypatch.undo()  # the disk has room again: a rerun gets fresh retries and finishes
+    outcome = run_tiny_plan(tmp_path, *args, name="full")
+    assert outcome.ok and outcome.complete == 1
+    assert [t.state for t in study.trials][-1] == TrialState.COMPLETE
+
+
+def test_corrupt_checkpoint_exits_nonzero_with_the_reason(data_root, tmp_path):
+    db = tmp_path / "corrupt.db"
+    extra = ("space.grid={model.width:[0.125]}", "space.seeds=[0]", "sweep.seeds=1", "study.max_retry=0", "sweep.workers=1")
+    plan = _plan(data_root, db, *extra)
+    folder = run_folder(plan, plan.grid[0])
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (folder / ".checkpoint.pt.x1y2.tmp").write_bytes(b"a write that was killed")
+    result = run_cli(tiny(data_root, db, *extra))
+    assert result.returncode == 1
+    assert "1 of 1 trials FAILED with no retry left" in result.stderr and "is unreadable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (folder / ".checkpoint.pt.x1y2.tmp").exists()
+
+
+def test_a_duplicate_queued_trial_is_dropped_not_trained(tmp_path):
+    from sweeps import run_tiny_plan
+
+    args = ("+space=width", "space.grid={model.width:[0.125]}", "space.seeds=[0]", "sweep.seeds=1")
+    run_tiny_plan(tmp_path, *args, name="dup")
+    study = optuna.load_study(study_name="dup", storage=f"sqlite:///{tmp_path / 'dup.db'}")
+    study.enqueue_trial(study.trials[0].params)  # as a second, unlocked enqueuer would
+    outcome = run_tiny_plan(tmp_path, *args, name="dup")
+    assert outcome.ok
+    states = [(t.state, t.user_attrs.get("fail_reason")) for t in study.trials]
+    assert states == [(TrialState.COMPLETE, None), (TrialState.FAIL, "duplicate of trial 0 (same grid point)")]
+
+
+def test_a_dead_worker_s_trial_fails_at_once_and_counts_as_a_failure(data_root, tmp_path):
+    import multiprocessing
+
+    from dse.sweep import _open, _reap
+
+    plan = _plan(data_root, tmp_path / "dead.db", "study.max_retry=2")
+    study = optuna.create_study(study_name=plan.study_name, storage=_open(plan))
+    process = multiprocessing.get_context("spawn").Process(target=os._exit, args=(9,))
+    process.start()
+    process.join()
+    trial = study.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{process.pid}")
+    died: list[str] = []
+    _reap(study, [process], plan, died)
+    assert died == ["worker 0 exited with code 9"]
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "its worker process died (exit code 9)"
+    assert retry.state == TrialState.WAITING and retry.system_attrs["dse:failures"] == 1
+
+
+def test_a_claimed_trial_nobody_took_up_is_retried_after_the_grace_period(data_root, tmp_path):
+    from dse.sweep import _open, fail_stale
+
+    plan = _plan(data_root, tmp_path / "orphan.db")  # grace_period=3
+    storage = _open(plan)
+    study = optuna.create_study(study_name=plan.study_name, storage=storage)
+    taken, orphan = study.ask(), study.ask()  # `orphan`: its claimer's reply was lost, or it died at once
+    taken.set_user_attr("worker", "elsewhere:1")
+    fail_stale(study, storage, plan)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
+    time.sleep(3.5)
+    fail_stale(study, storage, plan)
+    states = [(t.number, t.state, t.system_attrs.get("dse:retry_of")) for t in study.get_trials()]
+    assert states == [(0, TrialState.RUNNING, None), (1, TrialState.FAIL, None), (2, TrialState.WAITING, 1)]
+
+
+# ---------------------------------------------------------------- heartbeats, taken-over trials, run folders
+
+
+class _FlakyStorage:
+    """record_heartbeat fails while `down`; get_trial says the trial's state."""
+
+    def __init__(self):
+        self.down, self.beats, self.state = False, 0, TrialState.RUNNING
+
+    def record_heartbeat(self, trial_id):
+        if self.down:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        self.beats += 1
+
+    def get_trial(self, trial_id):
+        if self.down:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return SimpleNamespace(state=self.state)
+
+
+def test_heartbeat_survives_an_outage_and_a_lapsed_trial_stops():
+    storage = _FlakyStorage()
+    with Heartbeat(storage, interval=0.05) as beat:
+        beat.add(7)
+        storage.down = True
+        time.sleep(0.3)
+        assert beat.silent_for(7) >= 0.25
+        check_ours(storage, 7, beat, grace=10)  # the storage cannot say, and the grace period has not passed
+        with pytest.raises(TrialLost, match="no heartbeat reached the storage"):
+            check_ours(storage, 7, beat, grace=0.2)
+        storage.down = False
+        time.sleep(0.3)
+        assert beat.silent_for(7) < 0.2 and storage.beats >= 2  # the thread beats again
+        storage.state = TrialState.FAIL  # another worker failed it as stale
+        with pytest.raises(TrialLost, match="the trial is FAIL"):
+            check_ours(storage, 7, beat, grace=10)
+
+
+def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
+    folder = tmp_path / "run"
+    events = []
+    with hold_run_dir(folder, lambda: None):
+        def second():
+            checks = iter([None, TrialLost("taken over")])
+
+            def check():
+                if next(checks):
+                    raise TrialLost("taken over")
+
+            try:
+                with hold_run_dir(folder, check):
+                    events.append("second got it")
+            except TrialLost:
+                events.append("second gave up")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=30)
+    assert events == ["second gave up"]
+    with hold_run_dir(folder, lambda: None):
+        pass  # free again once released
+
+
+# ---------------------------------------------------------------- concurrency and outages
+
+
+def _finished_once(study: optuna.Study, points: int) -> None:
+    done = study.get_trials()
+    assert [t.state for t in done] == [TrialState.COMPLETE] * points, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in done]
+    assert len({json.dumps(t.params, sort_keys=True) for t in done}) == points
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, data_root, tmp_path, monkeypatch, request):
+    """Two sweeps of one new study (threads with their own connections and locks, as processes have) read
+    what is queued at the same instant; reading is slowed so that, without the lock, both would queue it all."""
+    import dse.sweep
+
+    storage = request.getfixturevalue("postgres").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'twice.db'}"
+    plan = _plan(data_root, tmp_path / "unused.db", f"study.storage={storage}", f"study.workdir={tmp_path / 'work'}",
+                 "sweep.workers=1")
+    read = dse.sweep._chains
+
+    def slow_read(trials):
+        time.sleep(0.5)
+        return read(trials)
+
+    monkeypatch.setattr(dse.sweep, "_chains", slow_read)
+    barrier, queued = threading.Barrier(2), []
+
+    def start() -> None:
+        barrier.wait()
+        queued.append(prepare_study(plan)[1])
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(queued) == [0, 4]
+    monkeypatch.undo()
+    assert run_sweep(plan).ok
+    _finished_once(optuna.load_study(study_name="width-cifar10-quick", storage=storage), 4)
+
+
+@pytest.mark.slow
+def test_a_postgresql_outage_during_a_run_trains_nothing_twice(postgres, tmp_path):
+    """Stop the database for 3 s while two workers train (a beat fails for longer than the grace period)."""
+    root = tmp_path / "data"
+    write_cifar(root, "cifar10", n_train=600, n_test=40)
+    command = [sys.executable, "-m", "dse.sweep", *tiny(root, tmp_path / "unused.db", "sweep.workers=2", "train.epochs=3",
+               f"study.storage={postgres.url}", f"study.workdir={tmp_path / 'work'}", "study.grace_period=2",
+               "study.storage_retry_seconds=60")]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "work" / "runs").glob("*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before the outage"
+    postgres.stop()
+    time.sleep(3)
+    postgres.start()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="width-cifar10-quick", storage=postgres.url)
+    by_point: dict[str, list] = {}
+    for t in study.get_trials():
+        by_point.setdefault(json.dumps(t.system_attrs["fixed_params"], sort_keys=True), []).append(t)
+    assert len(by_point) == 4
+    for runs in by_point.values():
+        assert [t.state for t in runs].count(TrialState.COMPLETE) == 1
+        trained = [r["epoch"] for t in runs for r in t.user_attrs.get("curves", [])
+                   if t.state != TrialState.COMPLETE or r["epoch"] > t.user_attrs["resumed_from"]]
+        assert len(trained) == len(set(trained)), f"an epoch was trained twice: {sorted(trained)}"
