@@ -1,5 +1,6 @@
 """Optuna storage and studies: open a study DB (SQLite or any SQLAlchemy URL) with a lock and storage
-retries, create a study with its definition or check a run against it, and read its trials into a pandas frame."""
+retries, heartbeats of running trials, create a study with its definition or check a run against it, and read
+its trials into a pandas frame."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,6 +23,7 @@ import optuna
 import pandas as pd
 import sqlalchemy
 from optuna.storages import RDBStorage
+from optuna.trial import TrialState
 
 __all__ = [
     "OBJECTIVES",
@@ -34,6 +37,9 @@ __all__ = [
     "open_storage",
     "storage_lock",
     "transient",
+    "Heartbeat",
+    "TrialLost",
+    "check_ours",
     "fingerprint",
     "definition_diff",
     "create_or_check_study",
@@ -54,6 +60,10 @@ _LOCK_KEY = int.from_bytes(hashlib.sha256(b"dse.study").digest()[:8], "big", sig
 
 class StudyError(RuntimeError):
     """A study or its storage cannot be used as asked (unreachable, unknown, defined otherwise)."""
+
+
+class TrialLost(RuntimeError):
+    """This worker no longer owns its trial: another worker failed it as stale, and a retry takes over."""
 
 
 def check_study_name(name: str) -> str:
@@ -322,6 +332,82 @@ def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections opened before the listeners are dropped
+
+
+# ---------------------------------------------------------------- heartbeats: who owns a running trial
+
+
+@dataclass
+class Heartbeat:
+    """One thread that beats for every trial this worker runs (a set, for workers that run several at once).
+    A beat that fails (the storage is unreachable) is tried again every second until one lands: the thread
+    survives outages. `silent_for` says how long a trial's beats have not reached the storage."""
+
+    storage: RDBStorage  # without storage retries: a beat never blocks the next
+    interval: float
+    last: dict[int, float] = field(default_factory=dict)  # trial id -> monotonic time of its last beat that landed
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="dse-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, trial_id: int, *, patience: float = 0) -> None:
+        """Beat for this trial from now on; its first beat is tried for up to `patience` seconds."""
+        with self._lock:
+            self.last[trial_id] = time.monotonic()
+        deadline = time.monotonic() + patience
+        while not self._beat(trial_id) and time.monotonic() < deadline:
+            time.sleep(1)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self.last.pop(trial_id, None)
+
+    def silent_for(self, trial_id: int) -> float:
+        with self._lock:
+            return time.monotonic() - self.last.get(trial_id, time.monotonic())
+
+    def _run(self) -> None:
+        pause = self.interval
+        while not self._stop.wait(pause):
+            with self._lock:
+                ids = list(self.last)
+            landed = [self._beat(trial_id) for trial_id in ids]
+            pause = self.interval if all(landed) else min(self.interval, 1.0)  # beat again as soon as it is back
+
+    def _beat(self, trial_id: int) -> bool:
+        try:
+            self.storage.record_heartbeat(trial_id)
+        except Exception:  # noqa: BLE001 - any storage failure: the next beat tries again
+            return False
+        with self._lock:
+            if trial_id in self.last:
+                self.last[trial_id] = time.monotonic()
+        return True
+
+
+def check_ours(storage: RDBStorage, trial_id: int, beat: Heartbeat, grace: float) -> None:
+    """Raise TrialLost once this worker no longer owns the trial: another worker failed it as stale (and
+    its retry takes over), or, while the storage cannot say, none of our beats landed for `grace` seconds
+    (others may take it over as soon as the storage is back)."""
+    try:
+        state = storage.get_trial(trial_id).state
+    except Exception as e:
+        if not transient(e):
+            raise
+        if beat.silent_for(trial_id) > grace:
+            raise TrialLost(f"no heartbeat reached the storage for {beat.silent_for(trial_id):.0f} s (study.grace_period={grace:g})") from None
+        return
+    if state != TrialState.RUNNING:
+        raise TrialLost(f"the trial is {state.name}: another worker found its heartbeat stale and queued a retry")
 
 
 # ---------------------------------------------------------------- studies and their definitions

@@ -15,7 +15,6 @@ import platform
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,10 @@ from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
+    Heartbeat,
     StudyError,
+    TrialLost,
+    check_ours,
     check_storage,
     check_workdir,
     claim_workdir,
@@ -52,9 +54,9 @@ from dse.study import (
 from dse.train import _RESUMABLE_CHANGES, TrainConfig, TrainingDiverged, TrainResult, train
 
 __all__ = [
-    "Plan", "Outcome", "Heartbeat", "TrialLost", "plan_sweep", "prepare_study", "run_sweep", "trial_overrides", "trial_identity",
+    "Plan", "Outcome", "plan_sweep", "prepare_study", "run_sweep", "trial_overrides", "trial_identity",
     "run_folder", "enqueue_missing", "requeue", "fail_stale", "claim_trial", "setup_trial", "train_trial", "record_result", "finish_trial",
-    "fail_trial", "run_trial", "check_ours", "hold_run_dir", "work", "tally", "main",
+    "fail_trial", "run_trial", "hold_run_dir", "work", "tally", "main",
 ]  # fmt: skip
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -64,10 +66,6 @@ ALIVE = (TrialState.RUNNING, TrialState.WAITING)
 # Settings that do not change what a trial computes (where the data live, how fast it runs): left out of
 # the study's definition and of a trial's run folder key.
 NOT_COMPUTED = {"data": {"root", "download"}, "train": {*_RESUMABLE_CHANGES, "seed"}}
-
-
-class TrialLost(RuntimeError):
-    """This worker no longer owns its trial: another worker failed it as stale, and a retry takes over."""
 
 
 @dataclass
@@ -520,80 +518,7 @@ def fail_stale(study: optuna.Study, storage: RDBStorage, plan: Plan) -> None:
                     requeue(study, t, counted=False, max_retry=cfg.max_retry)
 
 
-# ---------------------------------------------------------------- heartbeats
-
-
-@dataclass
-class Heartbeat:
-    """One thread that beats for every trial this worker runs (a set, for workers that run several at once).
-    A beat that fails (the storage is unreachable) is tried again every second until one lands: the thread
-    survives outages. `silent_for` says how long a trial's beats have not reached the storage."""
-
-    storage: RDBStorage  # without storage retries: a beat never blocks the next
-    interval: float
-    last: dict[int, float] = field(default_factory=dict)  # trial id -> monotonic time of its last beat that landed
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        self._thread = threading.Thread(target=self._run, name="dse-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def add(self, trial_id: int, *, patience: float = 0) -> None:
-        """Beat for this trial from now on; its first beat is tried for up to `patience` seconds."""
-        with self._lock:
-            self.last[trial_id] = time.monotonic()
-        deadline = time.monotonic() + patience
-        while not self._beat(trial_id) and time.monotonic() < deadline:
-            time.sleep(1)
-
-    def remove(self, trial_id: int) -> None:
-        with self._lock:
-            self.last.pop(trial_id, None)
-
-    def silent_for(self, trial_id: int) -> float:
-        with self._lock:
-            return time.monotonic() - self.last.get(trial_id, time.monotonic())
-
-    def _run(self) -> None:
-        pause = self.interval
-        while not self._stop.wait(pause):
-            with self._lock:
-                ids = list(self.last)
-            landed = [self._beat(trial_id) for trial_id in ids]
-            pause = self.interval if all(landed) else min(self.interval, 1.0)  # beat again as soon as it is back
-
-    def _beat(self, trial_id: int) -> bool:
-        try:
-            self.storage.record_heartbeat(trial_id)
-        except Exception:  # noqa: BLE001 - any storage failure: the next beat tries again
-            return False
-        with self._lock:
-            if trial_id in self.last:
-                self.last[trial_id] = time.monotonic()
-        return True
-
-
-def check_ours(storage: RDBStorage, trial_id: int, beat: Heartbeat, grace: float) -> None:
-    """Raise TrialLost once this worker no longer owns the trial: another worker failed it as stale (and
-    its retry takes over), or, while the storage cannot say, none of our beats landed for `grace` seconds
-    (others may take it over as soon as the storage is back)."""
-    try:
-        state = storage.get_trial(trial_id).state
-    except Exception as e:
-        if not transient(e):
-            raise
-        if beat.silent_for(trial_id) > grace:
-            raise TrialLost(f"no heartbeat reached the storage for {beat.silent_for(trial_id):.0f} s (study.grace_period={grace:g})") from None
-        return
-    if state != TrialState.RUNNING:
-        raise TrialLost(f"the trial is {state.name}: another worker found its heartbeat stale and queued a retry")
+# ---------------------------------------------------------------- run folders
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Study storage: safe names, storage checks before anything is written, a lock around creation and queueing,
-storage retries, and a study's definition that a differing run cannot write into."""
+storage retries, heartbeats that survive outages, and a study's definition that a differing run cannot write into."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import sqlalchemy
+from optuna.trial import TrialState
 
 from dse.study import (
+    Heartbeat,
     StudyError,
+    TrialLost,
+    check_ours,
     check_storage,
     check_study_name,
     create_or_check_study,
@@ -179,3 +184,38 @@ def test_storage_calls_are_retried_while_the_server_is_unreachable(capsys):
     with pytest.raises(optuna.exceptions.StorageInternalError):
         _with_retries(down, 1, "postgresql://h/db")()
     assert time.monotonic() - start <= 1.5  # bounded
+
+
+class _FlakyStorage:
+    """record_heartbeat fails while `down`; get_trial says the trial's state."""
+
+    def __init__(self):
+        self.down, self.beats, self.state = False, 0, TrialState.RUNNING
+
+    def record_heartbeat(self, trial_id):
+        if self.down:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        self.beats += 1
+
+    def get_trial(self, trial_id):
+        if self.down:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return SimpleNamespace(state=self.state)
+
+
+def test_heartbeat_survives_an_outage_and_a_lapsed_trial_stops():
+    storage = _FlakyStorage()
+    with Heartbeat(storage, interval=0.05) as beat:
+        beat.add(7)
+        storage.down = True
+        time.sleep(0.3)
+        assert beat.silent_for(7) >= 0.25
+        check_ours(storage, 7, beat, grace=10)  # the storage cannot say, and the grace period has not passed
+        with pytest.raises(TrialLost, match="no heartbeat reached the storage"):
+            check_ours(storage, 7, beat, grace=0.2)
+        storage.down = False
+        time.sleep(0.3)
+        assert beat.silent_for(7) < 0.2 and storage.beats >= 2  # the thread beats again
+        storage.state = TrialState.FAIL  # another worker failed it as stale
+        with pytest.raises(TrialLost, match="the trial is FAIL"):
+            check_ours(storage, 7, beat, grace=10)

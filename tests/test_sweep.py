@@ -16,18 +16,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
-import sqlalchemy
 from optuna.trial import TrialState
 
 from dse.config import SpaceConfig
-from dse.study import OBJECTIVES, StudyError
+from dse.study import OBJECTIVES, StudyError, TrialLost
 from dse.sweep import (
-    Heartbeat, TrialLost, check_ours, compose, grid_params, hold_run_dir, merge_overrides, plan_sweep, prepare_study,
-    run_folder, run_sweep,
+    compose, grid_params, hold_run_dir, merge_overrides, plan_sweep, prepare_study, run_folder, run_sweep,
 )  # fmt: skip
 from conftest import free_port, write_cifar
 
@@ -405,42 +402,7 @@ def test_a_claimed_trial_nobody_took_up_is_retried_after_the_grace_period(data_r
     assert states == [(0, TrialState.RUNNING, None), (1, TrialState.FAIL, None), (2, TrialState.WAITING, 1)]
 
 
-# ---------------------------------------------------------------- heartbeats, taken-over trials, run folders
-
-
-class _FlakyStorage:
-    """record_heartbeat fails while `down`; get_trial says the trial's state."""
-
-    def __init__(self):
-        self.down, self.beats, self.state = False, 0, TrialState.RUNNING
-
-    def record_heartbeat(self, trial_id):
-        if self.down:
-            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
-        self.beats += 1
-
-    def get_trial(self, trial_id):
-        if self.down:
-            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
-        return SimpleNamespace(state=self.state)
-
-
-def test_heartbeat_survives_an_outage_and_a_lapsed_trial_stops():
-    storage = _FlakyStorage()
-    with Heartbeat(storage, interval=0.05) as beat:
-        beat.add(7)
-        storage.down = True
-        time.sleep(0.3)
-        assert beat.silent_for(7) >= 0.25
-        check_ours(storage, 7, beat, grace=10)  # the storage cannot say, and the grace period has not passed
-        with pytest.raises(TrialLost, match="no heartbeat reached the storage"):
-            check_ours(storage, 7, beat, grace=0.2)
-        storage.down = False
-        time.sleep(0.3)
-        assert beat.silent_for(7) < 0.2 and storage.beats >= 2  # the thread beats again
-        storage.state = TrialState.FAIL  # another worker failed it as stale
-        with pytest.raises(TrialLost, match="the trial is FAIL"):
-            check_ours(storage, 7, beat, grace=10)
+# ---------------------------------------------------------------- run folders
 
 
 def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
