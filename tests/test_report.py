@@ -195,7 +195,7 @@ def test_a_study_with_no_finished_trials_gives_an_empty_valid_report(tmp_path, c
     [
         (["--study", "nope"], r"no study 'nope' in sqlite:///.*base\.db; studies there: base$"),
         (["--study", "base", "--storage", "sqlite:///{tmp}/missing.db"], r"no study DB at .*missing\.db"),
-        (["--study", "base", "--storage", "sqlite:///{tmp}/garbage.db"], r"is not a readable Optuna study DB"),
+        (["--study", "base", "--storage", "sqlite:///{tmp}/garbage.db"], r"garbage\.db is not a readable SQLite DB .*corrupt or another file"),
         (["--study", "base", "--storage", "postgresql://nobody@127.0.0.1:1/dse"], r"cannot reach storage"),
         (["--study", "base", "drop", "--storage", "a", "b", "c"], r"3 storages for 2 studies"),
     ],
