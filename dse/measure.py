@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["ModelProfile", "profile", "state_dict_bytes", "int8_bytes", "count_macs", "measure_latency"]
+__all__ = [
+    "ModelProfile",
+    "Latency",
+    "profile",
+    "state_dict_bytes",
+    "int8_bytes",
+    "count_macs",
+    "measure_latency",
+    "measure_latencies",
+]
+
+# A sitting is "under load" when other processes kept more than this share of the machine's cores busy.
+UNDER_LOAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -143,3 +156,130 @@ def profile(
         latency_runs=repeats if latency else 0,
         threads=threads,
     )
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Batch-1 CPU latency of one model from one sitting of `measure_latencies`. Each round times a few runs in
+    a row and keeps the fastest (a run the scheduler did not interrupt); `ms` is the median of those round
+    figures over the last `window` rounds, `iqr_ms` their interquartile range (the drift between rounds)."""
+
+    ms: float
+    iqr_ms: float
+    window: int  # rounds the figure comes from
+    rounds: int  # rounds run in all: more than the window while the spread was wide
+    runs: int  # timed runs per round
+    threads: int
+    other_cores: float | None  # cores other processes kept busy on average (None: not measurable here)
+    cpus: int  # the cores this process may run on
+    under_load: bool  # other_cores > UNDER_LOAD x cpus
+
+    @property
+    def spread(self) -> float:
+        """IQR / median over the rounds: 0.05 means the middle half of the rounds lie within 5 % of the median."""
+        return self.iqr_ms / self.ms if self.ms else float("inf")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spread": self.spread}
+
+
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def _busy_seconds(cores: list[int]) -> float | None:
+    """CPU seconds every process has spent busy on these cores (Linux /proc/stat); None elsewhere."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines:
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            values = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(values) - values[3] - values[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def _machine_load(out: dict) -> Iterator[None]:
+    """Fill out["other_cores"]: the cores other processes kept busy on average while the block ran."""
+    cores = _cores()
+    wall, mine, busy = time.perf_counter(), time.process_time(), _busy_seconds(cores)
+    yield
+    after = _busy_seconds(cores)
+    elapsed = time.perf_counter() - wall
+    others = None
+    if busy is not None and after is not None and elapsed > 0:
+        others = max(0.0, (after - busy) - (time.process_time() - mine)) / elapsed
+    out.update(other_cores=others, cpus=len(cores))
+
+
+def _median_iqr(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], 0.0
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return statistics.median(values), q3 - q1
+
+
+def measure_latencies(
+    models: Mapping[str, tuple[nn.Module, Sequence[int]]],
+    *,
+    threads: int = 1,
+    warmup: int = 5,
+    runs: int = 5,
+    window: int = 7,
+    max_rounds: int = 40,
+    max_spread: float = 0.05,
+) -> dict[str, Latency]:
+    """Batch-1 CPU latency of several models in one sitting, so that they compare with each other. Rounds
+    interleave the models: each round times `runs` runs of each model in turn (after one untimed run) and keeps
+    the fastest. A model's figure is the median of its last `window` round figures; while their spread
+    (IQR / median) exceeds `max_spread` the model gets more rounds, up to `max_rounds`, so that drift or a
+    burst of load elsewhere passes. Eval mode, no autograd, NCHW fp32, `threads` threads. `models` maps a name
+    to (model, input shape without the batch)."""
+    if runs < 1 or window < 1 or max_rounds < window or warmup < 0 or threads < 1 or max_spread <= 0:
+        raise ValueError(f"{runs=} and {window=} must be >= 1, {max_rounds=} >= window, {warmup=} >= 0, "
+                         f"{threads=} >= 1, {max_spread=} > 0")
+    inputs = {name: torch.randn(1, *shape) for name, (_, shape) in models.items()}
+    best: dict[str, list[float]] = {name: [] for name in models}  # the fastest run of each round
+    load: dict = {}
+    with ExitStack() as stack:
+        for model, _ in models.values():
+            stack.enter_context(_eval(model))
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(_threads(threads))
+        stack.enter_context(_machine_load(load))
+        for name, (model, _) in models.items():
+            for _ in range(warmup):
+                model(inputs[name])
+        wide = list(models)
+        while wide:
+            for name in wide:
+                best[name].append(_fastest(models[name][0], inputs[name], runs))
+            wide = [n for n in wide if len(best[n]) < max_rounds and
+                    (len(best[n]) < window or _spread(best[n][-window:]) > max_spread)]
+    under = load["other_cores"] is not None and load["other_cores"] > UNDER_LOAD * load["cpus"]
+    out = {}
+    for name, figures in best.items():
+        median, iqr = _median_iqr(figures[-window:])
+        out[name] = Latency(median, iqr, min(window, len(figures)), len(figures), runs, threads,
+                            load["other_cores"], load["cpus"], under)
+    return out
+
+
+def _spread(values: list[float]) -> float:
+    median, iqr = _median_iqr(values)
+    return iqr / median
+
+
+def _fastest(model: nn.Module, x: torch.Tensor, runs: int) -> float:
+    """The fastest of `runs` timed calls, in ms, after an untimed one (the previous model left the cache)."""
+    model(x)
+    fastest = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x)
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest * 1e3

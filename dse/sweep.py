@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,8 +35,10 @@ from tqdm.auto import tqdm
 import dse
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, finite, register_schemas, to_object
 from dse.data import DataConfig, DataError, Splits, load_data
+from dse.latency import architecture, build, ensure, training_turns
 from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
+from dse.progress import duration, list_studies, start_line, summary, trial_line, watching
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
     Heartbeat,
@@ -86,6 +90,7 @@ class Plan:
     grid: list[dict] = field(default_factory=list)  # the fixed params of every grid trial
     cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
     definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
+    archs: dict[str, dict] = field(default_factory=dict)  # the grid's inference graphs: latency key -> spec
 
     def overrides(self, params: dict) -> list[str]:
         """A trial's Hydra overrides: space < point extras < command line < study < the trial's knobs."""
@@ -307,8 +312,13 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
         _check_data(setup, loaded[_data_key(setup.data)], study)
     if plan.grid:
         plan.cost = [training_cost(s, loaded[_data_key(s.data)]) for s in setups.values() for _ in seeds]
+        plan.archs = dict(_architecture(s, loaded[_data_key(s.data)]) for s in setups.values())
     plan.definition = _definition(space, seeds, study, setups)
     return plan
+
+
+def _architecture(setup: TrialSetup, splits: Splits) -> tuple[str, dict]:
+    return architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
 
 
 def _data_key(data: DataConfig) -> str:
@@ -621,6 +631,7 @@ class TrialRun:
     splits: Splits
     model: torch.nn.Module
     prof: ModelProfile
+    latency_ms: float  # the architecture's figure (dse.latency), not the trial's own
     run_dir: Path
     started: float
 
@@ -645,7 +656,8 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
     splits = cache[key]
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
-    prof = profile(model, tuple(splits.train_x.shape[1:]), threads=1)
+    prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
+    latency = _latency(trial, setup, splits, model)
     full = setup.full
     _set_attrs(trial, {
         "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
@@ -653,11 +665,10 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
         "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "int8_mb": prof.int8_mb, "latency_ms": prof.latency_ms, "latency_iqr_ms": prof.latency_iqr_ms,
-        "latency_threads": prof.threads, "overrides": overrides, "provenance": _provenance(setup.resolved),
+        "int8_mb": prof.int8_mb, **latency, "overrides": overrides, "provenance": _provenance(setup.resolved),
     })
     study_cfg = plan.study_cfg
-    limits = [(prof.size_bytes / 1e3, study_cfg.max_size_kb, "size", "KB"), (prof.latency_ms, study_cfg.max_latency_ms, "latency", "ms")]
+    limits = [(prof.size_bytes / 1e3, study_cfg.max_size_kb, "size", "KB"), (latency["latency_ms"], study_cfg.max_latency_ms, "latency", "ms")]
     for value, limit, what, unit in limits:
         if limit:  # Optuna's constraint (<= 0 is feasible), set before training so that a pruned trial has it too
             trial.set_constraint(f"{what}_{unit.lower()}", value - limit)
@@ -666,24 +677,35 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
         reason = "over budget: " + ", ".join(over)
         trial.set_user_attr("pruned_reason", reason)
         raise optuna.TrialPruned(reason)
-    return TrialRun(trial, setup, splits, model, prof, _run_dir(plan, setup), started)
+    return TrialRun(trial, setup, splits, model, prof, latency["latency_ms"], _run_dir(plan, setup), started)
+
+
+def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module) -> dict:
+    """The trial's latency attributes: its architecture's figure in the study, measured now (training on this
+    machine paused) if no trial of that architecture was measured before."""
+    key, _ = _architecture(setup, splits)
+    how = "by a worker at the first trial of the architecture, training on this machine paused"
+    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how)[key]
+    return {"latency_ms": figure["ms"], "latency_iqr_ms": figure["iqr_ms"], "latency_threads": figure["threads"],
+            "latency_under_load": figure["under_load"], "latency_key": key}
 
 
 def train_trial(run: TrialRun, plan: Plan, check: Callable[[], None]) -> TrainResult:
     """Train in the run folder (held locked), resuming its checkpoint; after each epoch check that the trial
     is still ours (`check` raises TrialLost), record the curves and let the pruner decide."""
-    trial, prof, study_cfg = run.trial, run.prof, plan.study_cfg
+    trial, study_cfg = run.trial, plan.study_cfg
     live: list[dict] = []
     rung_epochs = set(rungs(study_cfg.pruning, run.setup.train.epochs))
 
     def on_epoch(record) -> None:  # the curves so far, for the dashboard and the pruner
         check()
+        epoch_boundary()  # a latency measurement waiting on this machine runs now
         live.append(asdict(record))
         trial.set_user_attr("curves", live)
+        _report_epoch(trial, record.epoch, record.val_acc)
         if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
-            _prune_if_dominated(trial, record, prof.size_mb, prof.latency_ms, study_cfg)
+            _prune_if_dominated(trial, record, run.prof.size_mb, run.latency_ms, study_cfg)
         elif study_cfg.pruner not in ("none", "pareto"):
-            trial.report(record.val_acc, record.epoch)
             if trial.should_prune():
                 _record_pruned(trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}")
 
@@ -691,11 +713,21 @@ def train_trial(run: TrialRun, plan: Plan, check: Callable[[], None]) -> TrainRe
     train_cfg.threads = plan.threads
     train_cfg.progress = train_cfg.progress and plan.progress and plan.workers == 1
     try:
-        with hold_run_dir(run.run_dir, check):
+        # The run folder first: a process waiting for it must not hold up latency measurements meanwhile.
+        with hold_run_dir(run.run_dir, check), training_turns() as epoch_boundary:
             return train(run.model, run.splits, train_cfg, checkpoint_path=run.run_dir / "checkpoint.pt", on_epoch=on_epoch)
     except TrainingDiverged as e:
         trial.set_user_attr("pruned_reason", f"diverged: {e}")
         raise optuna.TrialPruned(f"diverged: {e}") from None
+
+
+def _report_epoch(trial: optuna.Trial, epoch: int, val_acc: float) -> None:
+    """The epoch's validation accuracy as an Optuna intermediate value (the dashboard's curves; Optuna's own
+    pruners read it). `Trial.report` refuses multi-objective studies, so those write through the storage."""
+    if len(trial.study.directions) == 1:
+        trial.report(val_acc, epoch)
+    else:
+        trial.storage.set_trial_intermediate_value(trial._trial_id, epoch, val_acc)
 
 
 def record_result(run: TrialRun, result: TrainResult, plan: Plan, train_started: float) -> list[float]:
@@ -712,7 +744,7 @@ def record_result(run: TrialRun, result: TrainResult, plan: Plan, train_started:
     })
     _upload(trial, plan, run.run_dir, curves)
     trial.set_user_attr("trial_seconds", time.perf_counter() - run.started)
-    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": run.prof.size_mb, "latency_ms": run.prof.latency_ms}
+    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": run.prof.size_mb, "latency_ms": run.latency_ms}
     return [metrics[m] for m in plan.study_cfg.objectives]
 
 
@@ -768,8 +800,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: Plan, cache: dict,
         raise
     finally:
         beat.remove(trial._trial_id)
-    note = note or ("" if frozen else "taken over by another worker, whose retry records the result")
-    _log_trial(frozen or study._storage.get_trial(trial._trial_id), worker, note)
+    if not plan.progress:  # else the main process's progress bar prints the line (progress.watching)
+        note = note or ("" if frozen else "taken over by another worker, whose retry records the result")
+        line = trial_line(frozen or study._storage.get_trial(trial._trial_id), worker)
+        tqdm.write(line + (f"; {note}" if note else ""))
 
 
 def _prune_if_dominated(trial: optuna.Trial, record, size: float, latency: float, cfg: StudyConfig) -> None:
@@ -857,23 +891,22 @@ def work(plan: Plan, worker: int = 0) -> int:
             ran += 1
 
 
-def _log_trial(t: optuna.trial.FrozenTrial, worker: int, note: str = "") -> None:
-    """One line per finished trial."""
-    a = t.user_attrs
-    if t.state == TrialState.COMPLETE:
-        what = (f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
-                f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms  {a.get('s_per_epoch', 0):.1f} s/epoch")
-    else:
-        what = a.get("pruned_reason") or a.get("fail_reason") or t.state.name
-    tqdm.write(f"[worker {worker}] trial {t.number} {a.get('paper_name', '')} seed {a.get('seed', '')}: {what}"
-               + (f"; {note}" if note else ""))
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: stop at once, quietly. A second Ctrl-C does not break the cleanup (the running trial is failed
+    as interrupted and queued again: it resumes from its checkpoint); Optuna logs no traceback for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    raise KeyboardInterrupt
 
 
 def _worker_entry(plan: Plan, worker: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial replaces Optuna's
+    signal.signal(signal.SIGINT, _interrupted)
     register_schemas()
     try:
         work(plan, worker)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         if not transient(e):
             raise
@@ -899,6 +932,9 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return not (self.failed or self.left or self.workers)
+
+    def counts(self) -> str:
+        return f"{self.complete} complete, {self.pruned} pruned, {self.failed} failed, {self.left} left"
 
     def problems(self) -> str:
         parts = [f"{n} of {self.total} trials {what}" for n, what in
@@ -943,30 +979,47 @@ def prepare_study(plan: Plan) -> tuple[optuna.Study, int]:
 
 
 def run_sweep(plan: Plan) -> Outcome:
-    """Prepare the study, run the workers, print a summary; return the outcome."""
-    study, queued = prepare_study(plan)
+    """Prepare the study, measure the grid's latencies, run the workers with a progress bar, print a summary
+    (counts, the front, the next commands); return the outcome."""
+    study, _ = prepare_study(plan)
     claim_workdir(Path(plan.workdir))
     total = len(plan.grid) if plan.grid else plan.space_cfg.n_trials
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    print(f"study {plan.study_name!r} in {plan.storage}: {total} trials in the space, {done} finished, {queued} queued now; "
-          f"{plan.workers} worker(s) x {plan.threads} thread(s)", flush=True)
+    print(start_line(study, plan.storage, total, plan.workers, plan.threads), flush=True)
     started = time.perf_counter()
     if _todo(study, plan) == "done":
         print("nothing to do: every trial of the space is finished", flush=True)
-        return tally(study, plan)
+        outcome = tally(study, plan)
+        print(summary(study, plan.storage, outcome.counts()), flush=True)
+        return outcome
+    measure_grid_latency(study, plan)
+    costs = {_params_key(p): c for p, c in zip(plan.grid, plan.cost or [1.0] * len(plan.grid))}
     died: list[str] = []
-    if plan.workers == 1:
-        work(plan)
-    else:
-        context = multiprocessing.get_context("spawn")
-        procs = [context.Process(target=_worker_entry, args=(plan, i), daemon=False) for i in range(plan.workers)]
-        for p in procs:
-            p.start()
-        _watch(study, procs, total, plan.progress, lambda: _reap(study, procs, plan, died))
+    with watching(study, costs=costs, n_trials=total, enabled=plan.progress):
+        if plan.workers == 1:
+            work(plan)
+        else:
+            context = multiprocessing.get_context("spawn")
+            procs = [context.Process(target=_worker_entry, args=(plan, i), daemon=False) for i in range(plan.workers)]
+            for p in procs:
+                p.start()
+            _wait(procs, lambda: _reap(study, procs, plan, died))
     outcome = tally(study, plan, died)
-    print(f"done in {time.perf_counter() - started:.1f} s: {outcome.complete} complete, {outcome.pruned} pruned, "
-          f"{outcome.failed} failed, {outcome.left} left; artifacts in {Path(plan.workdir) / 'artifacts'}", flush=True)
+    print(summary(study, plan.storage, f"done in {duration(time.perf_counter() - started)}: {outcome.counts()}"), flush=True)
+    print(f"checkpoints and artifacts: {Path(plan.workdir)}", flush=True)
     return outcome
+
+
+def measure_grid_latency(study: optuna.Study, plan: Plan) -> None:
+    """Before any training: the latency of every architecture of the grid the study has no figure of, in one
+    sitting in this process (interleaved, so they compare), training of other sweeps on this machine paused."""
+    if not plan.archs:
+        return
+    how = "before training, in one sitting by the sweep's main process, training on this machine paused"
+    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how)
+    loaded = sum(f["under_load"] for f in figures.values())
+    ms = [f["ms"] for f in figures.values()]
+    print(f"latency of the {len(figures)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"
+          + (f"; {loaded} measured under load (other processes kept the cores busy)" if loaded else ""), flush=True)
 
 
 def _reap(study: optuna.Study, procs: list, plan: Plan, died: list[str]) -> None:
@@ -983,18 +1036,26 @@ def _reap(study: optuna.Study, procs: list, plan: Plan, died: list[str]) -> None
                 tqdm.write(f"[worker {i}] died (exit code {p.exitcode}) in trial {t.number}; {note}")
 
 
-def _watch(study: optuna.Study, procs: list, total: int, progress: bool, on_tick: Callable[[], None]) -> None:
-    bar = tqdm(total=total, desc="trials", unit="trial", disable=not progress)
+def _wait(procs: list, on_tick: Callable[[], None]) -> None:
+    """Wait for the worker processes, calling `on_tick` meanwhile and once at the end; on Ctrl-C, pass it on
+    to them, give them time to fail their trials (as interrupted: queued again), then stop the ones still
+    running."""
     try:
         while any(p.is_alive() for p in procs):
-            time.sleep(2)
+            time.sleep(0.5)
             on_tick()
-            finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-            bar.update(min(finished, total) - bar.n)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        raise
     finally:
         for p in procs:
             p.join()
-        bar.close()
     on_tick()
 
 
@@ -1002,6 +1063,7 @@ def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGINT, _interrupted)
     cli = list(HydraConfig.get().overrides.task)
     try:
         plan = plan_sweep(cfg, cli)
@@ -1009,7 +1071,9 @@ def _main(cfg: DictConfig) -> None:
     except (ValueError, StudyError, DataError) as e:
         raise SystemExit(f"dse.sweep: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("dse.sweep: interrupted; run the same command again to resume") from None
+        print("dse.sweep: interrupted; finished trials are kept in the study; run the same command again to resume "
+              "(interrupted trials continue from their last checkpoint)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         if not transient(e):
             raise
@@ -1020,9 +1084,11 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """`python -m dse.sweep +space=NAME [overrides]`."""
+    """`python -m dse.sweep +space=NAME [overrides]`, or `python -m dse.sweep --list [NAME]`."""
     import hydra
 
+    if "--list" in sys.argv[1:]:  # before Hydra, which would take it for an override
+        raise SystemExit(list_studies(sys.argv[1:]))
     register_schemas()
     hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")(_main)()
 

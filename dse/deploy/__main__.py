@@ -34,18 +34,37 @@ def _front(study: optuna.Study, args):
 def cmd_list(args) -> int:
     study, _ = _study(args)
     front = _front(study, args)
+    _print_front(study, front, args.format, ", ".join(f"{k}={v:g}" for k, v in _filters(args).items()))
+    return 0
+
+
+def _print_front(study: optuna.Study, front, fmt: str = "markdown", limits: str = "") -> None:
+    """The front as a table, then what to trust of its latencies."""
     shown = front.assign(val_acc=100 * front.val_acc, test_acc=100 * front.test_acc).rename(
         columns={"val_acc": "val_acc_%", "test_acc": "test_acc_%"})
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    limits = ", ".join(f"{k}={v:g}" for k, v in _filters(args).items())
-    print(f"Pareto front of study {study.study_name!r} (val_acc up, size down, latency down): {len(front)} model(s) "
+    print(f"Pareto front of study {study.study_name!r} ({', '.join(study.metric_names or [])}): {len(front)} model(s) "
           f"of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 state_dict in "
-          "10^3 bytes; latency_ms: PyTorch batch-1 CPU, as the sweep measured it.")
-    if args.format == "csv":
-        print(shown.to_csv(index=False), end="")
-    else:
-        print(shown.to_markdown(index=False, floatfmt=".3f"))
-    return 0
+          "10^3 bytes; latency_ms: PyTorch batch-1 CPU latency of the architecture, latency_iqr_ms its spread.")
+    print(shown.to_csv(index=False) if fmt == "csv" else shown.to_markdown(index=False, floatfmt=".3f") + "\n", end="")
+    for line in latency_warnings(study, front):
+        print(line, file=sys.stderr)
+
+
+def latency_warnings(study: optuna.Study, front) -> list[str]:
+    """Lines that say which of the front's latencies not to trust, and how to re-measure them."""
+    out = []
+    loaded = [int(n) for n in front.loc[front["under_load"], "trial"]]
+    if loaded:
+        out.append(f"warning: the latency of trial(s) {', '.join(map(str, loaded))} was measured under load; re-measure "
+                   f"the front in one sitting: python -m dse.deploy measure --study {study.study_name} --front")
+    keyed = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency_key")}
+    old = [int(n) for n in front["trial"] if int(n) not in keyed]
+    if old:
+        out.append(f"warning: trial(s) {', '.join(map(str, old))} measured their own latency while other workers "
+                   "trained (a study of an older dse): compare them with care; `export` measures a bundle's latency "
+                   "in one sitting")
+    return out
 
 
 def _settings(args) -> ExportSettings:
@@ -95,6 +114,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_measure(args) -> int:
+    if args.study:
+        return measure_front(args)
+    if not args.names:
+        raise DeployError("measure takes model NAMES, or --study S --front")
     import pandas as pd
 
     settings = ExportSettings(threads=args.threads, warmup=args.warmup, runs=args.runs)
@@ -109,8 +132,34 @@ def cmd_measure(args) -> int:
     return 0
 
 
-def _add_study(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", required=True, help="study name")
+def measure_front(args) -> int:
+    """Re-measure the PyTorch batch-1 latency of the front's architectures in one sitting, store it on the study
+    (every trial of an architecture reads it), and print the front again."""
+    if not args.front or args.names:
+        raise DeployError("with --study, measure takes --front (and no model names): it re-measures the front's "
+                          "architectures")
+    from dse.latency import build, ensure
+
+    study, _ = _study(args)
+    front = _front(study, args)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    keys = {trials[int(n)].user_attrs.get("latency_key") for n in front["trial"]}
+    if None in keys:
+        raise DeployError(f"study {study.study_name!r} predates latency per architecture (its trials carry no "
+                          "latency_key), so its figures cannot be re-measured; `export` measures a bundle's latency")
+    specs = {k: json.loads(k) for k in keys}
+    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
+                     "python -m dse.deploy measure --front: one sitting, training on this machine paused",
+                     remeasure=True, threads=args.threads)
+    loaded = sum(f["under_load"] for f in figures.values())
+    print(f"re-measured {len(figures)} architecture(s) of the front in one sitting"
+          + (f"; {loaded} under load (other processes kept the cores busy): rerun on a quiet machine" if loaded else ""))
+    _print_front(study, _front(study, args))
+    return 0
+
+
+def _add_study(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--study", required=required, help="study name")
     p.add_argument("--storage", help="study storage URL (default sqlite:///studies/<study>.db)")
 
 
@@ -151,8 +200,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder and .tar.gz")
     p = sub.add_parser("verify", help="check a bundle's files against their sha256 sums")
     p.add_argument("folder")
-    p = sub.add_parser("measure", help="ONNX sizes and latencies of untrained model shapes, fp32 and int8")
-    p.add_argument("names", nargs="+", help="registry or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")
+    p = sub.add_parser("measure", help="ONNX sizes and latencies of untrained model shapes, fp32 and int8; or, "
+                       "with --study S --front, re-measure the front's PyTorch latencies in one sitting")
+    p.add_argument("names", nargs="*", help="registry or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")
+    _add_study(p, required=False)
+    p.add_argument("--front", action="store_true", help="with --study: re-measure the latency of the front's "
+                   "architectures in one sitting and store it on the study")
+    _add_filters(p)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--size", type=int, default=32, help="input height and width")

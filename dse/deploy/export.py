@@ -297,6 +297,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def study_bundles(name: str) -> Path:
+    """bundles/<study>/, the study's name as it is where it is a plain folder name (else its slug)."""
+    plain = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name
+    return Path("bundles") / (name if plain else _slug(name))
+
+
 def bundle_name(trial: optuna.trial.FrozenTrial) -> str:
     return f"trial{trial.number}-{_slug(trial.user_attrs.get('paper_name', 'model'))}"
 
@@ -532,7 +538,7 @@ def export_trial(
     out.tar.gz, record its metrics on the study as `deploy:<number>`, and return that record."""
     settings = settings or ExportSettings()
     trial = find_trial(study, number)
-    out = Path(out) if out is not None else Path("bundles") / _slug(study.study_name) / bundle_name(trial)
+    out = Path(out) if out is not None else study_bundles(study.study_name) / bundle_name(trial)
     _check_out(out, force)
     splits = load_trial_data(trial, data_root)
     model, cfg = load_trial_model(study, trial, storage=storage, workdir=workdir,
@@ -564,7 +570,7 @@ def record_on_study(name: str, storage: str, number: int, record: dict) -> None:
 def export_front(study: optuna.Study, numbers: list[int], out: str | os.PathLike | None = None, **kwargs) -> list[dict]:
     """Export every trial of `numbers` (the filtered Pareto front) into `out` (default bundles/<study>/),
     one bundle each, and write out/index.md; return the records."""
-    out = Path(out) if out is not None else Path("bundles") / _slug(study.study_name)
+    out = Path(out) if out is not None else study_bundles(study.study_name)
     folders = {n: out / bundle_name(find_trial(study, n)) for n in numbers}
     for folder in folders.values():  # refuse before the first export, not halfway
         _check_out(folder, kwargs.get("force", False))

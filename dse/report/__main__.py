@@ -13,7 +13,8 @@ from dse.study import StudyError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dse.report",
-        description="Regenerate the paper's Tables 1-7, Figure 9 and a Pareto plot from study DBs into OUT/<study>/ "
+        description="Regenerate the tables of every trial and configuration, the paper's Tables 1-7, Figure 9 and a "
+        "Pareto plot from study DBs into OUT/<study>/ "
         "(several studies are combined into OUT/<a>+<b>/).",
     )
     parser.add_argument("--study", nargs="+", required=True, metavar="NAME", help="the study (or studies) to report")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     complete = int((data.trials["state"] == "COMPLETE").sum())
     print(f"report of {data.name} ({complete} complete of {len(data.trials)} trials) in {folder}/: "
-          f"index.md, table1-7 ({', '.join(args.formats)}), figure9.png, pareto.png")
+          f"index.md (every trial first), trials, configs and table1-7 ({', '.join(args.formats)}), figure9.png, pareto.png")
 
 
 if __name__ == "__main__":

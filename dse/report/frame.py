@@ -12,10 +12,11 @@ import optuna
 import pandas as pd
 import sqlalchemy
 
-from dse.models import ModelConfig, parse_name, resolve_config
-from dse.study import StudyError, default_storage, load_study, trials_frame
+from dse.latency import figures
+from dse.models import parse_name
+from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
 
-__all__ = ["CONFIG", "BUDGET", "StudyData", "load_studies", "completed", "aggregate", "clean", "label"]
+__all__ = ["CONFIG", "BUDGET", "LATENCY", "StudyData", "load_studies", "with_latency", "completed", "aggregate", "clean", "val_acc"]
 
 # Two trials are repeats of one experiment when these agree (they differ in the seed only).
 CONFIG = ("family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer")
@@ -24,18 +25,22 @@ BUDGET = ("epochs", "lr", "train_images")
 ATTRS = (
     "paper_name", "family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer", "lr",
     "epochs_planned", "seed", "params", "macs", "size_mb", "int8_mb", "latency_ms", "test_acc", "s_per_epoch",
-    "curves", "split", "device", "provenance", "pruned_reason",
+    "curves", "split", "device", "provenance", "pruned_reason", "latency_key", "latency_iqr_ms",
 )
+# How each trial's latency was measured, from its architecture's figure (older studies: the trial's own).
+LATENCY = ("latency_ms", "latency_iqr_ms", "latency_under_load", "latency_how")
 
 
 @dataclass
 class StudyData:
-    """Every trial of the studies (`trials`: one row each, with a `study` column), and each study's storage
-    URL and user attributes (its space, the paper tables it reproduces, its command line, deploy records)."""
+    """Every trial of the studies (`trials`: one row each, with a `study` column; latency columns LATENCY from
+    its architecture's figure), each study's storage URL, user attributes (its space, the paper tables it
+    reproduces, its command line, deploy records, latency figures) and objectives (metric names)."""
 
     trials: pd.DataFrame
     storages: dict[str, str]
     attrs: dict[str, dict]
+    objectives: dict[str, list[str]]
 
     @property
     def name(self) -> str:
@@ -54,18 +59,35 @@ def load_studies(names: Sequence[str], storages: Sequence[str] = ()) -> StudyDat
         raise ValueError(f"{len(storages)} storages for {len(names)} studies: give none, one for all, or one per study")
     urls = {name: storages[i] if len(storages) == len(names) else storages[0] if storages else default_storage(name)
             for i, name in enumerate(names)}
-    frames, attrs = [], {}
+    frames, attrs, objectives = [], {}, {}
     for name, url in urls.items():
         study = _load(name, url)
         frame = trials_frame(study)
         frame.insert(0, "study", name)
         frames.append(frame)
         attrs[name] = dict(study.user_attrs)
+        objectives[name] = list(study.metric_names or OBJECTIVES)
     trials = pd.concat(frames, ignore_index=True)
     for column in ("number", "state", "val_acc", *ATTRS):
         if column not in trials:
             trials[column] = None
-    return StudyData(trials, urls, attrs)
+    return StudyData(with_latency(trials, attrs), urls, attrs, objectives)
+
+
+def with_latency(trials: pd.DataFrame, attrs: dict[str, dict]) -> pd.DataFrame:
+    """The trials with the LATENCY columns from their architecture's figure in their study; a trial of an older
+    study (no figure) keeps the latency it measured itself."""
+    tables = {name: figures(a) for name, a in attrs.items()}
+    rows = []
+    for row in trials.to_dict("records"):
+        figure = tables[row["study"]].get(row["latency_key"]) if isinstance(row["latency_key"], str) else None
+        if figure is not None:
+            row.update(latency_ms=figure["ms"], latency_iqr_ms=figure["iqr_ms"],
+                       latency_under_load=figure["under_load"], latency_how=figure["how"])
+        else:
+            row.update(latency_under_load=None, latency_how="measured by the trial itself" if clean(row["latency_ms"]) else None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*trials.columns, *LATENCY])))
 
 
 def _load(name: str, url: str) -> optuna.Study:
@@ -105,7 +127,7 @@ def config_key(row: dict) -> tuple:
     return (family, blocks, width, *(clean(row[k]) for k in CONFIG[3:]))
 
 
-def _val_acc(row: dict) -> float:
+def val_acc(row: dict) -> float:
     """The final validation accuracy: the objective when the study optimises it, else the last epoch's."""
     if clean(row["val_acc"]) is not None:
         return row["val_acc"]
@@ -125,7 +147,7 @@ def completed(trials: pd.DataFrame) -> pd.DataFrame:
             "epochs": clean(row["epochs_planned"]), "train_images": split.get("train"),
             "budget": (clean(row["epochs_planned"]), clean(row["lr"]), split.get("train")),
             "test_pct": 100 * row["test_acc"] if row["test_acc"] is not None else math.nan,
-            "val_pct": 100 * _val_acc(row),
+            "val_pct": 100 * val_acc(row),
         })
     columns = [*trials.columns, *CONFIG, "config", "epochs", "train_images", "budget", "test_pct", "val_pct"]
     return pd.DataFrame(records, columns=list(dict.fromkeys(columns)))
@@ -149,23 +171,11 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
             "trials": sorted(zip(g["study"], g["number"].astype(int))), **stats,
             "size_mb": g["size_mb"].astype(float).mean(), "int8_mb": g["int8_mb"].astype(float).mean(),
             "params": int(first["params"]), "macs": int(first["macs"]),
-            "latency_ms": g["latency_ms"].astype(float).mean(), "device": ", ".join(sorted(set(map(str, g["device"])))),
+            "latency_ms": g["latency_ms"].astype(float).mean(), "latency_iqr_ms": g["latency_iqr_ms"].astype(float).mean(),
+            "latency_under_load": bool(g["latency_under_load"].eq(True).any()),
+            "device": ", ".join(sorted(set(map(str, g["device"])))),
         })
     columns = ["config", *CONFIG, "budget", *BUDGET, "model", "n", "seeds", "studies", "trials", "acc_mean", "acc_std",
                "val_mean", "val_std", "s_per_epoch_mean", "s_per_epoch_std", "size_mb", "int8_mb", "params", "macs",
-               "latency_ms", "device"]
+               "latency_ms", "latency_iqr_ms", "latency_under_load", "device"]
     return pd.DataFrame(rows, columns=columns)
-
-
-def label(group: dict | pd.Series) -> str:
-    """An experiment's short name: its paper name plus the knobs that differ from the model's defaults."""
-    family, _, _, dropout, activation, inplace, _, optimizer = group["config"]
-    defaults = resolve_config(ModelConfig(name=family))
-    extra = []
-    if dropout != clean(defaults.dropout):
-        extra.append(f"p={dropout:g}")
-    if (activation, inplace) != (defaults.activation, defaults.inplace):
-        extra.append(f"{activation}{'' if inplace else ' not in-place'}")
-    if optimizer != "sgd":
-        extra.append(str(optimizer))
-    return " ".join([str(group["model"]), *extra])

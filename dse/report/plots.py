@@ -9,16 +9,17 @@ from typing import Sequence
 
 import pandas as pd
 from matplotlib import colors
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from dse.paper import load_paper
-from dse.report.frame import label
+from dse.report.results import label, non_dominated, varying
 from dse.report.tables import DATASETS, PAPER_TABLES
 
-__all__ = ["PANELS", "pick_figure9", "plot_figure9", "non_dominated", "plot_pareto"]
+__all__ = ["PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]
 
 # Figure 9's panels: (title, registry families, the paper's baseline models first).
 PANELS = (
@@ -29,25 +30,34 @@ PANELS = (
 DPI = 110
 
 
-def _rank(group: dict, preferred: Sequence[str]) -> tuple:
+def _named(group: dict, swept: Sequence[str]) -> str:
+    """The model's name and the swept knobs that the name does not give."""
+    text = label(group, swept)
+    return text if text.startswith(str(group["model"])) else f"{group['model']} {text}"
+
+
+def _rank(group: dict, preferred: Sequence[str], defaults: dict) -> tuple:
     return (
         group["dataset"] != "cifar10",
         preferred.index(group["model"]) if group["model"] in preferred else len(preferred),
-        label(group) != group["model"],  # the model at its defaults before a variant of it
+        any(group[k] != v for k, v in defaults.items()),  # the paper's knobs before a variant of the model
         -(group["budget"][0] or 0),
         -group["val_mean"],
         json.dumps([group["config"], group["budget"]]),
     )
 
 
-def pick_figure9(groups: pd.DataFrame) -> list[dict | None]:
-    """The experiment each panel shows: CIFAR-10 first, then the paper's baseline model (else the most
-    accurate on validation), at its default knobs, with the longest training."""
+def pick_figure9(groups: pd.DataFrame) -> list[tuple[str, dict]]:
+    """(panel title, experiment) for each family the studies ran: CIFAR-10 first, then the paper's baseline
+    model (else the most accurate on validation), at the paper's knobs, with the longest training."""
     records = groups.to_dict("records")
-    return [
-        min((g for g in records if g["family"] in families), key=lambda g: _rank(g, preferred), default=None)
-        for _, families, preferred in PANELS
-    ]
+    defaults = {"dropout": 0.3, "activation": "elu", "inplace": True, "optimizer": "sgd"}
+    out = []
+    for title, families, preferred in PANELS:
+        mine = [g for g in records if g["family"] in families]
+        if mine:
+            out.append((title, min(mine, key=lambda g: _rank(g, preferred, defaults))))
+    return out
 
 
 def _curves(done: pd.DataFrame, group: dict) -> pd.DataFrame:
@@ -58,44 +68,45 @@ def _curves(done: pd.DataFrame, group: dict) -> pd.DataFrame:
     return frame.assign(train_acc=100 * frame["train_acc"], val_acc=100 * frame["val_acc"])
 
 
+def _nothing(path: Path, title: str) -> None:
+    fig = Figure(figsize=(7, 2.5), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, "no finished trials yet: run (or finish) the sweep, then regenerate", ha="center", va="center")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=DPI)
+
+
 def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path) -> list[str]:
-    """Write Figure 9 (one panel per family: mean over seeds, band = min to max) to `path`; return what each
-    panel shows."""
-    fig = Figure(figsize=(15, 4.6), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
+    """Write Figure 9 to `path`: one panel per model family the studies ran (mean over seeds, band = min to
+    max); return what each panel shows."""
+    title = "Figure 9: training and validation accuracy per epoch\n(line: mean over seeds; band: min to max)"
+    picked = [(t, g) for t, g in pick_figure9(groups) if not _curves(done, g).empty]
+    if not picked:
+        _nothing(path, title)
+        return []
+    swept = varying(groups.to_dict("records"))
+    fig = Figure(figsize=(2 + 5 * len(picked), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(picked), sharey=True, squeeze=False)[0]
     shown = []
-    for ax, (title, _, _), group in zip(axes, PANELS, pick_figure9(groups)):
+    for ax, (panel, group) in zip(axes, picked):
+        what = f"{_named(group, swept)}, {DATASETS.get(group['dataset'], group['dataset'])}, n={group['n']}"
+        ax.set_title(f"{panel}\n{what}", fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        curves = _curves(done, group) if group is not None else pd.DataFrame()
-        if curves.empty:
-            ax.set_title(title, fontsize=10)
-            ax.text(0.5, 0.5, "not run in these studies", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            shown.append(f"{title}: not run")
-            continue
-        what = f"{label(group)}, {DATASETS.get(group['dataset'], group['dataset'])}, n={group['n']}"
-        ax.set_title(f"{title}\n{what}", fontsize=10)
-        by_epoch = curves.groupby("epoch")
+        by_epoch = _curves(done, group).groupby("epoch")
         for column, name, style, colour in (("train_acc", "training", "--", "C0"), ("val_acc", "validation", "-", "C1")):
             stats = by_epoch[column].agg(["mean", "min", "max"])
             ax.plot(stats.index, stats["mean"], style, color=colour, marker="o", markersize=3, label=name)
             if group["n"] > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.2, linewidth=0)
         ax.legend(loc="lower right")
-        shown.append(f"{title}: {what}, {group['epochs']} epochs")
+        shown.append(f"{panel}: {what}, {group['epochs']} epochs")
     axes[0].set_ylabel("accuracy (%)")
-    fig.suptitle("Figure 9: training and validation accuracy per epoch (line: mean over seeds; band: min to max)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=DPI)
     return shown
-
-
-def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points that no other point dominates, every coordinate minimised."""
-    def dominates(q: Sequence[float], p: Sequence[float]) -> bool:
-        return all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
-
-    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
 
 
 def _paper_points(dataset: str) -> pd.DataFrame:
@@ -112,50 +123,102 @@ def _latency_norm(latency: pd.Series) -> colors.Normalize:
     return colors.Normalize(low, high if high > low else low + 1.0)
 
 
+def _declutter(fig: Figure, notes: list) -> None:
+    """Move annotations that overlap an earlier one up or down, alternately, until they are clear."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    placed = []
+    for note in notes:
+        dx, dy = note.xyann
+        for step in range(1, 16):
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.xyann = (dx, dy + (-1) ** step * ((step + 1) // 2) * box.height * 0.8)
+        placed.append(note.get_window_extent(renderer))
+
+
+def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
+    """Accuracy against size (log x): the (accuracy, size) front stepped and labelled, points non-dominated in
+    all three objectives ringed. Returns the annotations and the front's rows."""
+    size, acc, latency = ours["size_mb"].astype(float), ours["val_mean"].astype(float), ours["latency_ms"].astype(float)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (MB, fp32 state_dict, log scale)")
+    ax.errorbar(size, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
+    ax.scatter(size, acc, c=latency, cmap="viridis", norm=norm, s=55, zorder=4)
+    ringed = sorted(non_dominated(list(zip(-acc, size, latency.fillna(float("inf"))))))
+    ax.scatter(size[ringed], acc[ringed], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
+    front = sorted(non_dominated(list(zip(-acc, size))), key=lambda i: (size[i], -acc[i]))
+    ax.step(size[front], acc[front], where="post", color="C3", linewidth=1.5, zorder=3)
+    notes = [ax.annotate(label(ours.loc[i], swept), (size[i], acc[i]), xytext=(6, 6), textcoords="offset points",
+                         fontsize=8) for i in front]
+    return notes, front
+
+
+def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
+    """Every model has one size: accuracy against the swept knob(s), one column per configuration in order."""
+    order = sorted(range(len(ours)), key=lambda i: [(v is None, v if v is not None else 0) for v in
+                                                     (ours.loc[i, k] for k in ("dropout", "activation", "optimizer", "lr", "dataset"))])
+    ours = ours.loc[order].reset_index(drop=True)
+    x, acc = range(len(ours)), ours["val_mean"].astype(float)
+    ax.errorbar(x, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
+    ax.scatter(x, acc, c=ours["latency_ms"].astype(float), cmap="viridis", norm=norm, s=55, zorder=4)
+    ax.set_xticks(list(x), [label(r, swept) for r in ours.to_dict("records")], rotation=30 if len(ours) > 6 else 0,
+                  ha="right" if len(ours) > 6 else "center", fontsize=8)
+    ax.set_xlim(-0.6, len(ours) - 0.4)
+    ax.set_xlabel(f"every model is {ours['size_mb'].iloc[0]:.3f} MB: accuracy against {', '.join(swept) or 'the configuration'}")
+    best = [int(acc.idxmax())]
+    ax.scatter([best[0]], [acc[best[0]]], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
+    return [], [order[best[0]]]
+
+
 def plot_pareto(groups: pd.DataFrame, path: Path) -> list[str]:
-    """Write the Pareto plot to `path`: validation accuracy vs fp32 size (log x), one panel per dataset,
-    colour = batch-1 latency, the (accuracy, size) front drawn and labelled, points non-dominated in all three
-    objectives ringed, the paper's published points overlaid. Return the front's labels."""
-    datasets = sorted(set(groups["dataset"]), key=lambda d: (d != "cifar10", d)) or ["cifar10"]
+    """Write the Pareto plot to `path`: validation accuracy vs fp32 size, one panel per dataset, colour = batch-1
+    latency, the (accuracy, size) front drawn and labelled, points non-dominated in all three objectives ringed,
+    the paper's published points overlaid where it has them. A panel whose models all have one size plots
+    accuracy against the swept knobs instead. Return the front's labels."""
+    title = "Accuracy vs model size: our experiments"
+    if groups.empty:
+        _nothing(path, title)
+        return []
+    datasets = sorted(set(groups["dataset"]), key=lambda d: (d != "cifar10", d))
     fig = Figure(figsize=(2 + 7 * len(datasets), 6.2), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     norm = _latency_norm(groups["latency_ms"].astype(float))
-    front_labels = []
+    front_labels, notes, paper_drawn, stepped = [], [], False, False
     for ax, dataset in zip(axes, datasets):
         ours = groups[groups["dataset"] == dataset].reset_index(drop=True)
-        paper = _paper_points(dataset)
-        ax.scatter(paper["size_mb"], paper["acc"], marker="x", color="0.55", s=30, zorder=2)
-        ax.set_xscale("log")
+        swept = varying(ours.to_dict("records"))
         ax.grid(alpha=0.3, which="both")
-        ax.set_xlabel("model size (MB, fp32 state_dict, log scale)")
-        ax.set_title(f"{DATASETS.get(dataset, dataset)}: {len(ours)} experiment(s) of ours")
-        if ours.empty:
-            ax.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            continue
-        size, acc = ours["size_mb"].astype(float), ours["val_mean"].astype(float)
-        all_three = set(non_dominated(list(zip(-acc, size, ours["latency_ms"].astype(float)))))
-        ax.errorbar(size, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
-        ax.scatter(size, acc, c=ours["latency_ms"].astype(float), cmap="viridis", norm=norm, s=55, zorder=4)
-        ringed = sorted(all_three)
-        ax.scatter(size[ringed], acc[ringed], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
-        front = sorted(non_dominated(list(zip(-acc, size))), key=lambda i: (size[i], -acc[i]))
-        ax.step(size[front], acc[front], where="post", color="C3", linewidth=1.5, zorder=3)
-        for i in front:
-            ax.annotate(label(ours.loc[i]), (size[i], acc[i]), xytext=(5, 5), textcoords="offset points", fontsize=8)
-            front_labels.append(f"{DATASETS.get(dataset, dataset)}: {label(ours.loc[i])}")
+        ax.set_title(f"{DATASETS.get(dataset, dataset)}: {len(ours)} configuration(s) of ours", fontsize=10)
+        one_size = ours["size_mb"].astype(float).nunique() == 1 and len(ours) > 1
+        drawn, front = (_by_knob if one_size else _by_size)(ax, ours, swept, norm)
+        notes += drawn
+        stepped |= not one_size
+        front_labels += [f"{DATASETS.get(dataset, dataset)}: {_named(ours.loc[i], swept)}" for i in front]
+        paper = _paper_points(dataset)
+        if not one_size and not paper.empty:
+            ax.scatter(paper["size_mb"], paper["acc"], marker="x", color="0.55", s=30, zorder=2)
+            paper_drawn = True
     axes[0].set_ylabel("validation accuracy (%), mean over seeds (bar: ± std)")
     legend = [
-        Line2D([], [], marker="x", linestyle="none", color="0.55", label="paper (published test accuracy)"),
         Line2D([], [], marker="o", linestyle="none", color="0.7", label="ours (colour: latency)"),
-        Line2D([], [], color="C3", label="non-dominated front (accuracy, size)"),
         Line2D([], [], marker="o", markersize=11, linestyle="none", markerfacecolor="none", markeredgecolor="black",
                label="ringed: non-dominated in (accuracy, size, latency)"),
     ]
+    if stepped:
+        legend.insert(1, Line2D([], [], color="C3", label="non-dominated front (accuracy, size)"))
+    if paper_drawn:
+        legend.insert(0, Line2D([], [], marker="x", linestyle="none", color="0.55", label="paper (published test accuracy)"))
+        title = "Accuracy vs model size: our experiments and the paper's published points"
+    if not stepped:
+        title = "Accuracy vs the swept knobs (every model of a dataset has one size)"
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=9)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes), label="batch-1 CPU latency (ms)")
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # not 1.3x10^0
     bar.ax.yaxis.set_major_formatter(plain)
     bar.ax.yaxis.set_minor_formatter(plain)
-    fig.suptitle("Accuracy vs model size: our experiments and the paper's published points")
+    fig.suptitle(title)
+    _declutter(fig, notes)
     fig.savefig(path, dpi=DPI)
     return front_labels

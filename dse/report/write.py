@@ -1,5 +1,6 @@
-"""Write a report folder: every table in each format asked for, Figure 9, the Pareto plot, and index.md
-with the studies' provenance. The same studies always give the same files (no clock is read)."""
+"""Write a report folder: our own results first (every trial, every configuration), the paper's tables, each in
+every format asked for, Figure 9, the Pareto plot, and index.md with the studies' provenance. The same studies
+always give the same files (no clock is read)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Sequence
 
 import pandas as pd
 
+from dse.paper import load_paper
 from dse.report.frame import StudyData, aggregate, completed
 from dse.report.plots import plot_figure9, plot_pareto
-from dse.report.tables import PAPER_TABLES, compare, deployments, devices, formatted, notes, title
+from dse.report.results import configs_table, shown_configs, shown_trials, trials_table
+from dse.report.tables import DATASETS, PAPER_TABLES, compare, deployments, devices, formatted, notes, title
 
 __all__ = ["FORMATS", "write_report"]
 
@@ -29,31 +32,67 @@ def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence
     folder.mkdir(parents=True, exist_ok=True)
     done = completed(data.trials)
     groups = aggregate(done)
+    objectives = list(dict.fromkeys(m for names in data.objectives.values() for m in names))
+    ours = {"trials": trials_table(data), "configs": configs_table(groups, objectives)}
+    for stem, table, (shown, same) in (("trials", ours["trials"], shown_trials(ours["trials"])),
+                                       ("configs", ours["configs"], shown_configs(ours["configs"]))):
+        write_table(folder, stem, OUR_TITLES[stem], table, shown, [_same_line(same), *OUR_NOTES], formats,
+                    caption=f"{OUR_TITLES[stem]}. {_same_line(same)}")
     study_tables = {s: [str(t) for t in a.get("tables") or []] for s, a in data.attrs.items()}
     tables = {t: compare(t, groups, study_tables) for t in PAPER_TABLES}
     tables["7"] = deployments(data, done)
     for table, lines in tables.items():
-        write_table(folder, table, lines, formats)
+        first = [_other_dataset(table, done)] if table != "7" and _other_dataset(table, done) else []
+        write_table(folder, f"table{table}", title(table), lines, formatted(lines, table), first + notes(lines, table), formats)
     figure9 = plot_figure9(done, groups, folder / "figure9.png")
     front = plot_pareto(groups, folder / "pareto.png")
-    (folder / "index.md").write_text(index(data, done, tables, formats, figure9, front))
+    (folder / "index.md").write_text(index(data, done, ours, tables, formats, figure9, front))
     return folder
 
 
-def write_table(folder: Path, table: str, lines: pd.DataFrame, formats: Sequence[str]) -> None:
-    """tableN.md (title, table, notes), tableN.csv (every number, unrounded; NaN = not run) and tableN.tex."""
-    shown = formatted(lines, table)
+OUR_TITLES = {"trials": "Every trial", "configs": "Every configuration (mean ± std over seeds)"}
+OUR_NOTES = [
+    "val %, test %: validation accuracy (the sweep's objective) and test accuracy after the last epoch run; MB: the "
+    "fp32 `state_dict` file in 10^6 bytes; int8 MB: an estimate; MMACs: millions of multiply-accumulates per image.",
+    "latency ms: batch-1 CPU inference (PyTorch, 1 thread) of the architecture, measured once per architecture (the "
+    "median over rounds of each round's fastest run; IQR ms: the spread between rounds); studies of an older dse "
+    "hold each trial's own figure (median and IQR of its runs, taken while other workers trained). † measured under "
+    "load (other processes kept more than a quarter of the cores busy): re-measure the front in one sitting with "
+    "`python -m dse.deploy measure --study STUDY --front`.",
+    "★: on the Pareto front of the study's objectives (validation accuracy up, size and latency down) among the "
+    "complete trials; in the configurations table, among the configurations of a dataset (mean validation accuracy).",
+]
+
+
+def _same_line(same: list[str]) -> str:
+    return f"Same in every row: {', '.join(same)}." if same else "Every column varies."
+
+
+def _other_dataset(table: str, done: pd.DataFrame) -> str:
+    """One line when none of the report's trials ran on the dataset of the paper's table."""
+    dataset = load_paper()["dataset"][table]
+    ran = sorted(set(done["dataset"].dropna()))
+    if done.empty or dataset in ran:
+        return ""
+    return (f"None of these studies ran on {DATASETS[dataset]} (they ran on {', '.join(DATASETS.get(d, d) for d in ran)}): "
+            "this table shows the paper's figures only; our results are in the trials table (trials.md).")
+
+
+def write_table(folder: Path, stem: str, heading: str, data: pd.DataFrame, shown: pd.DataFrame, bullets: list[str],
+                formats: Sequence[str], *, caption: str | None = None) -> None:
+    """<stem>.md (heading, the shown table, notes), <stem>.csv (`data`: every number, unrounded; NaN = missing)
+    and <stem>.tex (the shown table, captioned `caption` or the heading)."""
     if "markdown" in formats:
-        text = shown.to_markdown(index=False, disable_numparse=True)
-        bullets = "\n".join(f"- {n}" for n in notes(lines, table))
-        (folder / f"table{table}.md").write_text(f"# {title(table)}\n\n{text}\n\n{bullets}\n")
+        text = shown.to_markdown(index=False, disable_numparse=True) if not shown.empty else "(no rows)"
+        items = "\n".join(f"- {n}" for n in bullets)
+        (folder / f"{stem}.md").write_text(f"# {heading}\n\n{text}\n\n{items}\n")
     if "csv" in formats:
-        lines.to_csv(folder / f"table{table}.csv", index=False)
+        data.to_csv(folder / f"{stem}.csv", index=False)
     if "latex" in formats:
-        tex = shown.to_latex(index=False, escape=True, caption=title(table), label=f"tab:table{table}")
-        for plain, latex in (("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("—", "--")):
+        tex = shown.to_latex(index=False, escape=True, caption=caption or heading, label=f"tab:{stem}")
+        for plain, latex in (("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("—", "--"), ("★", r"$\star$"), ("†", r"$\dagger$")):
             tex = tex.replace(plain, latex)
-        (folder / f"table{table}.tex").write_text(tex)
+        (folder / f"{stem}.tex").write_text(tex)
 
 
 def _counted(values, render=str) -> str:
@@ -115,25 +154,66 @@ def _pruned(trials: pd.DataFrame) -> list[str]:
     ]
 
 
-def index(data: StudyData, done: pd.DataFrame, tables: dict[str, pd.DataFrame], formats: Sequence[str],
-          figure9: list[str], front: list[str]) -> str:
-    """index.md: the studies, links to every table and figure, pruning, how to read it, provenance."""
+def _links(stem: str, formats: Sequence[str]) -> str:
+    return ", ".join(f"[{f}]({stem}{FORMATS[f]})" for f in formats)
+
+
+def _ours(data: StudyData, ours: dict[str, pd.DataFrame], formats: Sequence[str]) -> list[str]:
+    """The results section: every trial (inline), then every configuration when some ran with several seeds."""
+    trials, configs = ours["trials"], ours["configs"]
+    shown, same = shown_trials(trials)
+    out = ["## Our results", "", f"### {OUR_TITLES['trials']} ({len(trials)}; {_links('trials', formats)})", "",
+           _same_line(same), "", shown.to_markdown(index=False, disable_numparse=True) if len(trials) else "(none yet)", ""]
+    if (configs["n"] > 1).any():
+        shown, same = shown_configs(configs)
+        out += [f"### {OUR_TITLES['configs']} ({len(configs)}; {_links('configs', formats)})", "", _same_line(same), "",
+                shown.to_markdown(index=False, disable_numparse=True), ""]
+    elif len(configs):
+        out += ["Every configuration ran with one seed, so this is also the table of configurations "
+                f"({_links('configs', formats)}).", ""]
+    queued = int((data.trials["state"] == "WAITING").sum())
+    under = int(trials["latency_under_load"].eq(True).sum())
+    out += [f"- {n}" for n in OUR_NOTES]
+    out += [f"- How the latencies were measured: {_counted(h for h in trials['latency_how'] if isinstance(h, str))}."]
+    out += [f"- {queued} queued trial(s) not started yet are not listed."] if queued else []
+    out += [f"- {under} trial(s) have a latency measured under load (†)."] if under else []
+    return out + [""]
+
+
+def _paper_tables(tables: dict[str, pd.DataFrame], done: pd.DataFrame, formats: Sequence[str]) -> list[str]:
+    """Links to the paper's tables; one line for the tables on datasets these studies did not run."""
+    other = [t for t in PAPER_TABLES if _other_dataset(t, done)]
+    lines = [_table_line(t, lines, formats) for t, lines in tables.items() if t not in other]
+    if other:
+        ran = ", ".join(DATASETS.get(d, d) for d in sorted(set(done["dataset"].dropna())))
+        links = ", ".join(f"[Table {t}](table{t}.md)" if "markdown" in formats else f"Table {t}" for t in other)
+        names = sorted({DATASETS[load_paper()["dataset"][t]] for t in other})
+        lines.insert(0, f"- {links}: the paper's figures on {' and '.join(names)} only; these studies ran on {ran}.")
+    return lines
+
+
+def index(data: StudyData, done: pd.DataFrame, ours: dict[str, pd.DataFrame], tables: dict[str, pd.DataFrame],
+          formats: Sequence[str], figure9: list[str], front: list[str]) -> str:
+    """index.md: our results first, then the studies, the paper's tables, the figures, pruning, how to read the
+    paper's tables, provenance."""
     prov = [p for p in data.trials["provenance"] if isinstance(p, dict)]
     out = [f"# Report: {data.name}", "",
            "Regenerated from the study DB(s) alone by `python -m dse.report`; the same DBs give the same report.", ""]
     if done.empty:
         out += ["**No finished trials yet**: the tables list the paper's rows with none of ours ('not run') and the "
-                "figures are empty. Run (or finish) the sweep, then regenerate.", ""]
-    out += ["## Studies", "", _studies_table(data), "", "## Tables", ""]
-    out += [_table_line(t, lines, formats) for t, lines in tables.items()]
+                "figures say so. Run (or finish) the sweep, then regenerate.", ""]
+    out += _ours(data, ours, formats)
+    out += ["## Studies", "", _studies_table(data), "", "## The paper's tables", ""]
+    out += _paper_tables(tables, done, formats)
     out += ["", "## Figures", "", "[Figure 9](figure9.png): training and validation accuracy per epoch, from the curves "
             "the trials stored.", ""]
-    out += [f"- {line}" for line in figure9]
+    out += [f"- {line}" for line in figure9] or ["- no finished trials yet"]
     out += ["", "![Figure 9](figure9.png)", "", "[Pareto plot](pareto.png): validation accuracy (the sweep's objective) "
-            "vs fp32 model size, colour = batch-1 CPU latency; the paper's published (test) accuracies overlaid.", ""]
+            "vs fp32 model size (or vs the swept knob where every model has one size), colour = batch-1 CPU latency; "
+            "the paper's published (test) accuracies overlaid where it has figures for the dataset.", ""]
     out += [f"- on the front: {line}" for line in front] or ["- no experiments yet"]
     out += ["", "![Pareto plot](pareto.png)", "", "## Pruned trials", ""] + _pruned(data.trials)
-    out += ["", "## How to read the tables", "",
+    out += ["", "## How to read the paper's tables", "",
             "- acc %: test-split accuracy of ours, mean ± sample std (ddof = 1) over the n seeds; the paper reports the "
             "mean of 3 runs. Validation accuracy (the sweep's objective) is in the CSV files.",
             "- A paper row we have not run shows 'not run' (empty in the CSV, n = 0), never 0. Rows after the paper's "
@@ -146,5 +226,6 @@ def index(data: StudyData, done: pd.DataFrame, tables: dict[str, pd.DataFrame], 
             f"- hosts: {_counted(p.get('host') or 'unknown' for p in prov)}",
             f"- devices: {_counted(str(d) for d in done['device'])}",
             f"- data splits: {_counted((json.dumps(s) for s in done['split'] if isinstance(s, dict)), _split)}",
-            f"- training budgets (epochs): {_counted(int(e) for e in done['epochs'] if pd.notna(e))}", ""]
+            f"- training budgets (epochs): {_counted(int(e) for e in done['epochs'] if pd.notna(e))}",
+            ""]
     return "\n".join(out)

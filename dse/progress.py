@@ -1,0 +1,258 @@
+"""What a sweep shows its user: where it stands (per epoch, with the time left), a line per finished trial naming
+what was swept, the front and the next commands at the end, and the studies under studies/ (`--list`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import optuna
+import pandas as pd
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from dse.study import STUDIES, StudyError, default_storage, load_study
+
+__all__ = ["describe", "trial_line", "watching", "start_line", "summary", "list_studies", "duration"]
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How the sweep's params are named in its lines (the report's column names); others show as key=value.
+SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.lr": "lr"}
+BARE = ("point", "model", "model.activation", "train", "data")  # values that name themselves: 'relu', 'adam'
+
+
+def _value(value) -> str:
+    return format(value, ".4g") if isinstance(value, float) else str(value)
+
+
+def params_of(trial: FrozenTrial) -> dict:
+    """A trial's params: suggested ones, or those it was queued with (a trial that has not suggested yet)."""
+    return dict(trial.params or trial.system_attrs.get("fixed_params", {}))
+
+
+def describe(params: dict) -> str:
+    """What a trial's params sweep: 'W=0.9 seed 0', 'p=0.1 seed 1', 'relu adam seed 0'."""
+    parts = [_value(v) if k in BARE else f"{SHORT.get(k, k)}={_value(v)}" for k, v in params.items() if k != "seed"]
+    if "seed" in params:
+        parts.append(f"seed {params['seed']}")
+    return " ".join(parts)
+
+
+def trial_line(trial: FrozenTrial, worker: int) -> str:
+    """One line per finished trial: what it swept, its model, and its results or why it stopped."""
+    a = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        loaded = " (measured under load)" if a.get("latency_under_load") else ""
+        result = (f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
+                  f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms{loaded}  {a.get('s_per_epoch', 0):.1f} s/epoch")
+    else:
+        result = a.get("pruned_reason") or a.get("fail_reason") or trial.state.name
+    what, model = describe(params_of(trial)), a.get("paper_name", "")
+    named = what if not model or what.startswith(model) else f"{what} ({model})"
+    return f"[worker {worker}] trial {trial.number} {named}: {result}"
+
+
+# ---------------------------------------------------------------- progress
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _done_part(trial: FrozenTrial) -> float:
+    """How much of its training a trial has done: 1 when finished (a pruned trial's other epochs never run)."""
+    if trial.state in FINISHED:
+        return 1.0
+    if trial.state != TrialState.RUNNING:
+        return 0.0
+    planned = trial.user_attrs.get("epochs_planned") or 0
+    return min(1.0, len(trial.user_attrs.get("curves") or []) / planned) if planned else 0.0
+
+
+def fraction_done(trials: Sequence[FrozenTrial], costs: dict[str, float] | None, n_trials: int) -> float:
+    """The share of the sweep's work done. Grid: each point weighs its training cost (`costs`: params key ->
+    MACs x images x epochs); else every trial of `n_trials` weighs the same."""
+    if costs:
+        part: dict[str, float] = {}
+        for t in trials:
+            key = _key(params_of(t))
+            part[key] = max(part.get(key, 0.0), _done_part(t))
+        total = sum(costs.values())
+        return sum(cost * part.get(key, 0.0) for key, cost in costs.items()) / total if total else 0.0
+    return min(1.0, sum(_done_part(t) for t in trials) / n_trials) if n_trials else 1.0
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '3 min 10 s', '2 h 05 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> str:
+    finished = sum(t.state in FINISHED for t in trials)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    what = []
+    for t in sorted(running, key=lambda t: t.number)[:shown]:
+        epochs = f"epoch {len(t.user_attrs.get('curves') or [])}/{t.user_attrs.get('epochs_planned', '?')}"
+        what.append(f"#{t.number} {describe({k: v for k, v in params_of(t).items() if k != 'seed'})} {epochs}".replace("  ", " "))
+    more = f" +{len(running) - shown}" if len(running) > shown else ""
+    return f"{finished}/{total} trials done" + (f"; running {', '.join(what)}{more}" if running else "")
+
+
+@contextmanager
+def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: int, enabled: bool = True,
+             every: float = 2.0) -> Iterator[None]:
+    """A progress bar while the block runs: the share of the sweep's work done (epochs of running trials
+    included, grid points weighed by their training cost), the trials running with their epoch, and the time
+    left at the rate of this run. It reads the study every `every` seconds from a thread, so workers in other
+    processes (or this one) show alike."""
+    if not enabled:
+        yield
+        return
+    total = len(costs) if costs else n_trials
+    bar = tqdm(total=1000, bar_format="sweep {percentage:3.0f}%|{bar:20}| {desc}",
+               mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    started, stop = time.monotonic(), threading.Event()
+    first = fraction_done(study.get_trials(deepcopy=False), costs, n_trials)
+
+    def update() -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = fraction_done(trials, costs, n_trials)
+        elapsed = time.monotonic() - started
+        left = f"about {duration((1 - done) * elapsed / (done - first))} left" if done > first and done < 1 else ""
+        bar.update(round(1000 * done) - bar.n)
+        bar.set_description_str(" | ".join(p for p in (_status(trials, total), left) if p), refresh=False)
+
+    def loop() -> None:
+        while not stop.wait(every):
+            try:
+                update()
+            except Exception:  # a busy or unreachable storage: the workers' own retries decide; the bar waits
+                pass
+
+    thread = threading.Thread(target=loop, name="dse-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            update()
+        finally:
+            bar.close()
+
+
+# ---------------------------------------------------------------- start and end
+
+
+def start_line(study: optuna.Study, storage: str, total: int, workers: int, threads: int) -> str:
+    """Where a (re)started sweep stands: finished trials kept, interrupted ones queued again (they resume from
+    their checkpoints), trials still to run."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in FINISHED for t in trials)
+    failed = {_key(params_of(t)) for t in trials if t.state == TrialState.FAIL}
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    again = sum(_key(params_of(t)) in failed for t in waiting)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    parts = [f"{finished} finished (kept)"]
+    if again:
+        parts.append(f"{again} interrupted or failed before, queued again (they resume from their last checkpoint)")
+    parts.append(f"{len(waiting) - again} queued")
+    if running:
+        parts.append(f"{running} running elsewhere or stale (retried after the heartbeat's grace period)")
+    return (f"study {study.study_name!r} in {storage}: {total} trials in the space: {', '.join(parts)}; "
+            f"{workers} worker(s) x {threads} thread(s)")
+
+
+def _commands(name: str, storage: str) -> list[str]:
+    where = "" if storage == default_storage(name) else f" --storage {shlex.quote(storage)}"
+    dashboard = (f"make dashboard STUDY={name}" if not where
+                 else f"make dashboard STUDY={name} STORAGE={shlex.quote(storage)}")
+    return [
+        f"  python -m dse.report --study {name}{where}        # every trial, tables and figures into reports/{name}/",
+        f"  python -m dse.deploy list --study {name}{where}   # the Pareto front, with filters",
+        f"  python -m dse.deploy export --study {name}{where} --pick most-accurate   # a bundle for the board",
+        f"  {dashboard}   # optuna-dashboard: curves, params, the front",
+    ]
+
+
+def summary(study: optuna.Study, storage: str, counts: str) -> str:
+    """The end of a sweep: its `counts` line (the sweep's tally), the front as a short table (with what each
+    trial swept), the next commands."""
+    from dse.deploy.front import front_frame
+
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state for t in trials)
+    lines = [counts]
+    front = front_frame(study)
+    if len(front):
+        by_number = {t.number: t for t in trials}
+        shown = pd.DataFrame({
+            "trial": front["trial"], "swept": [describe(params_of(by_number[int(n)])) for n in front["trial"]],
+            "model": front["model"], "val %": [f"{100 * v:.2f}" for v in front["val_acc"]],
+            "KB": [f"{kb:.1f}" for kb in front["size_kb"]],
+            "latency ms": [f"{ms:.3f}" + (" †" if u else "") for ms, u in zip(front["latency_ms"], front["under_load"])],
+        })  # fmt: skip
+        lines += [f"Pareto front ({', '.join(study.metric_names or [])}): {len(front)} of "
+                  f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False)]
+        if front["under_load"].any():
+            lines.append("† latency measured under load (other processes kept the cores busy)")
+    lines += ["next:", *_commands(study.study_name, storage)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- --list
+
+
+def _counts(name: str, url: str) -> dict:
+    trials = load_study(name, url).get_trials(deepcopy=False)
+    states = Counter(t.state.name.lower() for t in trials)
+    return {"study": name, "storage": url, "trials": len(trials),
+            **{s: states[s] for s in ("complete", "pruned", "fail", "running", "waiting")}}
+
+
+def _studies_in(url: str) -> list[str]:
+    from optuna.storages import RDBStorage
+
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(RDBStorage(url, skip_table_creation=True),
+                                                                        include_best_trial=False))
+
+
+def list_studies(argv: Sequence[str]) -> int:
+    """`python -m dse.sweep --list [NAME] [--storage URL]`: the studies with their trial counts by state, from
+    every studies/*.db or from URL; with NAME, that study only (exit code 2 and one line if there is none).
+    Reads only: a missing DB is not created."""
+    parser = argparse.ArgumentParser(prog="python -m dse.sweep --list", description=list_studies.__doc__)
+    parser.add_argument("--list", action="store_true", required=True)
+    parser.add_argument("name", nargs="?", help="one study (default: all)")
+    parser.add_argument("--storage", help="storage URL (default: sqlite:///studies/<name>.db, or every studies/*.db)")
+    args = parser.parse_args(argv)
+    try:
+        if args.name:
+            rows = [_counts(args.name, args.storage or default_storage(args.name))]
+        else:
+            urls = [args.storage] if args.storage else [default_storage(p.stem) for p in sorted(Path(STUDIES).glob("*.db"))]
+            rows = [_counts(name, url) for url in urls for name in _studies_in(url)]
+    except (StudyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
+        hint = "; run a sweep first: python -m dse.sweep +space=NAME" if "no study" in str(e) else ""
+        print(f"dse.sweep: {' '.join(str(e).split())}{hint}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"no studies in {STUDIES}/ yet; run a sweep: python -m dse.sweep +space=width budget=quick")
+        return 0
+    print(pd.DataFrame(rows).to_markdown(index=False))
+    return 0
