@@ -31,8 +31,10 @@ sweep-quick: ## the quick width sweep on CIFAR-10 (DATA=fashion_mnist offline)
 tables: ## the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY (in STORAGE) into reports/<STUDY>/
 	$(PY) -m dse.report --study $(STUDY) --storage $(STORAGE) --format markdown csv latex
 
-dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080)
-	$(dir $(PY))optuna-dashboard $(STORAGE) --artifact-dir $(ARTIFACTS) --port $(PORT)
+dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080); a missing study: one line
+	$(eval MISSING := $(shell $(PY) -W ignore -m dse.sweep --list $(STUDY) --storage '$(STORAGE)' 2>&1 >/dev/null))
+	$(if $(MISSING),$(error $(MISSING)))
+	$(dir $(PY))optuna-dashboard '$(STORAGE)' --artifact-dir $(ARTIFACTS) --port $(PORT)
 
 deploy-list: ## print STUDY's Pareto front
 	$(PY) -m dse.deploy list --study $(STUDY) --storage $(STORAGE)

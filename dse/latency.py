@@ -28,6 +28,7 @@ except ImportError:  # not POSIX: measurements do not pause training (their load
 __all__ = ["ATTR", "architecture", "build", "figures", "ensure", "pause_training", "training_turns"]
 
 ATTR = "latency:"
+LOCKS = Path(tempfile.gettempdir())  # one pair of lock files per user and machine
 # How long a measurement waits for training workers to reach an epoch boundary before it measures anyway
 # (and says so): an epoch of a large model on a slow CPU can take minutes.
 PAUSE_WAIT_S = 600.0
@@ -91,7 +92,7 @@ def ensure(
 
 
 def _lock_file(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"dse-{getpass.getuser()}-{name}.lock"
+    return LOCKS / f"dse-{getpass.getuser()}-{name}.lock"
 
 
 def _open(name: str):

@@ -248,7 +248,7 @@ def list_studies(argv: Sequence[str]) -> int:
             urls = [args.storage] if args.storage else [default_storage(p.stem) for p in sorted(Path(STUDIES).glob("*.db"))]
             rows = [_counts(name, url) for url in urls for name in _studies_in(url)]
     except (StudyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
-        hint = "; run a sweep first: python -m dse.sweep +space=NAME" if "no study" in str(e) else ""
+        hint = "; run a sweep first: python -m dse.sweep +space=NAME" if str(e).startswith("no study '") else ""
         print(f"dse.sweep: {' '.join(str(e).split())}{hint}", file=sys.stderr)
         return 2
     if not rows:

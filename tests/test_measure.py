@@ -1,10 +1,13 @@
-"""measure.profile: counts and sizes checked against hand-computed values and the file torch writes."""
+"""measure.profile: counts and sizes checked against hand-computed values and the file torch writes;
+measure_latencies: interleaved rounds, the noise check, the load recorded."""
+
+import time
 
 import pytest
 import torch
 import torch.nn as nn
 
-from dse.measure import count_macs, int8_bytes, measure_latency, profile
+from dse.measure import Latency, count_macs, int8_bytes, measure_latencies, measure_latency, profile
 from dse.models import create_model
 
 
@@ -54,3 +57,43 @@ def test_profile_without_latency():
 def test_bad_latency_arguments_are_refused():
     with pytest.raises(ValueError, match=r"repeats=0 must be >= 1"):
         measure_latency(tiny(), (3, 32, 32), repeats=0)
+
+
+class Sleeper(nn.Module):
+    """Takes `slow` ms per call in the first `noisy` rounds' odd rounds, else `fast` ms (6 calls a round:
+    one untimed, then 5 timed)."""
+
+    def __init__(self, fast: float, slow: float = 0.0, noisy: int = 0) -> None:
+        super().__init__()
+        self.fast, self.slow, self.noisy, self.calls = fast, slow, noisy, 0
+
+    def forward(self, x):
+        round_ = self.calls // 6
+        self.calls += 1
+        time.sleep((self.slow if round_ < self.noisy and round_ % 2 else self.fast) / 1e3)
+        return x
+
+
+def test_rounds_interleave_and_a_wide_spread_gets_more_rounds():
+    models = {"steady": (Sleeper(2.0), (1, 4, 4)), "noisy": (Sleeper(2.0, slow=12.0, noisy=10), (1, 4, 4))}
+    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5)
+    steady, noisy = out["steady"], out["noisy"]
+    assert isinstance(steady, Latency) and steady.rounds == steady.window == 5
+    assert noisy.rounds >= 14  # the slow rounds 1, 3, ..., 9 left the window before it was steady
+    assert 1.9 < noisy.ms < 4 and 1.9 < steady.ms < 4 and noisy.spread <= 0.5
+    assert models["steady"][0].calls == 5 * 6 and models["noisy"][0].calls == 6 * noisy.rounds
+    assert steady.cpus >= 1 and (steady.other_cores is None or steady.other_cores >= 0)
+    assert steady.under_load == (steady.other_cores is not None and steady.other_cores > 0.25 * steady.cpus)
+
+
+def test_a_larger_model_measures_slower_in_one_sitting():
+    small = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    large = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1))
+    out = measure_latencies({"small": (small, (3, 32, 32)), "large": (large, (3, 32, 32))}, runs=3, window=3)
+    assert out["large"].ms > 3 * out["small"].ms
+    assert out["small"].to_dict()["spread"] == out["small"].iqr_ms / out["small"].ms
+
+
+def test_bad_latency_sitting_arguments_are_refused():
+    with pytest.raises(ValueError, match=r"max_rounds=2 >= window"):
+        measure_latencies({"m": (tiny(), (3, 8, 8))}, window=3, max_rounds=2)

@@ -1,0 +1,101 @@
+"""Latency per architecture: the key ignores what does not change the inference graph, a study measures each
+architecture once and stores it, and a measurement waits for training workers' epoch boundaries."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import optuna
+import pytest
+
+import dse.latency
+from dse.latency import architecture, build, ensure, figures, pause_training, training_turns
+from dse.models import ModelConfig
+
+TINY = {"runs": 2, "window": 2, "max_rounds": 3, "warmup": 0}
+
+
+def key(shape=(1, 28, 28), classes=10, **knobs) -> str:
+    return architecture(ModelConfig(name="shallow_squeezenext", **knobs), shape, classes)[0]
+
+
+def test_the_key_is_the_inference_graph_not_the_recipe():
+    assert key(width=0.2, dropout=0.1) == key(width=0.2, dropout=0.5) == key(width=0.2)
+    others = {key(width=0.3), key(width=0.2, activation="relu"), key(width=0.2, inplace=False),
+              key(width=0.2, blocks=[1, 2, 2, 1]), key((3, 32, 32), width=0.2), key(classes=100, width=0.2)}
+    assert len(others) == 6 and key(width=0.2) not in others
+    assert key(width=1.0) == key()  # defaults resolved
+
+
+def test_build_gives_the_architecture_back():
+    k, spec = architecture(ModelConfig(name="shallow_squeezenext", width=0.25), (1, 28, 28), 10)
+    model, shape = build(spec)
+    assert shape == (1, 28, 28) and architecture(ModelConfig(**spec["model"]), shape, 10)[0] == k
+    assert model(__import__("torch").zeros(1, *shape)).shape == (1, 10)
+
+
+@pytest.fixture
+def locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(dse.latency, "LOCKS", tmp_path)
+
+
+def test_a_study_measures_each_architecture_once_and_stores_it(tmp_path, locks):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    specs = dict(architecture(ModelConfig(name="shallow_squeezenext", width=w), (1, 28, 28), 10) for w in (0.125, 0.5))
+    calls = []
+
+    def maker(spec):
+        calls.append(spec["model"]["width"])
+        return build(spec)
+
+    models = {k: (lambda spec=spec: maker(spec)) for k, spec in specs.items()}
+    first = ensure(study, models, "test", **TINY)
+    assert sorted(calls) == [0.125, 0.5] and set(first) == set(specs) == set(figures(study.user_attrs))
+    for figure in first.values():
+        assert figure["ms"] > 0 and figure["iqr_ms"] >= 0 and figure["how"] == "test" and figure["paused_training"]
+        assert figure["window"] == 2 and 2 <= figure["rounds"] <= 3 and isinstance(figure["under_load"], bool)
+    assert ensure(study, models, "again", **TINY) == first and len(calls) == 2  # stored: not measured again
+    again = ensure(study, models, "again", remeasure=True, **TINY)
+    assert len(calls) == 4 and {f["how"] for f in again.values()} == {"again"}
+
+
+def test_a_measurement_waits_for_the_training_workers_epoch_boundary(locks):
+    events = []
+
+    def trainer():
+        with training_turns() as boundary:
+            events.append("training")
+            time.sleep(0.5)
+            events.append("boundary")
+            boundary()  # waits here while the measurement runs
+            events.append("training again")
+
+    worker = threading.Thread(target=trainer)
+    worker.start()
+    while not events:
+        time.sleep(0.01)
+    with pause_training(wait=30) as paused:
+        assert paused and events == ["training", "boundary"]
+        time.sleep(0.3)
+        assert events == ["training", "boundary"]  # held at the boundary
+    worker.join(timeout=30)
+    assert events[-1] == "training again"
+
+
+def test_a_measurement_goes_ahead_when_training_does_not_pause_in_time(locks):
+    started, stop = threading.Event(), threading.Event()
+
+    def trainer():
+        with training_turns():
+            started.set()
+            stop.wait(30)
+
+    worker = threading.Thread(target=trainer)
+    worker.start()
+    started.wait(30)
+    t0 = time.monotonic()
+    with pause_training(wait=0.3) as paused:
+        assert not paused and time.monotonic() - t0 < 5
+    stop.set()
+    worker.join(timeout=30)
