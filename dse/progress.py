@@ -197,7 +197,9 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
 
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state for t in trials)
-    lines = [counts]
+    finished = {_key(params_of(t)) for t in trials if t.state in FINISHED}
+    retried = sum(t.state == TrialState.FAIL and _key(params_of(t)) in finished for t in trials)
+    lines = [counts + (f" ({retried} earlier tries interrupted or failed, finished since)" if retried else "")]
     front = front_frame(study)
     if len(front):
         by_number = {t.number: t for t in trials}

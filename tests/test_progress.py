@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from conftest import write_fashion_mnist
 from dse.latency import figures
-from dse.progress import describe, duration, fraction_done
+from dse.progress import describe, duration, fraction_done, list_studies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,13 +100,15 @@ def test_nothing_lands_outside_the_ignored_folders(swept):
     assert check.stdout.split() == written
 
 
-def test_list_counts_trials_by_state_and_creates_nothing(swept, tmp_path):
+def test_list_counts_trials_by_state_and_creates_nothing(swept, tmp_path, capsys):
     result = run(["--list", "--storage", f"sqlite:///{swept['db']}"])
     assert result.returncode == 0 and "| ux " in result.stdout and "complete" in result.stdout
     missing = tmp_path / "none.db"
-    result = run(["--list", "nope", "--storage", f"sqlite:///{missing}"])
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no study DB at" in result.stderr
-    assert not missing.exists()
+    assert list_studies(["--list", "nope", "--storage", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no study DB at" in err and not missing.exists()
+    assert list_studies(["--list", "nope", "--storage", f"sqlite:///{swept['db']}"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
 
 
 def test_make_dashboard_on_a_missing_study_says_so_in_one_line_and_creates_nothing(tmp_path):
@@ -129,9 +131,9 @@ def _intermediate_values(db: Path) -> int:
 
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
-    write_fashion_mnist(tmp_path / "data", n_train=400, n_test=40)
+    write_fashion_mnist(tmp_path / "data", n_train=240, n_test=40)
     db = tmp_path / "c.db"
-    args = sweep_args(tmp_path / "data", db, "train.epochs=6")
+    args = sweep_args(tmp_path / "data", db, "train.epochs=3")
     proc = subprocess.Popen([sys.executable, "-m", "dse.sweep", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
@@ -148,6 +150,7 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(interrupted)} interrupted or failed before, queued again" in again.stdout
+    assert f"2 complete, 0 pruned, 0 failed ({len(interrupted)} earlier tries interrupted" in again.stdout
     done = optuna.load_study(study_name="ux", storage=f"sqlite:///{db}").get_trials(states=[TrialState.COMPLETE])
     assert len(done) == 2 and max(t.user_attrs["resumed_from"] for t in done) >= 1
 

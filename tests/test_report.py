@@ -1,5 +1,6 @@
-"""The report on small real studies (tiny trainings on generated CIFAR-10, two seeds each): the tables' rows,
-the mean/std arithmetic, missing and extra rows, Table 7, the figures, index.md, and bad input."""
+"""The report on small real studies (tiny trainings on generated CIFAR-10, two seeds each, and a dropout study on
+generated Fashion-MNIST): every trial and configuration first, the paper tables' rows, the mean/std arithmetic,
+missing and extra rows, Table 7, the figures, index.md, and bad input."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from conftest import write_fashion_mnist
+from dse.latency import figures
 from dse.models import parse_name, resolve_config
 from dse.paper import paper_table
 from dse.report import load_studies, non_dominated, write_report
 from dse.report.frame import clean, completed
 from dse.report.__main__ import main
+from dse.report.results import KNOBS
 from dse.report.tables import PAPER_TABLES, targets
 from sweeps import run_tiny_sweep
 
@@ -61,8 +65,18 @@ def both_report(studies) -> Path:
     return write_report(load_studies([base, drop], [base_url, drop_url]), studies["tmp"] / "out", ("markdown", "csv"))
 
 
+@pytest.fixture(scope="module")
+def fashion_report(studies) -> Path:
+    """A dropout study on generated Fashion-MNIST: two values of p, one architecture, one seed."""
+    tmp = studies["tmp"]
+    write_fashion_mnist(tmp / "fashion", n_train=160, n_test=40)
+    url, name = run_tiny_sweep(tmp, "+space=dropout", "data=fashion_mnist", "space.grid={model.dropout:[0.1,0.2]}",
+                               "train.epochs=1", name="fashion", data_root=tmp / "fashion")
+    return write_report(load_studies([name], [url]), tmp / "out", ALL_FORMATS)
+
+
 def csv(folder: Path, table: str) -> pd.DataFrame:
-    return pd.read_csv(folder / f"table{table}.csv")
+    return pd.read_csv(folder / (f"table{table}.csv" if table.isdigit() else f"{table}.csv"))
 
 
 def md_line(folder: Path, table: str, model: str) -> str:
@@ -255,3 +269,68 @@ def test_validation_accuracy_is_the_last_epochs_when_the_study_does_not_optimise
     }
     done = completed(pd.DataFrame([trial]))
     assert done["val_pct"].tolist() == [75.0] and done["test_pct"].tolist() == [50.0]
+
+
+# ---------------------------------------------------------------- our own results first
+
+
+def test_the_trials_table_lists_every_trial_with_the_swept_knobs_and_the_front(studies, base_report):
+    name, url = studies["base"]
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = {t.number: t for t in study.get_trials(states=[TrialState.COMPLETE])}
+    table = csv(base_report, "trials").set_index("trial")
+    assert sorted(table.index) == sorted(trials) and len(table) == 4
+    wanted = {*KNOBS, "state", "model", "seed", "params", "mmacs", "val_acc", "test_acc", "size_mb", "int8_mb",
+              "latency_ms", "latency_iqr_ms", "s_per_epoch", "front"}
+    assert wanted <= set(table.columns)
+    latency = figures(study.user_attrs)
+    for number, t in trials.items():
+        row, a = table.loc[number], t.user_attrs
+        assert row["val_acc"] == pytest.approx(100 * t.values[0]) and row["test_acc"] == pytest.approx(100 * a["test_acc"])
+        assert (row["model"], row["family"], row["params"], row["state"]) == (a["paper_name"], a["family"], a["params"], "COMPLETE")
+        assert row["size_mb"] == pytest.approx(a["size_mb"]) and row["mmacs"] == pytest.approx(a["macs"] / 1e6)
+        assert row["latency_ms"] == pytest.approx(latency[a["latency_key"]]["ms"])
+        assert row["latency_iqr_ms"] == pytest.approx(latency[a["latency_key"]]["iqr_ms"])
+    numbers = list(trials)
+    front = {numbers[i] for i in non_dominated([(-t.values[0], t.values[1], t.values[2]) for t in trials.values()])}
+    assert set(table.index[table["front"]]) == front
+    assert table["params"].is_monotonic_increasing  # smallest models first
+
+
+def test_index_leads_with_every_trial(base_report):
+    text = (base_report / "index.md").read_text()
+    assert text.index("## Our results") < text.index("## Studies") < text.index("## The paper's tables")
+    first = text[text.index("| trial"):].split("\n\n")[0].splitlines()[2:]  # the first table's rows
+    assert len(first) == 4 and "[csv](trials.csv)" in text and "[latex](configs.tex)" in text
+    assert "(+ mean ± std" not in text and "### Every configuration (mean ± std over seeds) (2;" in text
+
+
+def test_the_configurations_table_gives_mean_and_std_over_seeds(studies, both_report):
+    table = csv(both_report, "configs")
+    assert len(table) == 3 and (table["n"] == 2).all()
+    trials = csv(both_report, "trials")
+    trials.index = [f"{s}#{n}" for s, n in zip(trials["study"], trials["trial"])]
+    for row in table.to_dict("records"):
+        mine = trials.loc[row["trials"].split()]
+        assert set(mine["model"]) == {row["model"]} and len(mine) == 2
+        assert row["val_mean"] == pytest.approx(mine["val_acc"].mean()) and row["val_std"] == pytest.approx(mine["val_acc"].std())
+        assert row["test_mean"] == pytest.approx(mine["test_acc"].mean())
+
+
+def test_a_study_on_another_dataset_says_so_in_one_line(fashion_report):
+    text = (fashion_report / "index.md").read_text()
+    assert ("Table 5](table5.md), [Table 6](table6.md): the paper's figures on CIFAR-10 and CIFAR-100 only; these "
+            "studies ran on Fashion-MNIST.") in text
+    assert "paper rows run" not in text.replace("0 bundle", "")  # no per-table 'not run' counts for Tables 1-6
+    assert "None of these studies ran on CIFAR-10 (they ran on Fashion-MNIST)" in (fashion_report / "table3.md").read_text()
+
+
+def test_a_dropout_study_has_one_latency_and_a_figure_against_p(fashion_report):
+    trials = csv(fashion_report, "trials")
+    assert sorted(trials["p"]) == [0.1, 0.2] and trials["latency_ms"].nunique() == trials["latency_iqr_ms"].nunique() == 1
+    text = (fashion_report / "index.md").read_text()
+    assert "- on the front: Fashion-MNIST: Shallow SqueezeNext-06-0.2x p=0." in text
+    assert "paper (published" not in text  # no paper points drawn for Fashion-MNIST
+    image = __import__("matplotlib.image", fromlist=["imread"]).imread(fashion_report / "pareto.png")
+    drawn = (image[..., :3] < 0.9).any(axis=-1).mean()  # share of pixels that are not white
+    assert drawn > 0.02

@@ -11,8 +11,10 @@ import pandas as pd
 from matplotlib import colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from dse.paper import load_paper
@@ -124,18 +126,24 @@ def _latency_norm(latency: pd.Series) -> colors.Normalize:
 
 
 def _declutter(fig: Figure, notes: list) -> None:
-    """Move annotations that overlap an earlier one up or down, alternately, until they are clear."""
+    """Place each annotation beside its point where it covers no marker and no earlier label: right or left of
+    the point, above or below, then further up or down."""
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw_without_rendering()
-    placed = []
+    to_points = 72 / fig.dpi
+    taken = [Bbox.from_bounds(x - 9, y - 9, 18, 18)  # every marker drawn, in display pixels
+             for ax in {n.axes for n in notes} for c in ax.collections if isinstance(c, PathCollection)
+             for x, y in ax.transData.transform(c.get_offsets())]
     for note in notes:
-        dx, dy = note.xyann
-        for step in range(1, 16):
+        box = note.get_window_extent(renderer)
+        w, h = box.width * to_points, box.height * to_points
+        places = [(6, 4), (6, -4 - h), (-6 - w, 4), (-6 - w, -4 - h), *((6, 4 + k * h) for k in (1, -2, 2, -3, 3, -4, 4))]
+        for place in places:
+            note.xyann = place
             box = note.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+            if not any(box.padded(2).overlaps(other) for other in taken):
                 break
-            note.xyann = (dx, dy + (-1) ** step * ((step + 1) // 2) * box.height * 0.8)
-        placed.append(note.get_window_extent(renderer))
+        taken.append(note.get_window_extent(renderer))
 
 
 def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
@@ -150,7 +158,7 @@ def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
     ax.scatter(size[ringed], acc[ringed], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
     front = sorted(non_dominated(list(zip(-acc, size))), key=lambda i: (size[i], -acc[i]))
     ax.step(size[front], acc[front], where="post", color="C3", linewidth=1.5, zorder=3)
-    notes = [ax.annotate(label(ours.loc[i], swept), (size[i], acc[i]), xytext=(6, 6), textcoords="offset points",
+    notes = [ax.annotate(label(ours.loc[i], swept), (size[i], acc[i]), xytext=(6, 4), textcoords="offset points",
                          fontsize=8) for i in front]
     return notes, front
 

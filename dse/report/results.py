@@ -46,9 +46,10 @@ def knobs(row: dict | pd.Series) -> dict:
 
 
 def varying(rows: Iterable[dict]) -> list[str]:
-    """The KNOBS that take more than one value among the rows, in KNOBS order."""
+    """The KNOBS that take more than one value among the rows, in KNOBS order (None, a knob a family lacks,
+    is no value)."""
     values = [knobs(r) for r in rows]
-    return [k for k in KNOBS if len({v[k] for v in values}) > 1]
+    return [k for k in KNOBS if len({v[k] for v in values} - {None}) > 1]
 
 
 def label(row: dict | pd.Series, swept: Sequence[str]) -> str:
@@ -61,6 +62,8 @@ def label(row: dict | pd.Series, swept: Sequence[str]) -> str:
         swept = [k for k in swept if k not in ("family", "R", "W")]
     for key in swept:
         value = values[key]
+        if value is None:
+            continue
         if key in ("activation", "optimizer"):
             parts.append(str(value))
         elif key == "dataset":
