@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -33,7 +34,8 @@ from dse.deploy import (
     verify_bundle,
 )
 from dse.deploy.__main__ import main
-from dse.deploy.export import find_trial, load_trial_data, load_trial_model, ort_logits, torch_logits
+from dse.deploy.export import find_trial, load_trial_data, load_trial_model, ort_logits, study_bundles, torch_logits
+from dse.latency import ATTR, figures
 from dse.deploy.bundle import predict as runtime
 from dse.study import load_study
 from sweeps import run_tiny_sweep
@@ -429,6 +431,43 @@ def test_measure_reports_sizes_and_latencies_of_an_untrained_shape():
     assert row["model"] == "Shallow SqueezeNext-06-0.125x"
     assert row["int8_weight_bytes"] < row["fp32_weight_bytes"] < row["fp32_bytes"]
     assert row["fp32_ms"] > 0 and row["int8_ms"] > 0 and "median of 2 runs" in row["latency_how"]
+
+
+# ---------------------------------------------------------------------------------------------- latency
+
+
+def test_list_warns_of_latency_under_load_and_measure_front_remeasures(tiny, tmp_path, capsys):
+    copy = tmp_path / "copy.db"  # the other tests keep the study's own figures
+    with sqlite3.connect(tiny["storage"].removeprefix("sqlite:///")) as source, sqlite3.connect(copy) as target:
+        source.backup(target)  # the WAL journal's pages too
+    args = ["--study", tiny["name"], "--storage", f"sqlite:///{copy}"]
+    study = load_study(tiny["name"], f"sqlite:///{copy}")
+    before = figures(study.user_attrs)
+    for key, figure in before.items():
+        study.set_user_attr(ATTR + key, {**figure, "under_load": True})
+    assert main(["list", *args]) == 0
+    err = capsys.readouterr().err
+    front = front_frame(study)
+    assert front["under_load"].all() and "was measured under load" in err
+    assert f"python -m dse.deploy measure --study {tiny['name']} --front" in err
+    assert main(["measure", *args, "--front", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    keys = {t.user_attrs["latency_key"] for t in study.trials if t.number in set(front["trial"])}
+    assert f"re-measured {len(keys)} architecture(s) of the front in one sitting" in out
+    after = figures(load_study(tiny["name"], f"sqlite:///{copy}").user_attrs)
+    assert set(after) == set(before)
+    for key in after:
+        assert after[key]["how"].startswith("python -m dse.deploy measure --front") and after[key]["ms"] > 0
+    assert main(["measure"]) == 2 and "measure takes model NAMES, or --study S --front" in capsys.readouterr().err
+
+
+def test_bundles_land_in_bundles_of_the_study_name(tiny, tmp_path, monkeypatch):
+    assert study_bundles("width-fashion_mnist-quick") == Path("bundles/width-fashion_mnist-quick")
+    assert study_bundles("a/../b c") == Path("bundles/a-b-c")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", *tiny["args"], "--pick", "smallest", *QUICK]) == 0
+    (bundle,) = [p for p in (tmp_path / "bundles" / tiny["name"]).iterdir() if p.is_dir()]
+    assert verify_bundle(bundle)["study"] == tiny["name"]
 
 
 # ---------------------------------------------------------------------------------------------- fresh venv
