@@ -106,7 +106,8 @@ def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> str:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     what = []
     for t in sorted(running, key=lambda t: t.number)[:shown]:
-        epochs = f"epoch {len(t.user_attrs.get('curves') or [])}/{t.user_attrs.get('epochs_planned', '?')}"
+        planned = t.user_attrs.get("epochs_planned")
+        epochs = f"epoch {len(t.user_attrs.get('curves') or [])}/{planned}" if planned else "starting"
         what.append(f"#{t.number} {describe({k: v for k, v in params_of(t).items() if k != 'seed'})} {epochs}".replace("  ", " "))
     more = f" +{len(running) - shown}" if len(running) > shown else ""
     return f"{finished}/{total} trials done" + (f"; running {', '.join(what)}{more}" if running else "")
