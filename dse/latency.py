@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import json
+import os
 import socket
 import tempfile
 import time
@@ -28,7 +29,6 @@ except ImportError:  # not POSIX: measurements do not pause training (their load
 __all__ = ["ATTR", "architecture", "build", "figures", "ensure", "pause_training", "training_turns"]
 
 ATTR = "latency:"
-LOCKS = Path(tempfile.gettempdir())  # one pair of lock files per user and machine
 # How long a measurement waits for training workers to reach an epoch boundary before it measures anyway
 # (and says so): an epoch of a large model on a slow CPU can take minutes.
 PAUSE_WAIT_S = 600.0
@@ -92,7 +92,9 @@ def ensure(
 
 
 def _lock_file(name: str) -> Path:
-    return LOCKS / f"dse-{getpass.getuser()}-{name}.lock"
+    """One pair of lock files per user and machine, in the temp folder (or $DSE_LOCK_DIR: tests keep theirs apart
+    from real sweeps on the same machine)."""
+    return Path(os.environ.get("DSE_LOCK_DIR") or tempfile.gettempdir()) / f"dse-{getpass.getuser()}-{name}.lock"
 
 
 def _open(name: str):

@@ -134,8 +134,8 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
         done = fraction_done(trials, costs, n_trials)
         elapsed = time.monotonic() - started
         left = f"about {duration((1 - done) * elapsed / (done - first))} left" if done > first and done < 1 else ""
-        bar.update(round(1000 * done) - bar.n)
         bar.set_description_str(" | ".join(p for p in (_status(trials, total), left) if p), refresh=False)
+        bar.update(round(1000 * done) - bar.n)  # prints the line (at most every mininterval)
 
     def loop() -> None:
         while not stop.wait(every):

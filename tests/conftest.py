@@ -185,3 +185,10 @@ def postgres():
     finally:
         subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_latency_locks(tmp_path_factory) -> None:
+    """Tests' sweeps (here and in their subprocesses) pause only each other's training for a latency measurement,
+    never a real sweep on the same machine (dse.latency's machine lock)."""
+    os.environ["DSE_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))

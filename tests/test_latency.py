@@ -9,7 +9,6 @@ import time
 import optuna
 import pytest
 
-import dse.latency
 from dse.latency import architecture, build, ensure, figures, pause_training, training_turns
 from dse.models import ModelConfig
 
@@ -37,7 +36,7 @@ def test_build_gives_the_architecture_back():
 
 @pytest.fixture
 def locks(tmp_path, monkeypatch):
-    monkeypatch.setattr(dse.latency, "LOCKS", tmp_path)
+    monkeypatch.setenv("DSE_LOCK_DIR", str(tmp_path))
 
 
 def test_a_study_measures_each_architecture_once_and_stores_it(tmp_path, locks):
@@ -99,3 +98,18 @@ def test_a_measurement_goes_ahead_when_training_does_not_pause_in_time(locks):
         assert not paused and time.monotonic() - t0 < 5
     stop.set()
     worker.join(timeout=30)
+
+
+def test_a_sampled_space_measures_each_new_architecture_in_its_worker(tmp_path):
+    from sweeps import run_tiny_sweep
+
+    url, name = run_tiny_sweep(tmp_path, "+space=width", "space.sampler=tpe", "space.n_trials=3", "train.epochs=1",
+                               "+space.search={model.width:{choices:[0.125,0.2]}}")
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    stored = figures(study.user_attrs)
+    assert len(trials) == 3 and {t.user_attrs["latency_key"] for t in trials} == set(stored)
+    for t in trials:
+        figure = stored[t.user_attrs["latency_key"]]
+        assert t.user_attrs["latency_ms"] == figure["ms"] == t.values[2]
+        assert figure["how"].startswith("by a worker at the first trial of the architecture")
