@@ -211,7 +211,7 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
             "latency ms": [f"{ms:.3f}" + (" †" if u else "") for ms, u in zip(front["latency_ms"], front["under_load"])],
         })  # fmt: skip
         lines += [f"Pareto front ({', '.join(study.metric_names or [])}): {len(front)} of "
-                  f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False)]
+                  f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False, disable_numparse=True)]
         if front["under_load"].any():
             lines.append("† latency measured under load (other processes kept the cores busy)")
     lines += ["next:", *_commands(study.study_name, storage)]

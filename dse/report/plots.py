@@ -33,9 +33,9 @@ DPI = 110
 
 
 def _named(group: dict, swept: Sequence[str]) -> str:
-    """The model's name and the swept knobs that the name does not give."""
-    text = label(group, swept)
-    return text if text.startswith(str(group["model"])) else f"{group['model']} {text}"
+    """The model's name and the swept knobs that the name does not give (it gives the family, depth and width)."""
+    rest = [k for k in swept if k not in ("family", "R", "W")]
+    return f"{group['model']} {label(group, rest)}" if rest else str(group["model"])
 
 
 def _rank(group: dict, preferred: Sequence[str], defaults: dict) -> tuple:
@@ -151,6 +151,7 @@ def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
     all three objectives ringed. Returns the annotations and the front's rows."""
     size, acc, latency = ours["size_mb"].astype(float), ours["val_mean"].astype(float), ours["latency_ms"].astype(float)
     ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel("model size (MB, fp32 state_dict, log scale)")
     ax.errorbar(size, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
     ax.scatter(size, acc, c=latency, cmap="viridis", norm=norm, s=55, zorder=4)
