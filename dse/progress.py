@@ -47,7 +47,7 @@ def describe(params: dict) -> str:
     return " ".join(parts)
 
 
-def trial_line(trial: FrozenTrial, worker: int) -> str:
+def trial_line(trial: FrozenTrial, worker: int | None = None) -> str:
     """One line per finished trial: what it swept, its model, and its results or why it stopped."""
     a = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
@@ -58,7 +58,7 @@ def trial_line(trial: FrozenTrial, worker: int) -> str:
         result = a.get("pruned_reason") or a.get("fail_reason") or trial.state.name
     what, model = describe(params_of(trial)), a.get("paper_name", "")
     named = what if not model or what.startswith(model) else f"{what} ({model})"
-    return f"[worker {worker}] trial {trial.number} {named}: {result}"
+    return ("" if worker is None else f"[worker {worker}] ") + f"trial {trial.number} {named}: {result}"
 
 
 # ---------------------------------------------------------------- progress
@@ -108,7 +108,8 @@ def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> str:
     for t in sorted(running, key=lambda t: t.number)[:shown]:
         planned = t.user_attrs.get("epochs_planned")
         epochs = f"epoch {len(t.user_attrs.get('curves') or [])}/{planned}" if planned else "starting"
-        what.append(f"#{t.number} {describe({k: v for k, v in params_of(t).items() if k != 'seed'})} {epochs}".replace("  ", " "))
+        swept = describe({k: v for k, v in params_of(t).items() if k != "seed"})
+        what.append(" ".join(p for p in (f"#{t.number}", swept, epochs) if p))
     more = f" +{len(running) - shown}" if len(running) > shown else ""
     return f"{finished}/{total} trials done" + (f"; running {', '.join(what)}{more}" if running else "")
 
@@ -118,8 +119,9 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
              every: float = 2.0) -> Iterator[None]:
     """A progress bar while the block runs: the share of the sweep's work done (epochs of running trials
     included, grid points weighed by their training cost), the trials running with their epoch, and the time
-    left at the rate of this run. It reads the study every `every` seconds from a thread, so workers in other
-    processes (or this one) show alike."""
+    left at the rate of this run; above it, a `trial_line` per trial that ends. It reads the study every `every`
+    seconds from a thread, so workers in other processes (or this one) show alike, and only this process writes
+    to the terminal (lines from several processes would tear the bar)."""
     if not enabled:
         yield
         return
@@ -127,10 +129,15 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
     bar = tqdm(total=1000, bar_format="sweep {percentage:3.0f}%|{bar:20}| {desc}",
                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     started, stop = time.monotonic(), threading.Event()
-    first = fraction_done(study.get_trials(deepcopy=False), costs, n_trials)
+    trials = study.get_trials(deepcopy=False)
+    first, shown = fraction_done(trials, costs, n_trials), {t.number for t in trials if _ended(t)}
 
-    def update() -> None:
+    def update(lines: bool = True) -> None:
         trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if lines and _ended(t) and t.number not in shown:
+                shown.add(t.number)
+                tqdm.write(trial_line(t))
         done = fraction_done(trials, costs, n_trials)
         elapsed = time.monotonic() - started
         left = f"about {duration((1 - done) * elapsed / (done - first))} left" if done > first and done < 1 else ""
@@ -146,15 +153,21 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
 
     thread = threading.Thread(target=loop, name="dse-progress", daemon=True)
     thread.start()
+    finished = False
     try:
         yield
+        finished = True
     finally:
         stop.set()
         thread.join()
         try:
-            update()
+            update(lines=finished)  # no lines for the trials an interrupted sweep failed
         finally:
             bar.close()
+
+
+def _ended(trial: FrozenTrial) -> bool:
+    return trial.state not in (TrialState.RUNNING, TrialState.WAITING)
 
 
 # ---------------------------------------------------------------- start and end
