@@ -122,7 +122,7 @@ def _latency_norm(latency: pd.Series) -> colors.Normalize:
     low, high = (latency.min(), latency.max()) if latency.notna().any() else (0.0, 1.0)
     if low > 0 and high > 10 * low:
         return colors.LogNorm(low, high)
-    return colors.Normalize(low, high if high > low else low + 1.0)
+    return colors.Normalize(low, high) if high > low else colors.Normalize(0.9 * low, 1.1 * low + 1e-9)  # one latency
 
 
 def _declutter(fig: Figure, notes: list) -> None:
