@@ -5,7 +5,7 @@ STORAGE ?= sqlite:///studies/$(STUDY).db
 ARTIFACTS ?= studies/$(STUDY)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
+.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy-measure deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-20s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ paper-sizes: ## measure every model row of the paper's Tables 1-3 beside its pub
 sweep-quick: ## the quick width sweep on CIFAR-10 (DATA=fashion_mnist offline)
 	$(PY) -m dse.sweep +space=width budget=quick data=$(or $(DATA),cifar10)
 
-tables: ## the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY (in STORAGE) into reports/<STUDY>/
+tables: ## every trial and configuration, the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY into reports/<STUDY>/
 	$(PY) -m dse.report --study $(STUDY) --storage $(STORAGE) --format markdown csv latex
 
 dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080); a missing study: one line
@@ -36,8 +36,11 @@ dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080)
 	$(if $(MISSING),$(error $(MISSING)))
 	$(dir $(PY))optuna-dashboard '$(STORAGE)' --artifact-dir $(ARTIFACTS) --port $(PORT)
 
-deploy-list: ## print STUDY's Pareto front
+deploy-list: ## print STUDY's Pareto front (warns of latencies measured under load)
 	$(PY) -m dse.deploy list --study $(STUDY) --storage $(STORAGE)
+
+deploy-measure: ## re-measure the latency of STUDY's Pareto front in one sitting (on a quiet machine)
+	$(PY) -m dse.deploy measure --study $(STUDY) --storage $(STORAGE) --front
 
 deploy: ## export STUDY's Pareto front as board bundles into bundles/<STUDY>/
 	$(PY) -m dse.deploy export --study $(STUDY) --storage $(STORAGE) --front
