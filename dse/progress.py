@@ -145,11 +145,14 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
         bar.update(round(1000 * done) - bar.n)  # prints the line (at most every mininterval)
 
     def loop() -> None:
-        while not stop.wait(every):
+        pause = every
+        while not stop.wait(pause):
+            start = time.monotonic()
             try:
                 update()
             except Exception:  # a busy or unreachable storage: the workers' own retries decide; the bar waits
                 pass
+            pause = max(every, 10 * (time.monotonic() - start))  # a large study is read less often
 
     thread = threading.Thread(target=loop, name="dse-progress", daemon=True)
     thread.start()
