@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 
 from dse.study import STUDIES, StudyError, default_storage, load_study
 
-__all__ = ["describe", "trial_line", "watching", "start_line", "summary", "list_studies", "duration"]
+__all__ = ["describe", "trial_line", "watching", "save_curves_chart", "start_line", "summary", "list_studies",
+           "duration"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CURVES_CHART = "validation-accuracy-per-epoch"  # its id among the study's optuna-dashboard charts
 # How the sweep's params are named in its lines (the report's column names); others show as key=value.
 SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.lr": "lr"}
 BARE = ("point", "model", "model.activation", "train", "data")  # values that name themselves: 'relu', 'adam'
@@ -134,10 +136,12 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
 
     def update(lines: bool = True) -> None:
         trials = study.get_trials(deepcopy=False)
-        for t in trials:
-            if lines and _ended(t) and t.number not in shown:
-                shown.add(t.number)
-                tqdm.write(trial_line(t))
+        ended = [t for t in trials if _ended(t) and t.number not in shown]
+        for t in ended if lines else []:
+            shown.add(t.number)
+            tqdm.write(trial_line(t))
+        if ended and lines:
+            save_curves_chart(study, trials)
         done = fraction_done(trials, costs, n_trials)
         elapsed = time.monotonic() - started
         left = f"about {duration((1 - done) * elapsed / (done - first))} left" if done > first and done < 1 else ""
@@ -171,6 +175,22 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
 
 def _ended(trial: FrozenTrial) -> bool:
     return trial.state not in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def save_curves_chart(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> None:
+    """A chart of every trial's validation accuracy per epoch (its intermediate values) on the study's
+    optuna-dashboard page: the dashboard draws intermediate values itself for single-objective studies only."""
+    import plotly.graph_objects as go
+    from optuna_dashboard import save_plotly_graph_object
+
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    lines = [go.Scatter(x=sorted(t.intermediate_values), y=[t.intermediate_values[e] for e in sorted(t.intermediate_values)],
+                        mode="lines+markers", name=f"#{t.number} {describe(params_of(t))} ({t.state.name.lower()})")
+             for t in trials if t.intermediate_values]
+    if lines:
+        figure = go.Figure(lines, layout={"title": "Validation accuracy per epoch", "xaxis_title": "epoch",
+                                          "yaxis_title": "validation accuracy"})
+        save_plotly_graph_object(study, figure, graph_object_id=CURVES_CHART)
 
 
 # ---------------------------------------------------------------- start and end

@@ -38,7 +38,7 @@ from dse.data import DataConfig, DataError, Splits, load_data
 from dse.latency import architecture, build, ensure, training_turns
 from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
-from dse.progress import duration, list_studies, start_line, summary, trial_line, watching
+from dse.progress import duration, list_studies, save_curves_chart, start_line, summary, trial_line, watching
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
     Heartbeat,
@@ -1003,6 +1003,7 @@ def run_sweep(plan: Plan) -> Outcome:
             for p in procs:
                 p.start()
             _wait(procs, lambda: _reap(study, procs, plan, died))
+    save_curves_chart(study)
     outcome = tally(study, plan, died)
     print(summary(study, plan.storage, f"done in {duration(time.perf_counter() - started)}: {outcome.counts()}"), flush=True)
     print(f"checkpoints and artifacts: {Path(plan.workdir)}", flush=True)

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from conftest import write_fashion_mnist
 from dse.latency import figures
-from dse.progress import describe, duration, fraction_done, list_studies
+from dse.progress import CURVES_CHART, describe, duration, fraction_done, list_studies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,10 +84,19 @@ def test_every_trial_of_one_architecture_carries_one_latency_figure(swept):
         assert t.values[2] == figure["ms"] and a["latency_under_load"] == figure["under_load"]
 
 
-def test_every_epoch_is_an_intermediate_value(swept):
-    for t in swept["study"].get_trials(states=[TrialState.COMPLETE]):
+def test_every_epoch_is_an_intermediate_value_and_on_the_dashboards_chart(swept):
+    study = swept["study"]
+    trials = study.get_trials(states=[TrialState.COMPLETE])
+    for t in trials:
         assert t.intermediate_values == {r["epoch"]: r["val_acc"] for r in t.user_attrs["curves"]}
         assert sorted(t.intermediate_values) == [1, 2]
+    prefix = f"dashboard:plot_data:{CURVES_CHART}:"  # optuna_dashboard.save_plotly_graph_object's storage
+    attrs = study._storage.get_study_system_attrs(study._study_id)  # Optuna 5 has no public reader
+    parts = {int(k.removeprefix(prefix)): v for k, v in attrs.items() if k.startswith(prefix)}
+    chart = json.loads("".join(parts[i] for i in range(len(parts))))
+    assert sorted((tuple(line["x"]), tuple(line["y"])) for line in chart["data"]) == sorted(
+        ((1, 2), tuple(t.intermediate_values[e] for e in (1, 2))) for t in trials)
+    assert {line["name"].split()[1] for line in chart["data"]} == {"p=0.1", "p=0.3"}
 
 
 def test_nothing_lands_outside_the_ignored_folders(swept):
