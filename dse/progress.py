@@ -1,5 +1,6 @@
 """What a sweep shows its user: where it stands (per epoch, with the time left), a line per finished trial naming
-what was swept, the front and the next commands at the end, and the studies under studies/ (`--list`)."""
+what was swept, the curves on the study's dashboard page, the front and the next commands at the end, and the
+studies under studies/ (`--list`)."""
 
 from __future__ import annotations
 
