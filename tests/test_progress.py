@@ -159,7 +159,7 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(interrupted)} interrupted or failed before, queued again" in again.stdout
-    assert f"2 complete, 0 pruned, 0 failed ({len(interrupted)} earlier tries interrupted" in again.stdout
+    assert f"2 complete, 0 pruned, 0 failed, 0 left ({len(interrupted)} earlier tries interrupted" in again.stdout
     done = optuna.load_study(study_name="ux", storage=f"sqlite:///{db}").get_trials(states=[TrialState.COMPLETE])
     assert len(done) == 2 and max(t.user_attrs["resumed_from"] for t in done) >= 1
 
