@@ -27,6 +27,7 @@ __all__ = ["describe", "trial_line", "watching", "save_curves_chart", "start_lin
            "duration"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by Ctrl-C: queued again, it gets no line
 CURVES_CHART = "validation-accuracy-per-epoch"  # its id among the study's optuna-dashboard charts
 # How the sweep's params are named in its lines (the report's column names); others show as key=value.
 SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.lr": "lr"}
@@ -140,7 +141,8 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
         ended = [t for t in trials if _ended(t) and t.number not in shown]
         for t in ended if lines else []:
             shown.add(t.number)
-            tqdm.write(trial_line(t))
+            if t.user_attrs.get("fail_reason") != INTERRUPTED:
+                tqdm.write(trial_line(t))
         if ended and lines:
             save_curves_chart(study, trials)
         done = fraction_done(trials, costs, n_trials)

@@ -37,7 +37,7 @@ from dse.data import DataConfig, DataError, Splits, load_data
 from dse.latency import architecture, build, ensure, training_turns
 from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
-from dse.progress import duration, list_studies, save_curves_chart, start_line, summary, trial_line, watching
+from dse.progress import INTERRUPTED, duration, list_studies, save_curves_chart, start_line, summary, trial_line, watching
 from dse.pruning import History, decide, histories, rungs
 from dse.study import (
     Heartbeat,
@@ -795,7 +795,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, plan: Plan, cache: dict,
         note = fail_trial(study, trial, f"{type(e).__name__}: {e}", counted=True, max_retry=max_retry)
     except BaseException:  # Ctrl-C, SystemExit: not the trial's fault
         with contextlib.suppress(Exception):
-            fail_trial(study, trial, "interrupted", counted=False, max_retry=max_retry)
+            fail_trial(study, trial, INTERRUPTED, counted=False, max_retry=max_retry)
         raise
     finally:
         beat.remove(trial._trial_id)

@@ -5,6 +5,7 @@ per-epoch intermediate values, a quiet Ctrl-C (exit code 130) and a restart that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,8 +132,9 @@ def test_make_dashboard_on_a_missing_study_says_so_in_one_line_and_creates_nothi
 
 
 def _intermediate_values(db: Path) -> int:
+    """Read-only: an empty DB file made here would be refused by the sweep (not a study DB)."""
     try:
-        with sqlite3.connect(db) as connection:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
             return connection.execute("SELECT count(*) FROM trial_intermediate_values").fetchone()[0]
     except sqlite3.Error:  # not created yet
         return 0
