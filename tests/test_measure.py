@@ -2,11 +2,13 @@
 measure_latencies: interleaved rounds, the noise check, the load recorded."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
+import dse.measure
 from dse.measure import Latency, count_macs, int8_bytes, measure_latencies, measure_latency, profile
 from dse.models import create_model
 
@@ -61,21 +63,23 @@ def test_bad_latency_arguments_are_refused():
 
 class Sleeper(nn.Module):
     """Takes `slow` ms per call in the first `noisy` rounds' odd rounds, else `fast` ms (6 calls a round:
-    one untimed, then 5 timed)."""
+    one untimed, then 5 timed), on a fake clock (`clock[0]`, seconds) so that machine load cannot change it."""
 
-    def __init__(self, fast: float, slow: float = 0.0, noisy: int = 0) -> None:
+    def __init__(self, clock: list[float], fast: float, slow: float = 0.0, noisy: int = 0) -> None:
         super().__init__()
-        self.fast, self.slow, self.noisy, self.calls = fast, slow, noisy, 0
+        self.clock, self.fast, self.slow, self.noisy, self.calls = clock, fast, slow, noisy, 0
 
     def forward(self, x):
         round_ = self.calls // 6
         self.calls += 1
-        time.sleep((self.slow if round_ < self.noisy and round_ % 2 else self.fast) / 1e3)
+        self.clock[0] += (self.slow if round_ < self.noisy and round_ % 2 else self.fast) / 1e3
         return x
 
 
-def test_rounds_interleave_and_a_wide_spread_gets_more_rounds():
-    models = {"steady": (Sleeper(2.0), (1, 4, 4)), "noisy": (Sleeper(2.0, slow=12.0, noisy=10), (1, 4, 4))}
+def test_rounds_interleave_and_a_wide_spread_gets_more_rounds(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(dse.measure, "time", SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time))
+    models = {"steady": (Sleeper(clock, 2.0), (1, 4, 4)), "noisy": (Sleeper(clock, 2.0, slow=12.0, noisy=10), (1, 4, 4))}
     out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5)
     steady, noisy = out["steady"], out["noisy"]
     assert isinstance(steady, Latency) and steady.rounds == steady.window == 5
