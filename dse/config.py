@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,12 +146,21 @@ class SweepConfig:
     seeds: int | None = None  # use only the first N seeds of the space (budget presets set this)
     budget: str = "paper"  # the budget preset's name (part of the default study name)
     progress: bool = True
+    trials_per_gpu: str = "auto"  # trials a worker trains together (fused); auto: timed on its device
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.threads < 0:
             raise ValueError(f"sweep workers={self.workers} and threads={self.threads} must be >= 0 (0 = auto)")
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"sweep seeds={self.seeds} must be >= 1 or null (all the space's seeds)")
+        value = self.trials_per_gpu
+        if value != "auto" and not (re.fullmatch("[0-9]+", value) and int(value) >= 1):
+            raise ValueError(f"sweep trials_per_gpu={value!r} is not allowed; allowed: auto or a whole number >= 1")
+
+    @property
+    def group_size(self) -> int | None:
+        """`trials_per_gpu` as a number; None for auto."""
+        return None if self.trials_per_gpu == "auto" else int(self.trials_per_gpu)
 
 
 def to_object(schema: type, node: DictConfig | dict | None) -> Any:

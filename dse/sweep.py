@@ -54,12 +54,16 @@ from dse.study import (
     study_workdir,
     transient,
 )
-from dse.train import _RESUMABLE_CHANGES, TrainConfig, TrainingDiverged, TrainResult, train
+from dse.train import (
+    _RESUMABLE_CHANGES, Member, TrainConfig, TrainingDiverged, TrainResult, group_key, pick_group_size, resolve_device,
+    train_group,
+)  # fmt: skip
 
 __all__ = [
     "Plan", "Outcome", "plan_sweep", "prepare_study", "run_sweep", "trial_overrides", "trial_identity",
-    "run_folder", "enqueue_missing", "requeue", "fail_stale", "claim_trial", "setup_trial", "train_trial", "record_result", "finish_trial",
-    "fail_trial", "run_trial", "hold_run_dir", "work", "tally", "main",
+    "run_folder", "enqueue_missing", "requeue", "fail_stale", "claim_trial", "claim_trials", "setup_trial", "fuse_key",
+    "train_trials", "record_result", "finish_trial", "fail_trial", "run_trials", "hold_run_dir", "group_size", "work",
+    "tally", "main",
 ]  # fmt: skip
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -86,6 +90,7 @@ class Plan:
     workers: int
     threads: int
     progress: bool
+    group_size: int | None  # trials a worker claims and trains together; None: measured by each worker (auto)
     grid: list[dict] = field(default_factory=list)  # the fixed params of every grid trial
     cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
     definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
@@ -293,7 +298,7 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     plan = Plan(
         study_name=study.name, storage=storage, workdir=str(workdir),
         static=static, cli=cli, fixed=fixed, space=asdict(space), study=asdict(study), workers=workers,
-        threads=sweep.threads or max(1, cores // workers), progress=sweep.progress,
+        threads=sweep.threads or max(1, cores // workers), progress=sweep.progress, group_size=sweep.group_size,
         grid=grid_params(space, seeds) if space.sampler == "grid" else [],
     )
     if plan.grid:
@@ -554,8 +559,8 @@ def hold_run_dir(run_dir: Path, check: Callable[[], None]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- a trial's lifecycle (worker processes)
-# claim_trial -> setup_trial -> train_trial -> record_result -> finish_trial, or fail_trial; run_trial
-# strings them together for one trial.
+# claim_trials -> setup_trial -> train_trials -> record_result -> finish_trial, or fail_trial; run_trials
+# strings them together for the trials a worker claimed at once (`sweep.trials_per_gpu`; one is a group of one).
 
 
 def _provenance(resolved: dict) -> dict:
@@ -621,6 +626,15 @@ def claim_trial(study: optuna.Study, storage: RDBStorage, plan: Plan) -> optuna.
     return None
 
 
+def claim_trials(study: optuna.Study, storage: RDBStorage, plan: Plan, size: int) -> list[optuna.Trial]:
+    """Up to `size` trials for this worker, the next ones of the queue (`claim_trial` each: a grid cell's seeds
+    are queued together, so they tend to be claimed, and fused, together)."""
+    claimed: list[optuna.Trial] = []
+    while len(claimed) < size and (trial := claim_trial(study, storage, plan)) is not None:
+        claimed.append(trial)
+    return claimed
+
+
 @dataclass
 class TrialRun:
     """A set-up trial: its config, data, model and measurements, and where it trains."""
@@ -635,6 +649,22 @@ class TrialRun:
     started: float
 
 
+def _worker_setup(setup: TrialSetup, plan: Plan) -> TrialSetup:
+    """The trainer's settings this worker decides (they change no result): its threads, a bar for one worker."""
+    setup.train.threads = plan.threads
+    setup.train.progress = setup.train.progress and plan.progress and plan.workers == 1
+    return setup
+
+
+def _load(setup: TrialSetup, cache: dict) -> Splits:
+    """The trial's data; the worker keeps the last dataset it loaded."""
+    key = _data_key(setup.data)
+    if key not in cache:
+        cache.clear()
+        cache[key] = load_data(setup.data)
+    return cache[key]
+
+
 def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
     """Fix the trial's params, compose its config, load its data (cached), build and profile its model and
     record all that; raises optuna.TrialPruned for a model over the size or latency budget."""
@@ -647,12 +677,8 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> TrialRun:
     else:
         params = _suggest(trial, space)
     overrides = plan.overrides(params)
-    setup = typed(compose(overrides))
-    key = json.dumps(asdict(setup.data), sort_keys=True)
-    if key not in cache:
-        cache.clear()
-        cache[key] = load_data(setup.data)
-    splits = cache[key]
+    setup = _worker_setup(typed(compose(overrides)), plan)
+    splits = _load(setup, cache)
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
@@ -689,16 +715,18 @@ def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torc
             "latency_under_load": figure["under_load"], "latency_key": key}
 
 
-def train_trial(run: TrialRun, plan: Plan, check: Callable[[], None]) -> TrainResult:
-    """Train in the run folder (held locked), resuming its checkpoint; after each epoch check that the trial
-    is still ours (`check` raises TrialLost), record the curves and let the pruner decide."""
+def _on_epoch(run: TrialRun, plan: Plan, check: Callable[[], None], boundary: Callable[[], None],
+              leave: Callable[[Exception], None]):
+    """The trial's per-epoch callback: check that it is still ours (`check` raises TrialLost), let a waiting
+    latency measurement run (`boundary`), record the curves so far (for the dashboard and the pruner), let the
+    pruner decide; what it raises goes to `leave` first."""
     trial, study_cfg = run.trial, plan.study_cfg
     live: list[dict] = []
     rung_epochs = set(rungs(study_cfg.pruning, run.setup.train.epochs))
 
-    def on_epoch(record) -> None:  # the curves so far, for the dashboard and the pruner
+    def report(record) -> None:
         check()
-        epoch_boundary()  # a latency measurement waiting on this machine runs now
+        boundary()  # a latency measurement waiting on this machine runs now
         live.append(asdict(record))
         trial.set_user_attr("curves", live)
         _report_epoch(trial, record.epoch, record.val_acc)
@@ -708,16 +736,68 @@ def train_trial(run: TrialRun, plan: Plan, check: Callable[[], None]) -> TrainRe
             if trial.should_prune():
                 _record_pruned(trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}")
 
-    train_cfg = run.setup.train
-    train_cfg.threads = plan.threads
-    train_cfg.progress = train_cfg.progress and plan.progress and plan.workers == 1
-    try:
-        # The run folder first: a process waiting for it must not hold up latency measurements meanwhile.
-        with hold_run_dir(run.run_dir, check), training_turns() as epoch_boundary:
-            return train(run.model, run.splits, train_cfg, checkpoint_path=run.run_dir / "checkpoint.pt", on_epoch=on_epoch)
-    except TrainingDiverged as e:
-        trial.set_user_attr("pruned_reason", f"diverged: {e}")
-        raise optuna.TrialPruned(f"diverged: {e}") from None
+    def on_epoch(record) -> None:
+        try:
+            report(record)
+        except Exception as e:  # pruned, taken over, ...: the trial leaves its group
+            leave(e)
+            raise
+
+    return on_epoch
+
+
+def fuse_key(run: TrialRun) -> tuple:
+    """What set-up trials must share to train together: their data and `dse.train.group_key` (the model's
+    structure and the training step's settings; seeds, dropout p, optimizers and lr may differ)."""
+    return _data_key(run.setup.data), group_key(run.model, run.setup.train)
+
+
+def _groups(runs: list[TrialRun]) -> list[list[TrialRun]]:
+    """The runs in groups that fuse, in claim order. Two runs of one folder (a TPE trial sampled twice) never
+    share a group: the second waits for the first's folder and resumes its checkpoint, as it would alone."""
+    groups: list[list[TrialRun]] = []
+    for run in runs:
+        fits = lambda g: fuse_key(g[0]) == fuse_key(run) and all(r.run_dir != run.run_dir for r in g)
+        group = next((g for g in groups if fits(g)), None)
+        if group is None:
+            groups.append([run])
+        else:
+            group.append(run)
+    return groups
+
+
+def train_trials(runs: list[TrialRun], plan: Plan, checks: list[Callable[[], None]],
+                 left: Callable[[TrialRun, Exception], None] | None = None) -> list[TrainResult | Exception]:
+    """Train set-up trials that fuse (one `fuse_key`) as one group (`dse.train.train_group`), each in its run
+    folder (held locked), resuming its checkpoint; after each epoch each checks it is still ours (its `check`),
+    records its curves and lets the pruner decide. A trial that leaves the group then (pruned, taken over, ...)
+    lets go of its folder and goes to `left` at once; the others go on. Returns, per trial, its TrainResult or
+    the exception it left with."""
+    outcomes: list[TrainResult | Exception | None] = [None] * len(runs)
+    with contextlib.ExitStack() as stack:
+        folders = [stack.enter_context(contextlib.ExitStack()) for _ in runs]  # one per run: released when it leaves
+
+        def leave(i: int, e: Exception) -> None:
+            folders[i].close()
+            if left is not None:
+                left(runs[i], e)
+
+        for i, (run, check) in enumerate(zip(runs, checks)):
+            try:
+                folders[i].enter_context(hold_run_dir(run.run_dir, check))
+            except Exception as e:  # taken over while another process held the folder
+                outcomes[i] = e
+        if all(o is not None for o in outcomes):
+            return outcomes
+        # The run folders first: a process waiting for one must not hold up latency measurements meanwhile.
+        boundary = stack.enter_context(training_turns())
+        members = {i: Member(run.model, run.setup.train, run.run_dir / "checkpoint.pt",
+                             _on_epoch(run, plan, check, boundary, lambda e, i=i: leave(i, e)))
+                   for i, (run, check) in enumerate(zip(runs, checks)) if outcomes[i] is None}  # fmt: skip
+        results = train_group(list(members.values()), runs[0].splits)
+        for i, result in zip(members, results):
+            outcomes[i] = result
+    return outcomes
 
 
 def _report_epoch(trial: optuna.Trial, epoch: int, val_acc: float) -> None:
@@ -775,30 +855,69 @@ def fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str, *, counted
     return f"no retry left (study.max_retry={max_retry})"
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, plan: Plan, cache: dict, beat: Heartbeat,
-              raw: RDBStorage, worker: int = 0) -> None:
-    """One claimed trial from set-up to its end state, its heartbeat beating meanwhile."""
-    beat.add(trial._trial_id, patience=plan.study_cfg.storage_retry_seconds)  # a heartbeat exists before "worker"
-    max_retry, frozen, note = plan.study_cfg.max_retry, None, ""
-    check = lambda: check_ours(raw, trial._trial_id, beat, plan.study_cfg.grace_period)
+def run_trials(study: optuna.Study, trials: list[optuna.Trial], plan: Plan, cache: dict, beat: Heartbeat,
+               raw: RDBStorage, worker: int = 0) -> None:
+    """Claimed trials from set-up to their end states, their heartbeats beating meanwhile. Those that fuse
+    (`fuse_key`) train as one group; groups that do not train one after the other (whether separate CUDA
+    streams would gain over that is unmeasured). Each trial ends on its own and at once: pruned, failed (its
+    retry queued), taken over or finished, while the others go on."""
+    grace, max_retry = plan.study_cfg.grace_period, plan.study_cfg.max_retry
+    for trial in trials:
+        beat.add(trial._trial_id, patience=plan.study_cfg.storage_retry_seconds)  # a heartbeat exists before "worker"
+    going = {t._trial_id: t for t in trials}  # not ended yet
+
+    def end(trial: optuna.Trial, outcome: TrainResult | BaseException, run: TrialRun | None = None, started: float = 0.0):
+        if trial._trial_id in going:
+            _end_trial(study, trial, outcome, plan, run, started, worker)
+            beat.remove(trial._trial_id)
+            del going[trial._trial_id]
+
     try:
-        trial.set_user_attr("worker", _worker_id())
-        run = setup_trial(trial, plan, cache)
-        train_started = time.perf_counter()
-        result = train_trial(run, plan, check)
-        frozen = finish_trial(study, trial, record_result(run, result, plan, train_started))
+        for trial in trials:  # all marked before any set-up, which takes a while (see fail_stale)
+            trial.set_user_attr("worker", _worker_id())
+        runs = []
+        for trial in trials:
+            try:
+                runs.append(setup_trial(trial, plan, cache))
+            except Exception as e:  # over budget (TrialPruned), a config that fails, ...
+                end(trial, e)
+        for group in _groups(runs):
+            started = time.perf_counter()
+            checks = [lambda r=run: check_ours(raw, r.trial._trial_id, beat, grace) for run in group]
+            try:
+                outcomes = train_trials(group, plan, checks, left=lambda run, e: end(run.trial, e))
+            except Exception as e:  # the group's own failure (out of memory, a full disk, ...): each of its trials'
+                outcomes = [e] * len(group)
+            for run, outcome in zip(group, outcomes):
+                end(run.trial, outcome, run, started)
+    except BaseException:  # Ctrl-C, SystemExit, the storage gone: not the trials' fault
+        for trial in going.values():
+            with contextlib.suppress(Exception):
+                fail_trial(study, trial, INTERRUPTED, counted=False, max_retry=max_retry)
+        raise
+    finally:
+        for trial in trials:
+            beat.remove(trial._trial_id)
+
+
+def _end_trial(study: optuna.Study, trial: optuna.Trial, outcome: TrainResult | BaseException, plan: Plan,
+               run: TrialRun | None, started: float, worker: int) -> None:
+    """Finish a trial with its outcome: COMPLETE with its recorded result, PRUNED, or FAIL with its retry queued
+    (not counted against `max_retry` when it was taken over); one line says which."""
+    max_retry, frozen, note = plan.study_cfg.max_retry, None, ""
+    try:
+        if isinstance(outcome, TrainingDiverged):
+            trial.set_user_attr("pruned_reason", f"diverged: {outcome}")
+            raise optuna.TrialPruned(f"diverged: {outcome}")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        frozen = finish_trial(study, trial, record_result(run, outcome, plan, started))
     except optuna.TrialPruned:
         frozen = finish_trial(study, trial)
     except (TrialLost, UpdateFinishedTrialError) as e:  # the trial was taken over: its retry carries on
         note = fail_trial(study, trial, f"stopped: {e}", counted=False, max_retry=max_retry)
     except Exception as e:  # the trial's own failure (a bad checkpoint, a full disk, ...)
         note = fail_trial(study, trial, f"{type(e).__name__}: {e}", counted=True, max_retry=max_retry)
-    except BaseException:  # Ctrl-C, SystemExit: not the trial's fault
-        with contextlib.suppress(Exception):
-            fail_trial(study, trial, INTERRUPTED, counted=False, max_retry=max_retry)
-        raise
-    finally:
-        beat.remove(trial._trial_id)
     if not plan.progress:  # else the main process's progress bar prints the line (progress.watching)
         note = note or ("" if frozen else "taken over by another worker, whose retry records the result")
         line = trial_line(frozen or study._storage.get_trial(trial._trial_id), worker)
@@ -875,19 +994,44 @@ def work(plan: Plan, worker: int = 0) -> int:
         study_name=plan.study_name, storage=storage, sampler=make_sampler(plan, worker), pruner=make_pruner(plan)
     )
     cache: dict = {}
-    ran = 0
+    ran, size = 0, plan.group_size
     with Heartbeat(raw, plan.study_cfg.heartbeat_interval) as beat:
         while True:
             fail_stale(study, storage, plan)
             todo = _todo(study, plan)
             if todo == "done":
                 return ran
-            trial = claim_trial(study, storage, plan) if todo == "work" else None
-            if trial is None:
+            if todo == "work" and size is None:
+                size = group_size(plan, cache, worker)
+            trials = claim_trials(study, storage, plan, size) if todo == "work" else []
+            if not trials:
                 time.sleep(min(plan.study_cfg.heartbeat_interval, 5) if todo == "wait" else 0.1)
                 continue
-            run_trial(study, trial, plan, cache, beat, raw, worker)
-            ran += 1
+            run_trials(study, trials, plan, cache, beat, raw, worker)
+            ran += len(trials)
+
+
+def group_size(plan: Plan, cache: dict, worker: int = 0) -> int:
+    """How many trials this worker claims and trains together: `sweep.trials_per_gpu`, or for auto what
+    `dse.train.pick_group_size` measures on this worker's device for the space's costliest trial config (the
+    most memory; smaller models may gain more), sizes up to the space's trial count; one line says so."""
+    if plan.group_size is not None:
+        return plan.group_size
+    params = max(zip(plan.cost, plan.grid), key=lambda cp: cp[0])[1] if plan.cost else plan.grid[0] if plan.grid else {}
+    setup = _worker_setup(typed(compose(plan.overrides(params))), plan)
+    total = len(plan.grid) or plan.space_cfg.n_trials
+    try:
+        splits = _load(setup, cache)
+        torch.manual_seed(setup.train.seed)
+        model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+        size, rates = pick_group_size(model, splits, setup.train, sizes=[s for s in (1, 2, 4, 8, 16) if s <= max(total, 1)])
+    except Exception as e:  # noqa: BLE001 - a probe that fails costs speed, not trials: their own errors are recorded
+        tqdm.write(f"[worker {worker}] sweep.trials_per_gpu=auto: 1 (the probe failed: {type(e).__name__}: {e})")
+        return 1
+    measured = ", ".join(f"{n}: {rate:.0f}" for n, rate in rates.items())
+    tqdm.write(f"[worker {worker}] sweep.trials_per_gpu=auto: {size} on {resolve_device(setup.train.device)} "
+               f"(training images/s of {paper_name(setup.model)} by group size, {measured}; the largest adding 10 % is kept)")
+    return size
 
 
 def _interrupted(signum, frame) -> None:

@@ -720,19 +720,20 @@ def _train_pass(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, cha
 
 
 def _end_epoch(run: _Run, record: EpochRecord, layout: str) -> None:
-    """Record the epoch, write the checkpoint when due, then call on_epoch: what it raises makes the member leave."""
+    """Record the epoch, write the checkpoint when due, then call on_epoch: what either raises makes the member
+    leave (its checkpoint cannot be written, it was pruned or taken over, ...), the others go on."""
     cfg = run.member.cfg
     run.done += 1
     run.records.append(record)
     run.seconds.append(record.seconds)
-    if run.path and (run.done % cfg.checkpoint_every == 0 or run.done == cfg.epochs):
-        state = _state(run.done, run.member.model, run.average, run.optimizer, run.records, run.identity, layout)
-        save_checkpoint(run.path, state)
-    if run.member.on_epoch is not None:
-        try:
+    try:
+        if run.path and (run.done % cfg.checkpoint_every == 0 or run.done == cfg.epochs):
+            state = _state(run.done, run.member.model, run.average, run.optimizer, run.records, run.identity, layout)
+            save_checkpoint(run.path, state)
+        if run.member.on_epoch is not None:
             run.member.on_epoch(record)
-        except Exception as e:  # pruned, taken over, ...: the member leaves, the others go on
-            run.outcome = e
+    except Exception as e:
+        run.outcome = e
 
 
 def _group_epoch(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, layout: str, eval_kw: dict, bar):
@@ -800,9 +801,9 @@ def train_group(members: Sequence[Member], splits: Splits) -> list[TrainResult |
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,
     dropout masks, optimizer and schedule), up to floating-point order, and writes the same checkpoints. A
-    member leaves when its on_epoch raises (pruned, say), when its loss stops being finite (TrainingDiverged)
-    or when its checkpoint is unreadable (CheckpointError); the others go on. Members may resume from
-    different epochs and have different numbers of epochs. All must share `group_key`.
+    member leaves when its on_epoch raises (pruned, say), when its loss stops being finite (TrainingDiverged),
+    when its checkpoint is unreadable (CheckpointError) or cannot be written (OSError); the others go on.
+    Members may resume from different epochs and have different numbers of epochs. All must share `group_key`.
     """
     _check_group(members)
     cfg = members[0].cfg
