@@ -784,8 +784,9 @@ def train_trials(runs: list[TrialRun], plan: Plan, checks: list[Callable[[], Non
 
         for i, (run, check) in enumerate(zip(runs, checks)):
             try:
+                check()  # it may have waited for an earlier group
                 folders[i].enter_context(hold_run_dir(run.run_dir, check))
-            except Exception as e:  # taken over while another process held the folder
+            except Exception as e:  # taken over meanwhile
                 outcomes[i] = e
         if all(o is not None for o in outcomes):
             return outcomes

@@ -3,6 +3,7 @@ trials are retried and resume, bad input is refused before any trial with the DB
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ def tiny(data_root: Path, db: Path, *extra: str) -> list[str]:
         "train.epochs=1", "train.batch_size=32", "space.grid={model.width:[0.125,0.2]}", "space.seeds=[0,1]",
         "sweep.seeds=2", f"study.storage=sqlite:///{db}", "study.heartbeat_interval=1", "study.grace_period=3",
         "train.memory_format=contiguous",  # no layout timing: quicker
+        "sweep.trials_per_gpu=1",  # no group-size probe: quicker (auto has its own test)
         *extra,
     ]
 
@@ -267,6 +269,8 @@ def _plan(data_root: Path, db: Path, *extra: str):
         (["data.val_size=0"], ["data val_size=0: the sweep optimises validation accuracy"]),
         (["model.width=-1"], ["model.width=-1: space 'width' sets model.width", "besides, width=-1.0 must be > 0"]),
         (["train.seed=5"], ["train.seed=5: space 'width' sets train.seed for every trial", "space.seeds=[...]"]),
+        (["sweep.trials_per_gpu=0"], ["sweep trials_per_gpu='0' is not allowed; allowed: auto or a whole number >= 1"]),
+        (["sweep.trials_per_gpu=two"], ["sweep trials_per_gpu='two' is not allowed"]),
         (["+space=open", "space.search={model.width:{low:x,high:1}}"],
          ["low='x' and high=1 must be finite numbers with low < high"]),
         (["+space=open", "space.search={model.width:{low:0.1,high:1,log:yes}}"],
@@ -294,7 +298,8 @@ def test_run_folder_depends_only_on_what_the_trial_computes(data_root, tmp_path)
     shutil.copytree(data_root, moved)
     a = _plan(data_root, tmp_path / "x.db")
     b = _plan(moved, tmp_path / "x.db", "sweep.workers=2", "sweep.progress=false", "study.heartbeat_interval=5",
-              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=1", "sweep.threads=1")
+              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=1", "sweep.threads=1",
+              "sweep.trials_per_gpu=2")
     c = _plan(data_root, tmp_path / "x.db", "train.epochs=2")
     point = a.grid[0]
     assert run_folder(a, point) == run_folder(b, point) != run_folder(c, point)
@@ -500,3 +505,85 @@ def test_a_postgresql_outage_during_a_run_trains_nothing_twice(postgres, tmp_pat
         trained = [r["epoch"] for t in runs for r in t.user_attrs.get("curves", [])
                    if t.state != TrialState.COMPLETE or r["epoch"] > t.user_attrs["resumed_from"]]
         assert len(trained) == len(set(trained)), f"an epoch was trained twice: {sorted(trained)}"
+
+
+# ---------------------------------------------------------------- several trials per worker (fused groups)
+# A grid of one architecture: dropout p and seed differ, so a worker's claimed trials fuse into one group.
+FUSABLE = ("+space=dropout", "space.grid={model.dropout:[0.1,0.3]}", "space.seeds=[0,1]", "sweep.seeds=2",
+           "sweep.threads=1")  # fmt: skip
+
+
+def _by_params(tmp_path: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
+    return {json.dumps(t.params, sort_keys=True): t for t in study.get_trials()}
+
+
+def test_fused_trials_record_what_solo_trials_do(tmp_path):
+    """The same grid with trials_per_gpu=1 and 4: one COMPLETE trial per point either way, the same user
+    attributes, the same curves up to floating-point order (losses to 1e-3 relative, accuracies to one of
+    the 40 validation or test images)."""
+    from sweeps import run_tiny_plan
+
+    for size in (1, 4):
+        assert run_tiny_plan(tmp_path, *FUSABLE, f"sweep.trials_per_gpu={size}", name=f"n{size}").ok
+    solo, fused = _by_params(tmp_path, "n1"), _by_params(tmp_path, "n4")
+    assert solo.keys() == fused.keys() and len(solo) == 4
+    for key, alone in solo.items():
+        together = fused[key]
+        assert alone.state == together.state == TrialState.COMPLETE
+        assert set(alone.user_attrs) == set(together.user_attrs)
+        assert [r["trials"] for r in alone.user_attrs["curves"]] == [1, 1]
+        assert [r["trials"] for r in together.user_attrs["curves"]] == [4, 4]
+        for a, b in zip(alone.user_attrs["curves"], together.user_attrs["curves"]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+            assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1 / 40 + 1e-9)
+        assert together.user_attrs["test_acc"] == pytest.approx(alone.user_attrs["test_acc"], abs=1 / 40 + 1e-9)
+        assert together.values[0] == together.user_attrs["curves"][-1]["val_acc"]
+
+
+def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_path, monkeypatch):
+    """A group of 3: after epoch 1, trial 1 is pruned and trial 2 fails (an error of its own); both end before
+    trial 0's next epoch, which trial 0 trains alone; trial 2's retry resumes its epoch-1 checkpoint."""
+    import dse.sweep
+    from sweeps import run_tiny_plan
+
+    own, seen, calls = dse.sweep.check_ours, [], collections.Counter()
+
+    def check(storage, trial_id, beat, grace):
+        own(storage, trial_id, beat, grace)
+        number = storage.get_trial(trial_id).number
+        calls[number] += 1
+        if calls[number] == 1:  # the check before training
+            return
+        if number == 0:
+            seen.append([t.state for t in optuna.load_study(study_name="leave", storage=storage).trials[1:3]])
+        if number == 1:
+            raise optuna.TrialPruned("pruned after epoch 1")
+        if number == 2:
+            raise RuntimeError("fails after epoch 1")
+
+    monkeypatch.setattr(dse.sweep, "check_ours", check)
+    point = ("space.grid={model.dropout:[0.1]}", "space.seeds=[0,1,2]", "sweep.seeds=3", "sweep.trials_per_gpu=3")
+    assert run_tiny_plan(tmp_path, *FUSABLE, *point, name="leave").ok
+    trials = optuna.load_study(study_name="leave", storage=f"sqlite:///{tmp_path / 'leave.db'}").get_trials()
+    assert seen == [[TrialState.RUNNING] * 2, [TrialState.PRUNED, TrialState.FAIL]]  # trial 0's checks after epochs 1, 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
+    assert [r["trials"] for r in trials[0].user_attrs["curves"]] == [3, 1]
+    assert trials[2].user_attrs["fail_reason"] == "RuntimeError: fails after epoch 1"
+    retry = trials[3]
+    assert retry.params == trials[2].params and retry.user_attrs["resumed_from"] == 1
+    assert [r["trials"] for r in retry.user_attrs["curves"]] == [3, 1]
+
+
+def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_root, tmp_path, capsys):
+    from dse.sweep import group_size
+
+    plan = _plan(data_root, tmp_path / "x.db", "space.grid={model.width:[0.125]}", "sweep.trials_per_gpu=auto")
+    assert plan.group_size is None
+    size = group_size(plan, {})
+    line = capsys.readouterr().out
+    assert size in (1, 2)  # sizes up to the space's 2 trials
+    assert f"[worker 0] sweep.trials_per_gpu=auto: {size} on cpu (training images/s of Shallow SqueezeNext-06-0.125x" in line
+    assert "1: " in line and "2: " in line
+    assert group_size(_plan(data_root, tmp_path / "x.db", "sweep.trials_per_gpu=3"), {}) == 3
