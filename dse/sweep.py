@@ -754,7 +754,7 @@ def fuse_key(run: TrialRun) -> tuple:
 
 def _groups(runs: list[TrialRun]) -> list[list[TrialRun]]:
     """The runs in groups that fuse, in claim order. Two runs of one folder (a TPE trial sampled twice) never
-    share a group: the second waits for the first's folder and resumes its checkpoint, as it would alone."""
+    share a group: the second trains in a later group and resumes the first's checkpoint, as it would alone."""
     groups: list[list[TrialRun]] = []
     for run in runs:
         fits = lambda g: fuse_key(g[0]) == fuse_key(run) and all(r.run_dir != run.run_dir for r in g)
@@ -887,7 +887,7 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], plan: Plan, cach
             checks = [lambda r=run: check_ours(raw, r.trial._trial_id, beat, grace) for run in group]
             try:
                 outcomes = train_trials(group, plan, checks, left=lambda run, e: end(run.trial, e))
-            except Exception as e:  # the group's own failure (out of memory, a full disk, ...): each of its trials'
+            except Exception as e:  # the whole group failed (out of memory, say): so did each trial still in it
                 outcomes = [e] * len(group)
             for run, outcome in zip(group, outcomes):
                 end(run.trial, outcome, run, started)
@@ -1018,7 +1018,7 @@ def group_size(plan: Plan, cache: dict, worker: int = 0) -> int:
     most memory; smaller models may gain more), sizes up to the space's trial count; one line says so."""
     if plan.group_size is not None:
         return plan.group_size
-    params = max(zip(plan.cost, plan.grid), key=lambda cp: cp[0])[1] if plan.cost else plan.grid[0] if plan.grid else {}
+    params = max(zip(plan.cost, plan.grid), key=lambda cp: cp[0])[1] if plan.grid else {}  # TPE/NSGA-II: the base config
     setup = _worker_setup(typed(compose(plan.overrides(params))), plan)
     total = len(plan.grid) or plan.space_cfg.n_trials
     try:
