@@ -16,6 +16,12 @@ Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per 
       threads; the second epoch, timed from its first batch (worker start-up excluded);
 and the ratios b/a and b/c, with their geometric means over the three models.
 
+Then trials fused in groups (`dse.train.train_group`, what `sweep.trials_per_gpu` uses): the aggregate training
+images/s of groups of 1, 2 and 4 copies of Shallow SqueezeNext-06-0.4x and -1.0x (`dse.train.pick_group_size`,
+one batch in memory, the trainer's layout and precision, one thread), run member by member (the CPU's way) and as
+one vmapped model (grouped convolutions, CUDA's way); a group of one is the trial alone, so N/1 >= 1 means a
+fused group is no slower than its trials one after the other.
+
 Then a quick width sweep's trials (Shallow SqueezeNext-06 at 0.4x and 1.0x, two trials each, whole
 `train` calls with evaluation) run by one worker with as many threads as cores, against as many
 workers as cores with one thread each, in images per second of wall time, so the sweep can pick its
@@ -56,7 +62,10 @@ from conftest import write_cifar  # noqa: E402
 from dse.config import register_schemas, to_object  # noqa: E402
 from dse.data import DataConfig, load_data  # noqa: E402
 from dse.models import create_model  # noqa: E402
-from dse.train import TrainConfig, make_optimizer, mixed_precision, native_bf16, train, train_step  # noqa: E402
+import dse.train  # noqa: E402
+from dse.train import (  # noqa: E402
+    TrainConfig, make_optimizer, mixed_precision, native_bf16, pick_group_size, train, train_step,
+)  # fmt: skip
 
 CPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-06-1.0x", "SqueezeNext-23-1x"]
 GPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-14-1.5x", "SqueezeNext-23-2x"]
@@ -177,6 +186,29 @@ def compare(models: list[str], splits, steps: int, device: torch.device, repeats
           f"b/c >= {'3' if device.type == 'cuda' else '1.3'})")  # fmt: skip
 
 
+def fused_groups(splits, steps: int, repeats: int, sizes: tuple[int, ...] = (1, 2, 4)) -> None:
+    """Aggregate images/s of fused groups on the CPU, member by member and vmapped, interleaved, best of `repeats`."""
+    cfg = recipe(progress=False, device="cpu", threads=1)
+    print("\nFused groups on the CPU, 1 thread: aggregate training images/s by group size (ratio to size 1)")
+    print(f"{'model':<30}{'run':<18}" + "".join(f"{n:>14}" for n in sizes))
+    vmap_devices = dse.train.VMAP_DEVICES
+    try:
+        for width in SWEEP_WIDTHS:
+            rates = {way: dict.fromkeys(sizes, 0.0) for way in ("member by member", "vmapped")}
+            for _ in range(repeats):
+                for way in rates:
+                    dse.train.VMAP_DEVICES = ("cpu",) if way == "vmapped" else ()
+                    torch.manual_seed(0)
+                    model = create_model("shallow_squeezenext", num_classes=10, blocks=[1, 1, 1, 1], width=width)
+                    _, measured = pick_group_size(model, splits, cfg, sizes=sizes, min_gain=-1.0, steps=steps)
+                    rates[way] = {n: max(rates[way][n], measured[n]) for n in sizes}
+            for way, rate in rates.items():
+                cells = "".join(f"{f'{rate[n]:.0f} ({rate[n] / rate[1]:.2f})':>14}" for n in sizes)
+                print(f"{f'Shallow SqueezeNext-06-{width}x':<30}{way:<18}{cells}", flush=True)
+    finally:
+        dse.train.VMAP_DEVICES = vmap_devices
+
+
 def _trial(root: str, width: float, seed: int, threads: int, subset: int, barrier, queue) -> None:
     torch.set_num_threads(threads)
     splits = load_data(DataConfig(name="cifar10", root=root, val_size=256, subset=subset))
@@ -238,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement (CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per figure; the best counts")
     parser.add_argument("--models", nargs="+", default=CPU_MODELS, help="CPU models (paper names)")
+    parser.add_argument("--skip-fused", action="store_true", help="skip the fused groups' images/s")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the workers × threads comparison")
     args = parser.parse_args(argv)
     describe_machine()
@@ -249,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, best of {args.repeats}, "
               f"training images/s; a and b in {precision}, c in fp32")  # fmt: skip
         compare(args.models, splits, args.batches, torch.device("cpu"), args.repeats, "")
+        if not args.skip_fused:
+            fused_groups(splits, args.batches, args.repeats)
         if not args.skip_sweep:
             sweep_layouts(tmp, n, args.repeats)
         if torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""Several trials' models as one: their weights stacked, one vmapped forward pass, dropout masks drawn from seeds."""
+"""Several trials' models as one: stacked weights, one forward pass (vmapped or member by member), seeded dropout."""
 
 from __future__ import annotations
 
@@ -134,14 +134,28 @@ def unfuse(model: nn.Module) -> None:
 Forward = Callable[[Tensor, bool], Tensor]
 
 
-def fused_forward(models: list[nn.Module], *, grads: bool = True) -> tuple[Forward, dict[str, Tensor]]:
+def fused_forward(
+    models: list[nn.Module], *, grads: bool = True, vmapped: bool = True
+) -> tuple[Forward, dict[str, Tensor]]:
     """One vmapped call of the first member's modules with every member's weights (convolutions become grouped
     convolutions, BatchNorm keeps per-member statistics), and the stacks by name: the parameters' ones are the
-    tensors backward fills (when `grads`)."""
+    tensors backward fills (when `grads`). With `vmapped=False` the first member's modules are called once per
+    member on its slices of the stacks instead: the same result, the same stacks, but each member's own (ungrouped)
+    kernels, which a CPU runs faster than grouped ones."""
     params, buffers = fuse(models, grads=grads)
 
     def call(p: dict, b: dict, x: Tensor) -> Tensor:
         return functional_call(models[0], (p, b), (x,))
+
+    if not vmapped:
+
+        def each(x: Tensor, shared: bool) -> Tensor:
+            return torch.stack([
+                call({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, x if shared else x[i])
+                for i in range(len(models))
+            ])  # fmt: skip
+
+        return each, {**params, **buffers}
 
     own_inputs, shared_inputs = vmap(call), vmap(call, in_dims=(0, 0, None))
 

@@ -1,6 +1,6 @@
 """The one trainer: optimizers by name, the learning-rate schedule, the weight average (EMA), test-time flips,
-per-epoch records, checkpoints, fused groups of trials (each its own model, trained together as one vmapped
-model) and CUDA-graph training steps."""
+per-epoch records, checkpoints, fused groups of trials (each its own model, trained together as one fused model)
+and CUDA-graph training steps."""
 
 from __future__ import annotations
 
@@ -92,6 +92,10 @@ _GROUP_SETTINGS = (
     "batch_size", "augment", "crop", "tta", "device", "memory_format", "amp", "compile", "cuda_graph", "threads",
     "eval_batch_size",
 )  # fmt: skip
+# Devices where a group's members run as one vmapped model. Elsewhere (the CPU) each member's modules run in turn
+# on its slice of the stacked weights: vmap makes convolutions grouped ones, which oneDNN runs slower per image
+# than the members' own convolutions (a CPU group of 4 stepped 0.65-0.75x the images/s of one trial; bench/trainer.py).
+VMAP_DEVICES = ("cuda",)
 _WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured (cuDNN and cuBLAS set-up)
 
 
@@ -569,7 +573,11 @@ def _check_group(members: Sequence[Member]) -> None:
 
 
 def _forward(models: list[nn.Module], compile: bool, *, grads: bool = True) -> tuple[Forward, dict[str, Tensor]]:
-    forward, tensors = fused_forward(models, grads=grads) if len(models) > 1 else solo_forward(models[0], grads=grads)
+    if len(models) == 1:
+        forward, tensors = solo_forward(models[0], grads=grads)
+    else:
+        vmapped = next(models[0].parameters()).device.type in VMAP_DEVICES
+        forward, tensors = fused_forward(models, grads=grads, vmapped=vmapped)
     return torch.compile(forward) if compile else forward, tensors
 
 
@@ -796,8 +804,8 @@ def _checkpoint(member: Member) -> dict | Exception | None:
 
 
 def train_group(members: Sequence[Member], splits: Splits) -> list[TrainResult | Exception]:
-    """Train several trials together on `splits`: one fused model (vmap over their stacked weights), each
-    member's own optimizer; per member, its TrainResult or the exception that made it leave the group.
+    """Train several trials together on `splits`: one fused model (their weights stacked; vmapped on CUDA, member
+    by member elsewhere: `VMAP_DEVICES`), each member's own optimizer; per member, its TrainResult or the exception that made it leave the group.
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,
     dropout masks, optimizer and schedule), up to floating-point order, and writes the same checkpoints. A

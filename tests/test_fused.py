@@ -1,4 +1,5 @@
-"""dse.fused: dropout masks from seeds, stacked weights as views, one vmapped forward for several models."""
+"""dse.fused: dropout masks from seeds, stacked weights as views, one forward pass (vmapped or member by member) for
+several models."""
 
 import pytest
 import torch
@@ -33,14 +34,15 @@ def models(n: int) -> list[nn.Module]:
     return out
 
 
-def test_a_fused_forward_computes_each_models_own_output_and_batchnorm_statistics():
+@pytest.mark.parametrize("vmapped", [True, False], ids=["vmapped", "member by member"])
+def test_a_fused_forward_computes_each_models_own_output_and_batchnorm_statistics(vmapped):
     fused, alone = models(3), models(3)
     step = torch.zeros(1, dtype=torch.int64)
     for group in (fused, alone):
         for i, m in enumerate(group):
             for drop in (getattr(parent, attr) for parent, attr, _ in seed_dropouts(m, step)):
                 drop.key.fill_(dropout_key(i, 0))
-    forward, stacks = fused_forward(fused)
+    forward, stacks = fused_forward(fused, vmapped=vmapped)
     x = torch.randn(3, 16, 3, 8, 8)
     logits = forward(x, False)
     logits.sum().backward()

@@ -480,7 +480,14 @@ def assert_same_training(a: nn.Module, ra, b: nn.Module, rb) -> None:
     assert ra.test_acc == rb.test_acc and ra.test_loss == pytest.approx(rb.test_loss, rel=1e-5)
 
 
-def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits):
+@pytest.fixture(params=["vmapped", "member by member"])
+def fuse_by(request, monkeypatch) -> str:
+    """Both ways a group runs its members: vmapped (CUDA's default) and one after the other (the CPU's)."""
+    monkeypatch.setattr(dse.train, "VMAP_DEVICES", ("cuda", "cpu") if request.param == "vmapped" else ())
+    return request.param
+
+
+def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits, fuse_by):
     alone = []
     for i in range(4):
         m = member(i)
@@ -494,7 +501,7 @@ def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits):
     assert len({tuple(r.train_loss for r in res.epochs) for res in results}) == 4  # they did differ
 
 
-def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits):
+def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, fuse_by):
     knobs = [dict(ema=0.9, warmup=0.25, schedule="linear"), dict(ema=0.8, warmup=0.5), dict(ema=0.95)]
     common = dict(crop=0.07, tta=True)
     alone = []
