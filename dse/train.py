@@ -189,7 +189,7 @@ class TrainResult:
     epochs: list[EpochRecord]
     test_loss: float
     test_acc: float
-    seconds_per_epoch: float  # mean training-pass seconds of the epochs run by this call
+    seconds_per_epoch: float  # mean training-pass seconds of the epochs run by this call (none run: the records')
     device: str
     precision: str  # "bf16 autocast" or "fp32"
     memory_format: str  # the layout trained in: channels_last or contiguous
@@ -775,9 +775,13 @@ def _finish(group: _Group, splits: Splits, eval_kw: dict, context: dict) -> None
         if run.done >= run.member.cfg.epochs:
             run.outcome = TrainResult(
                 epochs=run.records, test_loss=test_loss, test_acc=test_acc,
-                seconds_per_epoch=sum(run.seconds) / len(run.seconds) if run.seconds else math.nan,
+                seconds_per_epoch=_mean(run.seconds or [r.seconds for r in run.records]),
                 resumed_from=run.resumed_from, cuda_graph=run.graphed, **context,
             )  # fmt: skip
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def _open(member: Member, splits: Splits, layout: str, step: Tensor, graphed: bool, saved: dict | None) -> _Run:
