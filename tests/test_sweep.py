@@ -48,6 +48,7 @@ def tiny(data_root: Path, db: Path, *extra: str) -> list[str]:
         "sweep.seeds=2", f"study.storage=sqlite:///{db}", "study.heartbeat_interval=1", "study.grace_period=3",
         "train.memory_format=contiguous",  # no layout timing: quicker
         "sweep.trials_per_gpu=1",  # no group-size probe: quicker (auto has its own test)
+        "sweep.threads=1",  # two threads per worker ran 20-40x slower on a loaded 2-core machine
         *extra,
     ]
 
@@ -298,7 +299,7 @@ def test_run_folder_depends_only_on_what_the_trial_computes(data_root, tmp_path)
     shutil.copytree(data_root, moved)
     a = _plan(data_root, tmp_path / "x.db")
     b = _plan(moved, tmp_path / "x.db", "sweep.workers=2", "sweep.progress=false", "study.heartbeat_interval=5",
-              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=1", "sweep.threads=1",
+              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=2", "sweep.threads=2",
               "sweep.trials_per_gpu=2")
     c = _plan(data_root, tmp_path / "x.db", "train.epochs=2")
     point = a.grid[0]
@@ -509,8 +510,7 @@ def test_a_postgresql_outage_during_a_run_trains_nothing_twice(postgres, tmp_pat
 
 # ---------------------------------------------------------------- several trials per worker (fused groups)
 # A grid of one architecture: dropout p and seed differ, so a worker's claimed trials fuse into one group.
-FUSABLE = ("+space=dropout", "space.grid={model.dropout:[0.1,0.3]}", "space.seeds=[0,1]", "sweep.seeds=2",
-           "sweep.threads=1")  # fmt: skip
+FUSABLE = ("+space=dropout", "space.grid={model.dropout:[0.1,0.3]}", "space.seeds=[0,1]", "sweep.seeds=2")
 
 
 def _by_params(tmp_path: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
