@@ -94,7 +94,7 @@ _GROUP_SETTINGS = (
 )  # fmt: skip
 # Devices where a group's members run as one vmapped model. Elsewhere (the CPU) each member's modules run in turn
 # on its slice of the stacked weights: vmap makes convolutions grouped ones, which oneDNN runs slower per image
-# than the members' own convolutions (a CPU group of 4 stepped 0.65-0.75x the images/s of one trial; bench/trainer.py).
+# than the members' own convolutions (CPU groups of 2-4 stepped 0.5-0.8x the images/s of one trial; bench/trainer.py).
 VMAP_DEVICES = ("cuda",)
 _WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is captured (cuDNN and cuBLAS set-up)
 
@@ -809,7 +809,8 @@ def _checkpoint(member: Member) -> dict | Exception | None:
 
 def train_group(members: Sequence[Member], splits: Splits) -> list[TrainResult | Exception]:
     """Train several trials together on `splits`: one fused model (their weights stacked; vmapped on CUDA, member
-    by member elsewhere: `VMAP_DEVICES`), each member's own optimizer; per member, its TrainResult or the exception that made it leave the group.
+    by member elsewhere: `VMAP_DEVICES`), each member's own optimizer; per member, its TrainResult or the
+    exception that made it leave the group.
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,
     dropout masks, optimizer and schedule), up to floating-point order, and writes the same checkpoints. A

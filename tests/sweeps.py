@@ -22,7 +22,8 @@ def run_tiny_plan(tmp_path: Path, *overrides: str, name: str = "tiny", data_root
     args = [
         "budget=quick", f"data.root={data_root}", "data.subset=null", "data.val_size=40", "train.epochs=2",
         "train.batch_size=32", f"study.storage=sqlite:///{db}", f"study.name={name}", "sweep.workers=1",
-        "train.memory_format=contiguous", "sweep.progress=false", "sweep.trials_per_gpu=1", "sweep.threads=1", *overrides,
+        "train.memory_format=contiguous", "sweep.progress=false", "sweep.trials_per_gpu=1", "sweep.threads=1",
+        *overrides,
     ]
     return run_sweep(plan_sweep(compose(args), args))
 
