@@ -1,4 +1,4 @@
-"""Typed schemas of the Hydra configs in `conf/` and their registration with Hydra's ConfigStore."""
+"""Typed schemas of the Hydra configs in `conf/`, the "changes no result" mark, and their registration with Hydra."""
 
 from __future__ import annotations
 
@@ -9,14 +9,142 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dse.models import ModelConfig
+from dse.optim import SCHEDULES, optimizer_kwargs
 from dse.pruning import PruningConfig
 
-__all__ = ["finite", "PruningConfig", "SpaceConfig", "StudyConfig", "SweepConfig", "SAMPLERS", "PRUNERS", "register_schemas", "to_object"]
+__all__ = [
+    "DATASET_NAMES",
+    "LAYOUTS",
+    "DataConfig",
+    "OBJECTIVES",
+    "PRUNERS",
+    "RUNTIME",
+    "SAMPLERS",
+    "PruningConfig",
+    "SpaceConfig",
+    "StudyConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "changes_result",
+    "check_study_name",
+    "finite",
+    "register_schemas",
+    "to_object",
+]
 
 SAMPLERS = ("grid", "tpe", "nsga2")
 PRUNERS = ("none", "pareto", "median", "hyperband", "successive_halving")
 OPTUNA_PRUNERS = PRUNERS[2:]  # Optuna's own: single-objective studies only
-METRICS = ("val_acc", "size_mb", "latency_ms")
+# The sweep's objectives, in order: metric name -> direction. Accuracies are fractions in [0, 1].
+OBJECTIVES = {"val_acc": "maximize", "size_mb": "minimize", "latency_ms": "minimize"}
+DATASET_NAMES = ("cifar10", "cifar100", "fashion_mnist")  # dse.data reads each
+LAYOUTS = ("channels_last", "contiguous")  # memory formats the trainer can train in
+# Field metadata of a setting that changes where or how fast a run computes, never what it computes: left out of
+# a study's definition, a trial's run folder key and what a checkpoint must agree on (dse.identity).
+RUNTIME = {"changes_result": False}
+_NAME = re.compile(r"\w[\w.-]*")  # \w: letters and digits of any script, and _
+
+
+def changes_result(field_: Any) -> bool:
+    """Whether a schema field (a `dataclasses.Field`) changes what a run computes (it is not marked `RUNTIME`)."""
+    return field_.metadata.get("changes_result", True)
+
+
+def check_study_name(name: str) -> str:
+    """A study name is a file name: letters, digits, `_`, `-` and `.` (not `..`), starting with a letter,
+    digit or `_`; it never leaves the folders it names (`studies/<name>.db`, `reports/<name>/`)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"study name={name!r} must be letters, digits, '_', '-' and '.' (not '..'), starting with a letter, "
+            "digit or '_', e.g. width-cifar10-quick"
+        )
+    return name
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how it is split. The schema of `conf/data/*.yaml`."""
+
+    name: str = "cifar10"
+    root: str = field(default="data", metadata=RUNTIME)
+    val_size: int = 5000  # images held out of the official training set, drawn with `seed`
+    subset: int | None = None  # keep only this many training images (quick runs)
+    seed: int = 0  # fixes the split (not the training order: that is the trainer's seed)
+    download: bool = field(default=False, metadata=RUNTIME)  # let torchvision download a missing dataset into `root`
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise ValueError(f"data name={self.name!r} is unknown; allowed: {', '.join(DATASET_NAMES)}")
+        if self.val_size < 0:
+            raise ValueError(f"data val_size={self.val_size} must be >= 0")
+        if self.subset is not None and self.subset <= 0:
+            raise ValueError(f"data subset={self.subset} must be > 0 or null (all)")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the schema of `conf/train/*.yaml`, one file per optimizer with its own lr and kwargs.
+
+    The shared defaults are the recipe of the paper and its baseline code: 200 epochs of batch 128, weight
+    decay 5e-4, step decay ×0.2 at 30/60/80 % of the epochs (60/120/160 of 200), crop (pad 4 on 32×32)
+    and flip, no warm-up, label smoothing, weight average or test-time flips. `conf/train/sgd.yaml` adds
+    the paper's optimizer: SGD, lr 0.01, Nesterov momentum 0.9; `conf/train/fast.yaml` is the few-epoch recipe.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. momentum, betas
+    weight_decay: float = 5e-4
+    epochs: int = 200
+    batch_size: int = 128
+    lr_batch_size: int | None = None  # lr is for this batch size: scaled by batch_size / lr_batch_size; null: as is
+    schedule: str = "step"  # step | cosine | linear (cosine and linear decay to 0 at the last step)
+    warmup: float = 0.0  # fraction of the steps over which lr rises linearly from 0, before the schedule
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # step: fractions of `epochs`
+    decay: float = 0.2  # step: lr factor at each milestone
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop + horizontal flip
+    crop: float = 0.125  # crop shift, a fraction of the image side: zero-pad round(crop·side) px (4 on 28 and 32)
+    ema: float = 0.0  # per-step decay of a moving average of the weights that is evaluated and saved; 0: off
+    tta: bool = False  # evaluate on each image and its mirror image (mean logits)
+    seed: int = 0  # batch order, augmentation and dropout masks (seed the model's init yourself)
+    threads: int = field(default=0, metadata=RUNTIME)  # torch intra-op threads; 0 keeps torch's default
+    device: str = field(default="auto", metadata=RUNTIME)  # auto (cuda when available) | cpu | cuda | cuda:N
+    memory_format: str = "auto"  # channels_last | contiguous (NCHW) | auto: time both on the first batch, keep the faster
+    amp: bool = True  # bf16 autocast where the hardware has bf16 units: CUDA, CPUs with AMX or AVX512-BF16
+    # torch.compile the forward pass (steps then run eagerly, not in a CUDA graph)
+    compile: bool = field(default=False, metadata=RUNTIME)
+    # on CUDA: capture forward, backward and optimizer step once, replay it every batch
+    cuda_graph: bool = field(default=True, metadata=RUNTIME)
+    # resumed from when it exists, written after every `checkpoint_every` epochs
+    checkpoint: str | None = field(default=None, metadata=RUNTIME)
+    checkpoint_every: int = field(default=1, metadata=RUNTIME)
+    eval_batch_size: int = field(default=512, metadata=RUNTIME)
+    progress: bool = field(default=True, metadata=RUNTIME)
+
+    def __post_init__(self) -> None:
+        optimizer_kwargs(self)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+        if self.memory_format not in ("auto", *LAYOUTS):
+            allowed = ", ".join(("auto", *LAYOUTS))
+            raise ValueError(f"train memory_format={self.memory_format!r} is unknown; allowed: {allowed}")
+        for name in ("lr", "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "decay"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be > 0")
+        if not all(0 < m <= 1 for m in self.milestones):
+            raise ValueError(f"train milestones={self.milestones!r} must be fractions of epochs in (0, 1]")
+        for name, high in (("label_smoothing", 1), ("warmup", 1), ("ema", 1), ("crop", 0.5)):
+            if not 0 <= getattr(self, name) < high:
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be in [0, {high})")
+        if self.lr_batch_size is not None and self.lr_batch_size <= 0:
+            raise ValueError(f"train lr_batch_size={self.lr_batch_size!r} must be > 0 or null (lr as given)")
+        for name in ("augment", "tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train {name}={getattr(self, name)!r} must be true or false")
+        if self.weight_decay < 0 or self.threads < 0:
+            raise ValueError(f"train weight_decay={self.weight_decay!r} and threads={self.threads!r} must be >= 0")
 
 
 @dataclass
@@ -97,7 +225,7 @@ class StudyConfig:
     workdir: str | None = None  # checkpoints and artifacts; default studies/<name>/ (share it across machines)
     max_size_kb: float | None = None  # over-budget models are pruned before any training
     max_latency_ms: float | None = None
-    objectives: list[str] = field(default_factory=lambda: list(METRICS))  # optimised, in this order
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))  # optimised, in this order
     pruner: str = "none"
     pruning: PruningConfig = field(default_factory=PruningConfig)
     heartbeat_interval: int = 60  # seconds; a trial silent for grace_period is failed and retried
@@ -107,14 +235,12 @@ class StudyConfig:
     sampler_seed: int = 0
 
     def __post_init__(self) -> None:
-        from dse.study import check_study_name  # here: dse.study imports optuna, which `dse.train` does without
-
         check_study_name(self.name)
         if self.pruner not in PRUNERS:
             raise ValueError(f"study pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
-        bad = [m for m in self.objectives if m not in METRICS]
+        bad = [m for m in self.objectives if m not in OBJECTIVES]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise ValueError(f"study objectives={self.objectives} must be distinct names from {', '.join(METRICS)}")
+            raise ValueError(f"study objectives={self.objectives} must be distinct names from {', '.join(OBJECTIVES)}")
         if self.pruner in OPTUNA_PRUNERS and len(self.objectives) > 1:
             raise ValueError(
                 f"study pruner={self.pruner!r} works on single-objective studies only (e.g. study.objectives=[val_acc]); "
@@ -180,9 +306,6 @@ def register_schemas() -> None:
     """Register every group's schema, so `defaults: [schema]` in a group file type-checks it."""
     from hydra.core.config_store import ConfigStore
 
-    from dse.data import DataConfig
-    from dse.models import ModelConfig
-    from dse.train import TrainConfig
 
     store = ConfigStore.instance()
     for group, schema in (

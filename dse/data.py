@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dse.config import DATASET_NAMES, DataConfig
+
 __all__ = [
     "DATASETS",
     "DataConfig",
@@ -40,26 +42,6 @@ FASHION_MNIST_CLASSES = [
 
 class DataError(RuntimeError):
     """A dataset is missing or unreadable; the message says what was looked for, where, and how to get it."""
-
-
-@dataclass
-class DataConfig:
-    """Which dataset, where it lives, and how it is split. The schema of `conf/data/*.yaml`."""
-
-    name: str = "cifar10"
-    root: str = "data"
-    val_size: int = 5000  # images held out of the official training set, drawn with `seed`
-    subset: int | None = None  # keep only this many training images (quick runs)
-    seed: int = 0  # fixes the split (not the training order: that is the trainer's seed)
-    download: bool = False  # let torchvision download a missing dataset into `root`
-
-    def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ValueError(f"data name={self.name!r} is unknown; allowed: {', '.join(DATASETS)}")
-        if self.val_size < 0:
-            raise ValueError(f"data val_size={self.val_size} must be >= 0")
-        if self.subset is not None and self.subset <= 0:
-            raise ValueError(f"data subset={self.subset} must be > 0 or null (all)")
 
 
 @dataclass
@@ -233,6 +215,7 @@ DATASETS: dict[str, Callable] = {
     "cifar100": read_cifar100,
     "fashion_mnist": read_fashion_mnist,
 }
+assert tuple(DATASETS) == DATASET_NAMES, "dse.config.DATASET_NAMES lists the readers here"
 
 
 # ---------------------------------------------------------------------------------------------- split

@@ -18,8 +18,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import optuna
 import torch.nn as nn
 
+from dse.identity import architecture
 from dse.measure import measure_latencies
-from dse.models import ModelConfig, build_model, resolve_config
+from dse.models import ModelConfig, build_model
 
 try:
     import fcntl
@@ -32,16 +33,6 @@ ATTR = "latency:"
 # How long a measurement waits for training workers to reach an epoch boundary before it measures anyway
 # (and says so): an epoch of a large model on a slow CPU can take minutes.
 PAUSE_WAIT_S = 600.0
-
-
-def architecture(model: ModelConfig, input_shape: Sequence[int], num_classes: int) -> tuple[str, dict]:
-    """(key, spec) of a model's inference graph: its resolved config without dropout (an identity at inference),
-    the input shape and the classes. The training recipe, seed and data do not enter it. `build(spec)` rebuilds
-    a model of that graph."""
-    full = asdict(resolve_config(model))
-    full.pop("dropout")
-    spec = {"model": full, "input_shape": list(input_shape), "num_classes": int(num_classes)}
-    return json.dumps(spec, sort_keys=True, separators=(",", ":")), spec
 
 
 def build(spec: Mapping) -> tuple[nn.Module, tuple[int, ...]]:

@@ -25,6 +25,8 @@ import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from dse.config import OBJECTIVES, check_study_name
+
 __all__ = [
     "OBJECTIVES",
     "StudyError",
@@ -50,11 +52,8 @@ __all__ = [
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-# The sweep's objectives, in order: metric name -> direction. Accuracies are fractions in [0, 1].
-OBJECTIVES = {"val_acc": "maximize", "size_mb": "minimize", "latency_ms": "minimize"}
 STUDIES = Path("studies")
 WORKDIR_MARKER = ".dse-workdir"  # a folder dse made for a study's checkpoints and artifacts
-_NAME = re.compile(r"\w[\w.-]*")  # \w: letters and digits of any script, and _
 _LOCK_KEY = int.from_bytes(hashlib.sha256(b"dse.study").digest()[:8], "big", signed=True)  # pg_advisory_lock's key
 
 
@@ -64,17 +63,6 @@ class StudyError(RuntimeError):
 
 class TrialLost(RuntimeError):
     """This worker no longer owns its trial: another worker failed it as stale, and a retry takes over."""
-
-
-def check_study_name(name: str) -> str:
-    """A study name is a file name: letters, digits, `_`, `-` and `.` (not `..`), starting with a letter,
-    digit or `_`; it never leaves the folders it names (`studies/<name>.db`, `reports/<name>/`)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"study name={name!r} must be letters, digits, '_', '-' and '.' (not '..'), starting with a letter, "
-            "digit or '_', e.g. width-cifar10-quick"
-        )
-    return name
 
 
 def default_storage(name: str, root: Path = STUDIES) -> str:

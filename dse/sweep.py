@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 import dse
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, finite, register_schemas, to_object
 from dse.data import DataConfig, DataError, Splits, load_data
-from dse.latency import architecture, build, ensure, training_turns
+from dse import identity
+from dse.identity import architecture
+from dse.latency import build, ensure, training_turns
 from dse.measure import ModelProfile, count_macs, profile
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
 from dse.progress import INTERRUPTED, duration, list_studies, save_curves_chart, start_line, summary, trial_line, watching
@@ -55,7 +57,7 @@ from dse.study import (
     transient,
 )
 from dse.train import (
-    _RESUMABLE_CHANGES, Member, TrainConfig, TrainingDiverged, TrainResult, group_key, pick_group_size, resolve_device,
+    Member, TrainConfig, TrainingDiverged, TrainResult, group_key, pick_group_size, resolve_device,
     train_group,
 )  # fmt: skip
 
@@ -70,9 +72,6 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 REPO = CONF_DIR.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ALIVE = (TrialState.RUNNING, TrialState.WAITING)
-# Settings that do not change what a trial computes (where the data live, how fast it runs): left out of
-# the study's definition and of a trial's run folder key.
-NOT_COMPUTED = {"data": {"root", "download"}, "train": {*_RESUMABLE_CHANGES, "seed"}}
 
 
 @dataclass
@@ -239,13 +238,8 @@ def typed(cfg: DictConfig) -> TrialSetup:
 
 
 def trial_identity(setup: TrialSetup, *, seed: bool = True) -> dict:
-    """What a trial computes: its resolved model, data and training settings, without those that change
-    only where data live or how fast it runs (`NOT_COMPUTED`); the training seed unless `seed=False`."""
-    keep = lambda group, node: {k: v for k, v in asdict(node).items() if k not in NOT_COMPUTED.get(group, ())}
-    out = {"model": asdict(setup.full), "data": keep("data", setup.data), "train": keep("train", setup.train)}
-    if seed:
-        out["train"]["seed"] = setup.train.seed
-    return json.loads(json.dumps(out))  # canonical JSON types (tuples -> lists)
+    """What a trial computes (`dse.identity.trial_identity`)."""
+    return identity.trial_identity(setup.model, setup.data, setup.train, seed=seed)
 
 
 def training_cost(setup: TrialSetup, splits: Splits) -> float:
@@ -584,8 +578,7 @@ def _provenance(resolved: dict) -> dict:
 
 def _run_dir(plan: Plan, setup: TrialSetup) -> Path:
     """A trial's run folder: the same computation (a retried trial too) maps to the same checkpoint."""
-    key = hashlib.sha256(json.dumps(trial_identity(setup), sort_keys=True).encode()).hexdigest()[:16]
-    return Path(plan.workdir) / "runs" / key
+    return Path(plan.workdir) / "runs" / identity.trial_key(trial_identity(setup))
 
 
 def run_folder(plan: Plan, params: dict) -> Path:

@@ -5,26 +5,29 @@ and CUDA-graph training steps."""
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import adabound
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dse.config import TrainConfig
 from dse.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from dse.data import DataConfig, DataError, Splits, batches, crop_padding, load_data, member_batches
 from dse.fused import Forward, dropout_key, fused_forward, seed_dropouts, solo_forward, unfuse, unseed
+from dse.identity import run_identity
+from dse.optim import (
+    GRAPH_OPTIONS, NOT_CAPTURABLE, OPTIMIZERS, SCHEDULES, average_into, ema_decay, learning_rate, make_optimizer,
+    optimizer_kwargs, peak_lr, step_lrs, update_ema,
+)  # fmt: skip
 
 __all__ = [
     "GRAPH_OPTIONS",
@@ -56,37 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamax": torch.optim.Adamax,
-    "adagrad": torch.optim.Adagrad,
-    "adabound": adabound.AdaBound,
-    "adadelta": torch.optim.Adadelta,
-    "asgd": torch.optim.ASGD,
-    "rmsprop": torch.optim.RMSprop,
-    "rprop": torch.optim.Rprop,
-}
-# How each optimizer is built for CUDA-graph steps, where its lr lives in a device tensor: torch's SGD turns a
-# tensor lr into a host number except in its fused CUDA kernel; the others keep their step counts on the device
-# with capturable=True. Adagrad and AdaBound compute from host-side step counts, so their steps run eagerly.
-GRAPH_OPTIONS: dict[str, dict[str, Any]] = {
-    "sgd": {"fused": True},
-    **{name: {"capturable": True} for name in ("adam", "adamax", "adadelta", "asgd", "rmsprop", "rprop")},
-}
-NOT_CAPTURABLE = {
-    "adagrad": "torch's Adagrad keeps its step count on the host (it has no capturable mode)",
-    "adabound": "AdaBound computes its bounds from a host-side step count",
-}
-SCHEDULES = ("step", "cosine", "linear")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-# adabound 0.0.5 calls Tensor.add(Number, Tensor), an overload torch deprecates but still runs.
-warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning, module="adabound")
-
-# Settings that do not change what a run computes: a checkpoint may be resumed with them changed.
-_RESUMABLE_CHANGES = {
-    "threads", "device", "compile", "cuda_graph", "checkpoint", "checkpoint_every", "progress", "eval_batch_size",
-}  # fmt: skip
 # Settings every member of a fused group shares: they fix the shape, device and mode of its training step.
 _GROUP_SETTINGS = (
     "batch_size", "augment", "crop", "tta", "device", "memory_format", "amp", "compile", "cuda_graph", "threads",
@@ -101,68 +74,6 @@ _WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is capture
 
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being finite."""
-
-
-@dataclass
-class TrainConfig:
-    """How to train: the schema of `conf/train/*.yaml`, one file per optimizer with its own lr and kwargs.
-
-    The shared defaults are the recipe of the paper and its baseline code: 200 epochs of batch 128, weight
-    decay 5e-4, step decay ×0.2 at 30/60/80 % of the epochs (60/120/160 of 200), crop (pad 4 on 32×32)
-    and flip, no warm-up, label smoothing, weight average or test-time flips. `conf/train/sgd.yaml` adds
-    the paper's optimizer: SGD, lr 0.01, Nesterov momentum 0.9; `conf/train/fast.yaml` is the few-epoch recipe.
-    """
-
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. momentum, betas
-    weight_decay: float = 5e-4
-    epochs: int = 200
-    batch_size: int = 128
-    lr_batch_size: int | None = None  # lr is for this batch size: scaled by batch_size / lr_batch_size; null: as is
-    schedule: str = "step"  # step | cosine | linear (cosine and linear decay to 0 at the last step)
-    warmup: float = 0.0  # fraction of the steps over which lr rises linearly from 0, before the schedule
-    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # step: fractions of `epochs`
-    decay: float = 0.2  # step: lr factor at each milestone
-    label_smoothing: float = 0.0
-    augment: bool = True  # random crop + horizontal flip
-    crop: float = 0.125  # crop shift, a fraction of the image side: zero-pad round(crop·side) px (4 on 28 and 32)
-    ema: float = 0.0  # per-step decay of a moving average of the weights that is evaluated and saved; 0: off
-    tta: bool = False  # evaluate on each image and its mirror image (mean logits)
-    seed: int = 0  # batch order, augmentation and dropout masks (seed the model's init yourself)
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    memory_format: str = "auto"  # channels_last | contiguous (NCHW) | auto: time both on the first batch, keep the faster
-    amp: bool = True  # bf16 autocast where the hardware has bf16 units: CUDA, CPUs with AMX or AVX512-BF16
-    compile: bool = False  # torch.compile the forward pass (steps then run eagerly, not in a CUDA graph)
-    cuda_graph: bool = True  # on CUDA: capture forward, backward and optimizer step once, replay it every batch
-    checkpoint: str | None = None  # resumed from when it exists, written after every `checkpoint_every` epochs
-    checkpoint_every: int = 1
-    eval_batch_size: int = 512
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        optimizer_kwargs(self)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"train schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
-        if self.memory_format not in ("auto", *MEMORY_FORMATS):
-            allowed = ", ".join(("auto", *MEMORY_FORMATS))
-            raise ValueError(f"train memory_format={self.memory_format!r} is unknown; allowed: {allowed}")
-        for name in ("lr", "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "decay"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train {name}={getattr(self, name)!r} must be > 0")
-        if not all(0 < m <= 1 for m in self.milestones):
-            raise ValueError(f"train milestones={self.milestones!r} must be fractions of epochs in (0, 1]")
-        for name, high in (("label_smoothing", 1), ("warmup", 1), ("ema", 1), ("crop", 0.5)):
-            if not 0 <= getattr(self, name) < high:
-                raise ValueError(f"train {name}={getattr(self, name)!r} must be in [0, {high})")
-        if self.lr_batch_size is not None and self.lr_batch_size <= 0:
-            raise ValueError(f"train lr_batch_size={self.lr_batch_size!r} must be > 0 or null (lr as given)")
-        for name in ("augment", "tta"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"train {name}={getattr(self, name)!r} must be true or false")
-        if self.weight_decay < 0 or self.threads < 0:
-            raise ValueError(f"train weight_decay={self.weight_decay!r} and threads={self.threads!r} must be >= 0")
 
 
 @dataclass
@@ -211,61 +122,6 @@ class Member:
     on_epoch: Callable[[EpochRecord], None] | None = None
 
 
-# ---------------------------------------------------------------------------------------------- optimizers
-
-
-def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The keyword arguments the named optimizer is built with; refuses names and keys it does not take."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train optimizer={cfg.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-    kwargs = {"lr": cfg.lr, **cfg.optimizer_kwargs}
-    if cfg.weight_decay:
-        kwargs["weight_decay"] = cfg.weight_decay
-    accepted = set(inspect.signature(OPTIMIZERS[cfg.optimizer]).parameters) - {"params", "self"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(
-            f"optimizer {cfg.optimizer!r} does not take {', '.join(unknown)}"
-            f"{' (set train.weight_decay=0)' if 'weight_decay' in unknown else ''}; "
-            f"it takes: {', '.join(sorted(accepted))}"
-        )
-    return kwargs
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, *, graph: bool = False) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` over the model's parameters, with `cfg`'s lr, weight decay and kwargs;
-    with `graph`, built to be captured in a CUDA graph (`GRAPH_OPTIONS`)."""
-    extra = GRAPH_OPTIONS[cfg.optimizer] if graph else {}
-    return OPTIMIZERS[cfg.optimizer](model.parameters(), **optimizer_kwargs(cfg), **extra)
-
-
-def peak_lr(cfg: TrainConfig) -> float:
-    """`cfg.lr`, scaled linearly to the batch size when `cfg.lr_batch_size` is set (Goyal et al., 2017)."""
-    return cfg.lr * cfg.batch_size / cfg.lr_batch_size if cfg.lr_batch_size else cfg.lr
-
-
-def learning_rate(cfg: TrainConfig, epoch: float) -> float:
-    """The learning rate at 0-based `epoch`, fractional within an epoch (steps done / steps per epoch).
-
-    A linear warm-up from 0 over the first `warmup` fraction of training, then the schedule: step decay by
-    `decay` at each milestone, or cosine or linear decay from the peak to 0 at the end of training.
-    """
-    lr, progress = peak_lr(cfg), epoch / cfg.epochs
-    if progress < cfg.warmup:
-        return lr * progress / cfg.warmup
-    if cfg.schedule == "step":
-        return lr * cfg.decay ** sum(epoch >= round(m * cfg.epochs) for m in cfg.milestones)
-    after = (progress - cfg.warmup) / (1 - cfg.warmup)  # 0 → 1 over the steps after the warm-up
-    if cfg.schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * after))
-    return lr * (1 - after)
-
-
-def _step_lrs(cfg: TrainConfig, epoch: int, steps: int) -> list[float]:
-    """The learning rate of each step of 0-based `epoch`."""
-    return [learning_rate(cfg, epoch + i / steps) for i in range(steps)]
-
-
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state_dict with plain-number learning rates (a graphed run keeps them in device tensors)."""
     state = optimizer.state_dict()
@@ -284,41 +140,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-# ---------------------------------------------------------------------------------------------- weight average
-
-
-def ema_decay(cfg: TrainConfig, step: int) -> float:
-    """The weight average's decay at 0-based optimizer `step`: `cfg.ema`, but lower for the first steps
-    (min(ema, (1 + step) / (10 + step)), TensorFlow's ExponentialMovingAverage with num_updates) so that
-    the average soon forgets the random initialisation."""
-    return min(cfg.ema, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average ← decay·average + (1 − decay)·model over every parameter and buffer (BatchNorm statistics
-    included); integer buffers (batch counts) are copied."""
-    pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
-    _average_into(pairs, [1 - decay] * len(pairs))
-
-
-def _average_into(pairs: list[tuple[Tensor, Tensor]], weights: list) -> None:
-    """a ← a + w·(m − a) for each floating-point pair (a, m) (w a number, or a device tensor that broadcasts over
-    a: one weight per fused member), a ← m for integer ones."""
-    for (average, current), weight in zip(pairs, weights):
-        if average.is_floating_point():
-            average.lerp_(current, weight)
-        else:
-            average.copy_(current)
-
-
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _run_identity(cfg: TrainConfig, splits: Splits) -> dict:
-    """What a checkpoint must agree on to be resumed by this run."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
-    return {"train": settings, "split": dict(splits.split), "num_classes": splits.num_classes}
 
 
 def _restore(state: dict, path: str, model: nn.Module, average, optimizer: torch.optim.Optimizer, identity: dict):
@@ -649,7 +471,7 @@ def _step(group: _Group, x: Tensor, y: Tensor) -> None:
     if group.averages:
         group.ema.copy_(group.ema_table.index_select(1, group.step).squeeze(1))
         with torch.no_grad():
-            _average_into(group.averages, group.ema_views)
+            average_into(group.averages, group.ema_views)
     group.loss_sum += losses.detach() * y.shape[1]
     group.correct += (logits.argmax(-1) == y).sum(-1)
     group.step += 1
@@ -706,7 +528,7 @@ def _graphable(cfgs: list[TrainConfig], device: torch.device, *, quiet: bool = F
 
 def _train_pass(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, channels_last: bool, bar):
     """One epoch of training steps for every member; returns (losses, accuracies, seconds, mean lrs)."""
-    lrs = [_step_lrs(run.member.cfg, run.done, steps) for run in group.runs]
+    lrs = [step_lrs(run.member.cfg, run.done, steps) for run in group.runs]
     _begin_epoch(group, lrs, steps)
     _set_mode(group, True)
     start = time.perf_counter()
@@ -789,7 +611,7 @@ def _open(member: Member, splits: Splits, layout: str, step: Tensor, graphed: bo
     path = str(member.checkpoint_path or member.cfg.checkpoint or "") or None
     model = member.model.to(memory_format=MEMORY_FORMATS[layout])
     optimizer = make_optimizer(model, member.cfg, graph=graphed)
-    run = _Run(member, path, optimizer, identity=_run_identity(member.cfg, splits))
+    run = _Run(member, path, optimizer, identity=run_identity(member.cfg, splits.split, splits.num_classes))
     run.average = copy.deepcopy(model) if member.cfg.ema else None
     if saved is not None:
         run.done, run.records = _restore(saved, path, model, run.average, run.optimizer, run.identity)
