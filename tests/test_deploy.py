@@ -21,6 +21,7 @@ import onnx
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from dse.deploy import (
@@ -34,7 +35,13 @@ from dse.deploy import (
     verify_bundle,
 )
 from dse.deploy.__main__ import main
-from dse.deploy.export import find_trial, load_trial_data, load_trial_model, ort_logits, study_bundles, torch_logits
+from dse.config import DataConfig
+from dse.data import load_data
+from dse.deploy.export import (
+    build_bundle, check_against_torch, export_onnx, find_trial, load_trial_data, load_trial_model, ort_logits, study_bundles,
+    torch_logits,
+)  # fmt: skip
+from dse.models import ModelConfig, create_model
 from dse.latency import ATTR, figures
 from dse.deploy.bundle import predict as runtime
 from dse.study import load_study
@@ -494,3 +501,46 @@ def test_predict_runs_in_a_fresh_venv_with_only_numpy_onnxruntime_pillow(bundle,
     assert _script(bundle, "predict.py", "--selftest", python=python, block=False).returncode == 0
     bench = _script(bundle, "bench_latency.py", "--runs", "3", python=python, block=False)
     assert bench.returncode == 0, bench.stderr
+
+
+class _Drifting(torch.nn.Module):
+    """A model whose PyTorch outputs move after every call, so the ONNX file traced from it disagrees with it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1  # traced as a constant: the ONNX graph keeps the first call's offset
+        return self.inner(x) + self.calls
+
+
+def _parity_case(fake_data, tmp_path):
+    splits = load_data(DataConfig(name="cifar10", root=str(fake_data("cifar10").root), val_size=50))
+    torch.manual_seed(0)
+    model = create_model("shallow_squeezenext", blocks=[1, 1, 1, 1], width=0.125, num_classes=10, in_channels=3)
+    return splits, model.eval(), ExportSettings(runs=5, warmup=1, calibration_images=16, check_images=8)
+
+
+def test_an_onnx_file_altered_after_writing_is_refused(fake_data, tmp_path):
+    splits, model, settings = _parity_case(fake_data, tmp_path)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path, tuple(splits.test_x.shape[1:]))
+    assert check_against_torch(model, path, splits, settings) < settings.atol
+    graph = onnx.load(str(path))
+    weight = graph.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(weight) * 1.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(graph, str(path))
+    with pytest.raises(DeployError, match="ONNX Runtime's fp32 logits differ from PyTorch's by .* more than atol"):
+        check_against_torch(model, path, splits, settings)
+
+
+def test_a_bundle_whose_onnx_disagrees_with_its_model_is_not_written(fake_data, tmp_path):
+    splits, model, settings = _parity_case(fake_data, tmp_path)
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    cfg = ModelConfig(name="shallow_squeezenext", blocks=[1, 1, 1, 1], width=0.125)
+    with pytest.raises(DeployError, match="differ from PyTorch's"):
+        build_bundle(folder, _Drifting(model), cfg, splits, settings, header={})
+    assert not (folder / "meta.json").exists()
