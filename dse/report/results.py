@@ -167,7 +167,11 @@ def configs_table(groups: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFra
 
 
 def _fmt(value, spec: str) -> str:
-    return "—" if clean(value) is None else format(value, spec)
+    if clean(value) is None:
+        return "—"
+    if spec in ("d", ",") and isinstance(value, float) and value.is_integer():
+        value = int(value)  # an int column pandas made float: a queued trial (no attributes yet) has NaN there
+    return format(value, spec)
 
 
 def _pm(mean, std, digits: int = 2) -> str:
