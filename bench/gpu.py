@@ -8,11 +8,11 @@ the layout the trainer picks (`train.memory_format=auto`), on generated CIFAR-si
      step (`train.cuda_graph=true`, the default): its second 50,000-image epoch (training pass alone);
   2. the loop a user would write (bench/trainer.py's: fp32 NCHW, torchvision DataLoader with 8 workers and PIL
      transforms), in images/s of its second epoch, and ours (graph) / user;
-  3. aggregate training images/s of 1, 2, 4, 8 and 16 fused trials (`dse.train.pick_group_size`'s probe: copies
+  3. aggregate training images/s of 1, 2, 4, 8 and 16 fused trials (`dse.autotune.pick_group_size`'s probe: copies
      of the model stepped as `train_group` steps them, graphs included), and the size `auto` picks (the largest
      that adds >= 10 %);
   4. the estimated wall time of the `paper` space (every row of Tables 1-6, 3 seeds, 200 epochs): its trials
-     grouped by `dse.train.group_key` into groups of the size `auto` picks for them (at most as many as share
+     grouped by `dse.fused.group_key` into groups of the size `auto` picks for them (at most as many as share
      the key), each group size timed by `train_group` itself for two epochs of generated data (the second
      counts: training pass, and validation scaled to the real 5,000 images), scaled to the real epoch (the
      trial's own data split), times the trial's epochs, plus a test pass. Groups run one after another (no
@@ -37,11 +37,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's dse, and bench/trainer.py
 
-from dse.config import SpaceConfig, to_object  # noqa: E402
+from dse.autotune import best_group_size, pick_group_size  # noqa: E402
+from dse.config import SpaceConfig, TrainConfig, to_object  # noqa: E402
 from dse.data import Splits  # noqa: E402
+from dse.fused import group_key  # noqa: E402
 from dse.models import build_model, create_model, paper_name  # noqa: E402
 from dse.sweep import compose, grid_params, merge_overrides, trial_overrides, typed  # noqa: E402
-from dse.train import Member, TrainConfig, best_group_size, group_key, pick_group_size, train, train_group  # noqa: E402
+from dse.train import Failed, Member, train, train_group  # noqa: E402
 
 try:
     from trainer import user_loop  # bench/trainer.py's textbook loop
@@ -205,11 +207,11 @@ def group_seconds(trials: list, num_classes: int, train_images: int, test_images
     for setup, cfg in trials:
         torch.manual_seed(cfg.seed)
         members.append(Member(build_model(setup.model, num_classes=num_classes, in_channels=3), replace(cfg, epochs=2)))
-    results = train_group(members, splits)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    last = results[0].epochs[-1]
+    outcomes = dict(train_group(members, splits))
+    for outcome in outcomes.values():
+        if isinstance(outcome, Failed):
+            raise outcome.error
+    last = outcomes[0].result.epochs[-1]
     val_images = trials[0][0].data.val_size
     eval_per_image = last.eval_seconds / scale.group_val
     per_epoch = last.seconds * (train_images // batch) / scale.group_batches + eval_per_image * val_images

@@ -6,7 +6,7 @@ For Shallow SqueezeNext-06-0.4x, -06-1.0x and SqueezeNext-23-1x on the CPU, batc
 Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per second of
   (a) pure compute: forward + backward + optimizer step of the model on one batch already in memory,
       in both layouts (channels_last = NHWC, and NCHW) and the precision the trainer uses (bf16 autocast
-      where the device has bf16 units, `dse.train.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16);
+      where the device has bf16 units, `dse.step.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16);
       b/a divides by the layout the trainer picked (`train.memory_format=auto` times both on its first batch);
   (b) our trainer: `dse.train.train` on CIFAR-format files read by `dse.data` (generated pixels written
       as CIFAR python batches: content does not change the speed), with random crop and flip, timed by
@@ -17,7 +17,7 @@ Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per 
 and the ratios b/a and b/c, with their geometric means over the three models.
 
 Then trials fused in groups (`dse.train.train_group`, what `sweep.trials_per_gpu` uses): the aggregate training
-images/s of groups of 1, 2 and 4 copies of Shallow SqueezeNext-06-0.4x and -1.0x (`dse.train.pick_group_size`,
+images/s of groups of 1, 2 and 4 copies of Shallow SqueezeNext-06-0.4x and -1.0x (`dse.autotune.pick_group_size`,
 one batch in memory, the trainer's layout and precision, one thread), run member by member (the CPU's way) and as
 one vmapped model (grouped convolutions, CUDA's way); a group of one is the trial alone, so N/1 >= 1 means a
 fused group is no slower than its trials one after the other.
@@ -59,13 +59,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's dse, and the 
 
 from conftest import write_cifar  # noqa: E402
 
-from dse.config import register_schemas, to_object  # noqa: E402
+from dse.autotune import pick_group_size  # noqa: E402
+from dse.config import TrainConfig, register_schemas, to_object  # noqa: E402
 from dse.data import DataConfig, load_data  # noqa: E402
 from dse.models import create_model  # noqa: E402
-import dse.train  # noqa: E402
-from dse.train import (  # noqa: E402
-    TrainConfig, make_optimizer, mixed_precision, native_bf16, pick_group_size, train, train_step,
-)  # fmt: skip
+from dse.optim import make_optimizer  # noqa: E402
+from dse.step import mixed_precision, native_bf16  # noqa: E402
+from dse.train import train  # noqa: E402
 
 CPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-06-1.0x", "SqueezeNext-23-1x"]
 GPU_MODELS = ["Shallow SqueezeNext-06-0.4x", "Shallow SqueezeNext-14-1.5x", "SqueezeNext-23-2x"]
@@ -104,12 +104,20 @@ def pure_compute(name: str, cfg: TrainConfig, steps: int, device: torch.device, 
     y = torch.randint(0, 10, (BATCH,), device=device)
     autocast = mixed_precision(cfg, device)
     loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:  # the plain forward, backward and optimizer step
+        with autocast:
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     for _ in range(3):
-        train_step(model, optimizer, loss_fn, x, y, autocast)
+        step()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, loss_fn, x, y, autocast)
+        step()
     sync(device)
     return steps * BATCH / (time.perf_counter() - start)
 
@@ -191,22 +199,18 @@ def fused_groups(splits, steps: int, repeats: int, sizes: tuple[int, ...] = (1, 
     cfg = recipe(progress=False, device="cpu", threads=1)
     print("\nFused groups on the CPU, 1 thread: aggregate training images/s by group size (ratio to size 1)")
     print(f"{'model':<30}{'run':<18}" + "".join(f"{n:>14}" for n in sizes))
-    vmap_devices = dse.train.VMAP_DEVICES
-    try:
-        for width in SWEEP_WIDTHS:
-            rates = {way: dict.fromkeys(sizes, 0.0) for way in ("member by member", "vmapped")}
-            for _ in range(repeats):
-                for way in rates:
-                    dse.train.VMAP_DEVICES = ("cpu",) if way == "vmapped" else ()
-                    torch.manual_seed(0)
-                    model = create_model("shallow_squeezenext", num_classes=10, blocks=[1, 1, 1, 1], width=width)
-                    _, measured = pick_group_size(model, splits, cfg, sizes=sizes, min_gain=-1.0, steps=steps)
-                    rates[way] = {n: max(rates[way][n], measured[n]) for n in sizes}
-            for way, rate in rates.items():
-                cells = "".join(f"{f'{rate[n]:.0f} ({rate[n] / rate[1]:.2f})':>14}" for n in sizes)
-                print(f"{f'Shallow SqueezeNext-06-{width}x':<30}{way:<18}{cells}", flush=True)
-    finally:
-        dse.train.VMAP_DEVICES = vmap_devices
+    for width in SWEEP_WIDTHS:
+        rates = {way: dict.fromkeys(sizes, 0.0) for way in ("member by member", "vmapped")}
+        for _ in range(repeats):
+            for way in rates:
+                torch.manual_seed(0)
+                model = create_model("shallow_squeezenext", num_classes=10, blocks=[1, 1, 1, 1], width=width)
+                _, measured = pick_group_size(model, splits, cfg, sizes=sizes, min_gain=-1.0, steps=steps,
+                                              vmapped=way == "vmapped")  # fmt: skip
+                rates[way] = {n: max(rates[way][n], measured[n]) for n in sizes}
+        for way, rate in rates.items():
+            cells = "".join(f"{f'{rate[n]:.0f} ({rate[n] / rate[1]:.2f})':>14}" for n in sizes)
+            print(f"{f'Shallow SqueezeNext-06-{width}x':<30}{way:<18}{cells}", flush=True)
 
 
 def _trial(root: str, width: float, seed: int, threads: int, subset: int, barrier, queue) -> None:

@@ -1,4 +1,5 @@
-"""The checkpoint format: one file per trial, written atomically by the trainer, read by the trainer and deploy."""
+"""The checkpoint format: one file per trial, built and restored here, written atomically, read by the trainer and
+deploy."""
 
 from __future__ import annotations
 
@@ -7,8 +8,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch import Tensor
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "load_model_state", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "checkpoint_state",
+    "load_checkpoint",
+    "load_model_state",
+    "load_optimizer_state",
+    "optimizer_state",
+    "restore_checkpoint",
+    "save_checkpoint",
+]
 
 # A dict with: format, epoch (finished epochs), memory_format, model (state_dict), optimizer (state_dict, lr as
 # floats), records (EpochRecord dicts) and run (what a resumed run must agree on). Version 2: dropout masks come
@@ -76,3 +89,75 @@ def load_model_state(path: str | os.PathLike) -> dict:
     if state.get("format") not in _MODEL_FORMATS:
         raise CheckpointError(f"{str(path)!r} is not a dse checkpoint (formats {', '.join(_MODEL_FORMATS)})")
     return state["model"]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with plain-number learning rates (a graphed run keeps them in device tensors)."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], Tensor):
+            group["lr"] = group["lr"].item()
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state into one built for this run, keeping this run's lr object and its
+    capturable/fused/foreach mode (a checkpoint written eagerly may resume in a CUDA graph, and back)."""
+    runtime = ("lr", "capturable", "fused", "foreach")
+    groups = [{**saved, **{k: ours[k] for k in runtime if k in ours}} for saved, ours in
+              zip(state["param_groups"], optimizer.param_groups)]  # fmt: skip
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def checkpoint_state(epoch: int, model: nn.Module, average: nn.Module | None, optimizer: torch.optim.Optimizer,
+                     records: list[dict], run: dict, memory_format: str) -> dict:  # fmt: skip
+    """What a checkpoint holds after `epoch` finished epochs: "model" is the weights that are evaluated (and
+    deployed), the average's when there is one, with the trained ones under "trained"; `records` are the epochs'
+    records as dicts, `run` what a resumed run must agree on (`dse.identity.run_identity`). The learning rate,
+    the average's decay and the dropout masks are pure functions of (seed, step): no scheduler or RNG state."""
+
+    def weights(m: nn.Module) -> dict:
+        return {k: v.clone() for k, v in m.state_dict().items()}  # a fused member's tensors are views of the stacks
+
+    trained = {"trained": weights(model)} if average is not None else {}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "memory_format": memory_format,  # an `auto` choice is kept on resume: layouts round differently
+        "model": weights(average if average is not None else model),
+        **trained,
+        "optimizer": optimizer_state(optimizer),
+        "records": records,
+        "run": run,
+    }
+
+
+def restore_checkpoint(state: dict, path: str, model: nn.Module, average: nn.Module | None,
+                       optimizer: torch.optim.Optimizer, run: dict) -> tuple[int, list[dict]]:  # fmt: skip
+    """Load a checkpoint (`load_checkpoint`) into the run's model, average and optimizer; return its finished
+    epochs and their records. Raises CheckpointError when it belongs to another run (naming what differs) or
+    was written for another model."""
+    if state["run"] != run:
+        ours, theirs = run, state["run"]
+        diff = [
+            f"{group}.{k}: {theirs.get(group, {}).get(k)!r} there, {v!r} here"
+            for group in ("train", "split")
+            for k, v in ours[group].items()
+            if theirs.get(group, {}).get(k) != v
+        ] or ["num_classes"]
+        raise CheckpointError(
+            f"checkpoint {path!r} belongs to another run ({'; '.join(diff)}); "
+            "delete it to start over, or set train.checkpoint elsewhere"
+        )
+    try:
+        if average is not None:
+            average.load_state_dict(state["model"])
+        model.load_state_dict(state["trained"] if average is not None else state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))  # skip the heading
+        raise CheckpointError(
+            f"checkpoint {path!r} was written for another model ({first}); "
+            "delete it to start over, or set train.checkpoint elsewhere"
+        ) from e
+    return state["epoch"], state["records"]

@@ -1,9 +1,10 @@
-"""Several trials' models as one: stacked weights, one forward pass (vmapped or member by member), seeded dropout."""
+"""Several trials' models as one: what may fuse (group_key), stacked weights, one forward pass (vmapped or member by
+member), seeded dropout."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,9 +12,13 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from dse.config import TrainConfig
+from dse.optim import NOT_CAPTURABLE
+
 __all__ = [
-    "Forward", "SeededDropout", "dropout_key", "fuse", "fused_forward", "seed_dropouts", "solo_forward", "unfuse",
-    "unseed",
+    "GROUP_SETTINGS", "VMAP_DEVICES", "Forward", "SeededDropout", "check_group", "dropout_key", "fuse",
+    "fused_forward", "group_forward", "group_key", "seed_dropouts", "solo_forward", "unfuse", "unseed",
+    "vmaps_on",
 ]  # fmt: skip
 
 # vmap runs adaptive_avg_pool2d of channels_last members one member at a time (no batching rule for its
@@ -21,7 +26,49 @@ __all__ = [
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the "
                         "batching rule for aten::as_strided_", category=UserWarning)  # fmt: skip
 
+# Settings every member of a fused group shares: they fix the shape, device and mode of its training step.
+GROUP_SETTINGS = (
+    "batch_size", "augment", "crop", "tta", "device", "memory_format", "amp", "compile", "cuda_graph", "threads",
+    "eval_batch_size",
+)  # fmt: skip
+# Devices where a group's members run as one vmapped model by default. Elsewhere (the CPU) each member's modules
+# run in turn on its slice of the stacked weights: vmap makes convolutions grouped ones, which oneDNN runs slower
+# per image than the members' own convolutions (CPU groups of 2-4 stepped 0.5-0.8x the images/s of one trial;
+# bench/trainer.py).
+VMAP_DEVICES = ("cuda",)
+
 _M32 = 0xFFFFFFFF
+
+
+def group_key(model: nn.Module, cfg: TrainConfig) -> tuple:
+    """What trials must share to be trained as one fused group: the model's structure (module types with their
+    settings, parameter and buffer shapes), the step's settings (batch size, augmentation and crop, test-time
+    flips, device, layout, amp, compile, cuda_graph, threads, eval batch), whether they keep a weight average and
+    whether their optimizer can be captured in a CUDA graph. Seeds, dropout p, the optimizer and its settings, lr,
+    warm-up and schedule, weight decay, label smoothing, the average's decay and epochs may differ."""
+    modules = tuple((type(m).__name__, "" if isinstance(m, nn.Dropout) else m.extra_repr()) for m in model.modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()])
+    settings = tuple(getattr(cfg, k) for k in GROUP_SETTINGS)
+    return modules, tensors, settings, cfg.ema > 0, cfg.optimizer not in NOT_CAPTURABLE
+
+
+def check_group(models: Sequence[nn.Module], cfgs: Sequence[TrainConfig]) -> None:
+    """Refuse a group that cannot train as one: none, a model twice, or members whose `group_key` differs."""
+    if not models:
+        raise ValueError("train_group needs at least one member")
+    if len({id(m) for m in models}) < len(models):
+        raise ValueError("members of a group need models of their own; the same model object appears twice")
+    first = group_key(models[0], cfgs[0])
+    for i, (model, cfg) in enumerate(zip(models[1:], cfgs[1:]), start=1):
+        if group_key(model, cfg) != first:
+            settings = [k for k in GROUP_SETTINGS if getattr(cfg, k) != getattr(cfgs[0], k)]
+            what = f"train {', '.join(settings)}" if settings else "model structure, weight average or optimizer"
+            raise ValueError(f"member {i} cannot be fused with member 0: its {what} differ; group by group_key()")
+
+
+def vmaps_on(device: torch.device) -> bool:
+    """Whether a group runs vmapped on `device` unless told otherwise (`VMAP_DEVICES`)."""
+    return device.type in VMAP_DEVICES
 
 
 def _mul32(h: Tensor, c: int) -> Tensor:
@@ -115,7 +162,7 @@ def fuse(models: list[nn.Module], *, grads: bool = True) -> tuple[dict[str, Tens
         module_name, _, attr = name.rpartition(".")
         stacked = _stack([m.get_buffer(name) for m in models])
         for m, view in zip(models, stacked.unbind()):
-            m.get_submodule(module_name)._buffers[attr] = view
+            setattr(m.get_submodule(module_name), attr, view)  # a registered buffer's name: nn.Module replaces it
         buffers[name] = stacked
     return params, buffers
 
@@ -125,9 +172,8 @@ def unfuse(model: nn.Module) -> None:
     for p in model.parameters():
         p.data, p.grad = p.data.clone(), None
     for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = buffer.clone()
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.clone())
 
 
 # A forward pass of M models: (M×B×C×H×W images, each its own batch, or B×C×H×W shared: True) -> M×B×K logits
@@ -175,3 +221,10 @@ def solo_forward(model: nn.Module, *, grads: bool = True) -> tuple[Forward, dict
         return model(x if shared else x[0]).unsqueeze(0)
 
     return forward, {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def group_forward(models: list[nn.Module], *, vmapped: bool, grads: bool = True) -> tuple[Forward, dict[str, Tensor]]:
+    """The forward pass of a group: `solo_forward` for one model, else `fused_forward` (vmapped or not)."""
+    if len(models) == 1:
+        return solo_forward(models[0], grads=grads)
+    return fused_forward(models, grads=grads, vmapped=vmapped)

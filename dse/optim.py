@@ -24,7 +24,6 @@ __all__ = [
     "optimizer_kwargs",
     "peak_lr",
     "step_lrs",
-    "update_ema",
 ]
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -130,17 +129,10 @@ def ema_decay(cfg: Recipe, step: int) -> float:
     return min(cfg.ema, (1 + step) / (10 + step))
 
 
-@torch.no_grad()
-def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average ← decay·average + (1 − decay)·model over every parameter and buffer (BatchNorm statistics
-    included); integer buffers (batch counts) are copied."""
-    pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
-    average_into(pairs, [1 - decay] * len(pairs))
-
-
 def average_into(pairs: list[tuple[Tensor, Tensor]], weights: list) -> None:
-    """a ← a + w·(m − a) for each floating-point pair (a, m) (w a number, or a device tensor that broadcasts over
-    a: one weight per fused member), a ← m for integer ones."""
+    """The weight average's update: a ← a + w·(m − a) for each floating-point pair (a, m) of average and model
+    tensors, w = 1 − decay (a number, or a device tensor that broadcasts over a: one weight per fused member),
+    and a ← m for integer ones (BatchNorm's batch counts)."""
     for (average, current), weight in zip(pairs, weights):
         if average.is_floating_point():
             average.lerp_(current, weight)

@@ -39,3 +39,10 @@ def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_chec
     names = ["bench-pruning-quick-none", "bench-pruning-quick-pareto"]
     assert sorted(p.stem for p in folder.glob("*.db")) == names
     assert sorted(p.name for p in (folder / "hydra").iterdir()) == names
+
+
+def test_trainer_bench_imports_what_it_measures_and_describes_itself():
+    result = subprocess.run([sys.executable, "bench/trainer.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Trainer throughput" in result.stdout and "--skip-fused" in result.stdout

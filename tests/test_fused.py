@@ -1,11 +1,16 @@
-"""dse.fused: dropout masks from seeds, stacked weights as views, one forward pass (vmapped or member by member) for
-several models."""
+"""dse.fused: what may fuse (group_key), dropout masks from seeds, stacked weights as views, one forward pass
+(vmapped or member by member) for several models."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from dse.fused import SeededDropout, dropout_key, fused_forward, seed_dropouts, unfuse, unseed
+from dse.config import TrainConfig
+from dse.fused import (
+    SeededDropout, check_group, dropout_key, fused_forward, group_key, seed_dropouts, unfuse, unseed, vmaps_on,
+)  # fmt: skip
 
 
 def test_seeded_dropout_drops_a_fraction_p_with_masks_fixed_by_key_and_step():
@@ -70,3 +75,44 @@ def test_unfuse_and_unseed_give_a_member_back_its_own_memory_and_modules():
     assert weight is group[0][0].weight and weight.grad is None  # the same Parameter, its optimizer still valid
     assert weight.untyped_storage().data_ptr() != group[1][0].weight.untyped_storage().data_ptr()
     assert type(group[0][3]) is nn.Dropout and group[0][3].p == pytest.approx(0.1)
+
+
+def test_fusing_keeps_each_members_state_dict_and_buffers_registered_as_they_were():
+    group = models(2)
+    keys = [list(m.state_dict()) for m in group]
+    fused_forward(group)
+    assert [list(m.state_dict()) for m in group] == keys
+    bn = group[1][1]
+    assert bn.running_mean.data_ptr() != group[0][1].running_mean.data_ptr()  # each member its slice of one stack
+    assert bn.running_mean.untyped_storage().data_ptr() == group[0][1].running_mean.untyped_storage().data_ptr()
+
+
+def test_groups_are_vmapped_by_default_on_cuda_only():
+    assert vmaps_on(torch.device("cuda")) and not vmaps_on(torch.device("cpu"))
+
+
+def tiny(width: int = 8, dropout: float = 0.3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, 10))  # fmt: skip
+
+
+def test_group_key_fuses_what_may_differ_and_refuses_what_may_not():
+    base = TrainConfig(device="cpu")
+    differing = [  # what trials of one group may differ in
+        replace(base, seed=1, lr=0.02, label_smoothing=0.1, weight_decay=0.0),
+        replace(base, seed=2, lr=0.003, optimizer="adam", optimizer_kwargs={"betas": [0.9, 0.99]}),
+        replace(base, seed=3, lr=0.1, schedule="cosine", optimizer_kwargs={"momentum": 0.9, "nesterov": True}),
+    ]
+    key = group_key(tiny(), base)
+    assert all(group_key(tiny(dropout=0.1 * i), cfg) == key for i, cfg in enumerate(differing))
+    assert group_key(tiny(width=16), base) != key
+    assert group_key(tiny(), replace(base, batch_size=64)) != key
+    assert group_key(tiny(), replace(base, optimizer="adagrad", optimizer_kwargs={})) != key
+    check_group([tiny(), tiny()], [base, differing[1]])
+    with pytest.raises(ValueError, match="member 1 cannot be fused with member 0: its train batch_size differ"):
+        check_group([tiny(), tiny()], [base, replace(base, batch_size=64)])
+    with pytest.raises(ValueError, match="model structure, weight average or optimizer"):
+        check_group([tiny(), tiny(width=16)], [base, base])
+    with pytest.raises(ValueError, match="the same model object appears twice"):
+        model = tiny()
+        check_group([model, model], [base, base])

@@ -1,5 +1,5 @@
-"""dse.train: optimizers by name, the schedule, the weight average, test-time flips, records, kill/resume,
-checkpoints, fused groups of trials, CUDA-graph steps and the command line."""
+"""dse.train: records, on_epoch, kill/resume, the weight average and test-time flips as scored, fused groups of
+trials and their outcomes (each member yielded as it ends), and the command line."""
 
 import math
 import os
@@ -12,101 +12,37 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-import dse.data
-import dse.train
-from dse.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from dse.config import register_schemas
-from dse.data import DataConfig, load_data
-from dse.train import (
-    MEMORY_FORMATS,
-    NOT_CAPTURABLE,
-    OPTIMIZERS,
-    Member,
-    TrainConfig,
-    TrainingDiverged,
-    ema_decay,
-    evaluate,
-    group_key,
-    learning_rate,
-    make_optimizer,
-    native_bf16,
-    pick_group_size,
-    pick_memory_format,
-    train,
-    train_group,
-    train_step,
-    update_ema,
+from trainers import (
+    REPO,
+    composed_train,
+    quick,
+    splits_fixture,  # noqa: F401  (the `splits` fixture)
+    tiny_model,
+    train_config,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-RECIPES = {"fast"}  # conf/train files that are a whole recipe rather than one optimizer's settings
+from dse.checkpoint import load_checkpoint
+from dse.config import DataConfig, TrainConfig
+from dse.data import batches, load_data
+from dse.step import native_bf16
+from dse.train import (
+    Failed,
+    Finished,
+    Member,
+    Stopped,
+    TrainingDiverged,
+    TrainingStopped,
+    evaluate,
+    train,
+    train_group,
+)
 
 
-def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0, dropout: float = 0.3) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Dropout(dropout), nn.Linear(8, num_classes),
-    )  # fmt: skip
-
-
-def quick(**kw) -> TrainConfig:
-    """A few CPU seconds of training on the generated data."""
-    base = dict(epochs=3, batch_size=32, eval_batch_size=64, threads=1, device="cpu", progress=False)
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture
-def splits(cifar10):
-    return load_data(DataConfig(name="cifar10", root=str(cifar10.root), val_size=50))
-
-
-def composed_train(primary: str, *overrides: str) -> TrainConfig:
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(compose(primary, overrides=list(overrides)).train)
-
-
-def train_config(name: str) -> TrainConfig:
-    return composed_train("run", f"train={name}")
-
-
-def test_every_optimizer_has_a_config_file():
-    assert {p.stem for p in (CONF / "train").glob("*.yaml")} == set(OPTIMIZERS) | RECIPES
-
-
-@pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")  # adabound 0.0.5 on current torch
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_every_optimizer_lowers_the_loss_of_a_fixed_batch_in_one_step(name):
-    cfg = train_config(name)
-    assert cfg.optimizer == name
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
-    loss_fn = nn.CrossEntropyLoss()
-    _, before = train_step(model, make_optimizer(model, cfg), loss_fn, x, y)
-    with torch.no_grad():
-        after = loss_fn(model(x), y)
-    assert after < before
-
-
-def test_unknown_optimizer_is_refused_naming_the_allowed_ones():
-    with pytest.raises(ValueError) as e:
-        TrainConfig(optimizer="lamb")
-    assert "'lamb'" in str(e.value) and all(name in str(e.value) for name in OPTIMIZERS)
-
-
-def test_optimizer_options_it_does_not_take_are_refused():
-    with pytest.raises(ValueError, match="adam.*momentum.*it takes:.*betas"):
-        TrainConfig(optimizer="adam", optimizer_kwargs={"momentum": 0.9})
-    with pytest.raises(ValueError, match="weight_decay=0"):
-        TrainConfig(optimizer="rprop", weight_decay=5e-4)
-    with pytest.raises(ValueError, match="schedule='exponential'.*step, cosine, linear"):
-        TrainConfig(schedule="exponential")
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> tuple[float, float]:
+    """(loss, accuracy) of one model in eval mode, scored as the trainer scores its members."""
+    model.eval()
+    [(loss, acc)] = evaluate(lambda images: model(images).unsqueeze(0), x, y, **kw)
+    return loss, acc
 
 
 @pytest.mark.parametrize(
@@ -134,57 +70,6 @@ def test_recipe_knobs_are_checked_by_the_schema_from_the_command_line():
         composed_train("run", "train=fast", "train.tta=maybe")
     with pytest.raises(Exception, match="warmup"):
         composed_train("run", "train=fast", "train.warmup=fast")
-
-
-def test_step_schedule_decays_at_the_papers_epochs_and_cosine_ends_near_zero():
-    cfg = TrainConfig(lr=0.1, epochs=200)
-    lrs = [learning_rate(cfg, e) for e in range(200)]
-    changes = [e for e in range(1, 200) if lrs[e] != lrs[e - 1]]
-    assert changes == [60, 120, 160] and lrs[0] == 0.1 and math.isclose(lrs[-1], 0.1 * 0.2**3)
-    cos = replace(cfg, schedule="cosine")
-    assert learning_rate(cos, 0) == 0.1 and learning_rate(cos, 199) < 1e-4
-
-
-def test_warmup_rises_linearly_from_zero_then_linear_and_cosine_end_at_zero_per_step():
-    steps = 50  # per epoch; the schedule takes fractional epochs
-    for schedule in ("linear", "cosine"):
-        cfg = TrainConfig(lr=0.2, epochs=10, schedule=schedule, warmup=0.2)
-        lrs = [learning_rate(cfg, s / steps) for s in range(10 * steps)]
-        peak = lrs.index(max(lrs))
-        assert lrs[0] == 0 and peak == 2 * steps and max(lrs) == pytest.approx(0.2)
-        assert lrs[steps] == pytest.approx(0.1)  # half-way through the warm-up
-        assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises every step
-        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then falls every step
-        assert 0 < lrs[-1] < 0.2 * 0.01 and learning_rate(cfg, 10) == pytest.approx(0, abs=1e-12)
-    half = TrainConfig(lr=0.2, epochs=10, schedule="linear", warmup=0.2)
-    assert learning_rate(half, 6) == pytest.approx(0.1)  # half-way down from the end of the warm-up
-
-
-def test_lr_scales_linearly_with_the_batch_size_when_asked():
-    assert learning_rate(TrainConfig(lr=0.1, batch_size=512), 0) == 0.1  # lr_batch_size null: lr as given
-    cfg = TrainConfig(lr=0.1, batch_size=512, lr_batch_size=128, schedule="linear", epochs=4)
-    assert learning_rate(cfg, 0) == pytest.approx(0.4) and learning_rate(cfg, 2) == pytest.approx(0.2)
-
-
-def test_ema_decay_ramps_up_to_the_configured_value():
-    cfg = TrainConfig(ema=0.99)
-    decays = [ema_decay(cfg, step) for step in range(2000)]
-    assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.99
-    assert all(a <= b for a, b in zip(decays, decays[1:]))
-
-
-def test_update_ema_lerps_every_float_tensor_and_copies_integer_buffers():
-    model, average = tiny_model(seed=0), tiny_model(seed=1)
-    model.train()(torch.randn(4, 3, 8, 8))  # BatchNorm statistics and its batch count move
-    before = {k: v.clone() for k, v in average.state_dict().items()}
-    update_ema(average, model, 0.75)
-    now, current = average.state_dict(), model.state_dict()
-    for key, value in now.items():
-        if value.is_floating_point():
-            assert torch.allclose(value, 0.75 * before[key] + 0.25 * current[key]), key
-        else:
-            assert torch.equal(value, current[key]), key
-    assert any(not v.is_floating_point() for v in now.values())  # num_batches_tracked was among them
 
 
 def test_train_returns_a_record_per_epoch_and_calls_on_epoch(splits):
@@ -262,10 +147,10 @@ def test_ema_weights_are_evaluated_saved_and_returned_and_differ_from_the_traine
     raw = tiny_model()
     raw.load_state_dict(trained)
     kw = dict(mean=splits.mean, std=splits.std)
-    loss, acc = evaluate(model, splits.test_x, splits.test_y, **kw)
+    loss, acc = score(model, splits.test_x, splits.test_y, **kw)
     assert (result.test_loss, result.test_acc) == pytest.approx((loss, acc), abs=1e-6)  # the average was tested
-    assert result.test_loss != pytest.approx(evaluate(raw, splits.test_x, splits.test_y, **kw)[0], abs=1e-6)
-    assert result.epochs[-1].val_loss == pytest.approx(evaluate(model, splits.val_x, splits.val_y, **kw)[0], abs=1e-6)
+    assert result.test_loss != pytest.approx(score(raw, splits.test_x, splits.test_y, **kw)[0], abs=1e-6)
+    assert result.epochs[-1].val_loss == pytest.approx(score(model, splits.val_x, splits.val_y, **kw)[0], abs=1e-6)
     train(tiny_model(), splits, replace(cfg, ema=0.0), checkpoint_path=tmp_path / "plain.pt")
     assert "trained" not in load_checkpoint(tmp_path / "plain.pt")  # without the average, "model" is what trained
 
@@ -274,28 +159,24 @@ def test_tta_averages_the_logits_of_each_image_and_its_mirror(splits):
     model = tiny_model().eval()
     x, y = splits.test_x, splits.test_y
     with torch.no_grad():
-        xs = next(dse.train.batches(x, y, len(x), mean=splits.mean, std=splits.std))[0]
+        xs = next(batches(x, y, len(x), mean=splits.mean, std=splits.std))[0]
         logits = (model(xs) + model(xs.flip(3))) / 2
-    loss, acc = evaluate(model, x, y, mean=splits.mean, std=splits.std, batch_size=16, tta=True)
+    loss, acc = score(model, x, y, mean=splits.mean, std=splits.std, batch_size=16, tta=True)
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     assert round(acc * len(y)) == (logits.argmax(1) == y).sum().item()
-    plain = evaluate(model, x, y, mean=splits.mean, std=splits.std)
+    plain = score(model, x, y, mean=splits.mean, std=splits.std)
     assert plain[0] != pytest.approx(loss, rel=1e-5)  # the tiny model is not mirror-symmetric
     result = train(model, splits, quick(epochs=1, tta=True, amp=False))
-    assert result.test_loss == pytest.approx(evaluate(model, x, y, mean=splits.mean, std=splits.std, tta=True)[0], rel=1e-5)
+    assert result.test_loss == pytest.approx(score(model, x, y, mean=splits.mean, std=splits.std, tta=True)[0], rel=1e-5)
 
 
-def test_crop_padding_follows_the_image_size(splits, monkeypatch):
-    pads = []
+def test_crop_padding_follows_the_image_size(splits):
+    def trained(crop: float) -> list[float]:
+        return [r.train_loss for r in train(tiny_model(), splits, quick(epochs=1, crop=crop)).epochs]
 
-    def spy(*args, **kwargs):
-        pads.append(kwargs["pad"])
-        return dse.data.member_batches(*args, **kwargs)
-
-    monkeypatch.setattr(dse.train, "member_batches", spy)
-    train(tiny_model(), splits, quick(epochs=1, crop=0.07))
-    train(tiny_model(), splits, quick(epochs=1))
-    assert pads == [2, 4]  # on 32×32: round(0.07·32), and the paper's 4 by default
+    default = trained(TrainConfig.crop)  # the paper's 4 pixels on 32×32
+    assert trained(0.14) == default  # round(0.14·32) = 4 pixels too
+    assert trained(0.05) == trained(0.07) != default  # round(0.05·32) = round(0.07·32) = 2
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "fashion_mnist"])
@@ -317,40 +198,6 @@ def test_short_budget_picks_the_fast_recipe_unless_a_train_config_is_named():
     assert composed_train("sweep", "budget=paper") == replace(train_config("sgd"), epochs=200)
 
 
-def test_auto_layout_is_picked_once_and_kept_on_resume(splits, tmp_path, monkeypatch):
-    path = tmp_path / "c.pt"
-    first = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    assert first.memory_format in MEMORY_FORMATS
-    state = load_checkpoint(path)
-    assert state["memory_format"] == first.memory_format
-    state["epoch"], state["records"] = 0, []  # as if killed before its first epoch ended
-    save_checkpoint(path, state)
-
-    def must_not_probe(*args, **kwargs):
-        raise AssertionError("a resumed run re-timed the layouts")
-
-    monkeypatch.setattr("dse.train.pick_memory_format", must_not_probe)
-    again = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    assert again.resumed_from == 0 and again.memory_format == first.memory_format
-
-
-def test_layout_probe_leaves_the_model_and_the_rng_as_they_were(splits):
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    torch.manual_seed(3)
-    rng = torch.get_rng_state()
-    layout = pick_memory_format(model, x, y, torch.autocast("cpu", enabled=False))
-    assert layout in MEMORY_FORMATS and torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN running stats included
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_unknown_memory_format_is_refused_naming_the_allowed_ones():
-    with pytest.raises(ValueError, match="memory_format='nhwc' is unknown; allowed: auto, channels_last, contiguous"):
-        TrainConfig(memory_format="nhwc")
-
-
 def test_finished_run_resumes_to_its_result_without_training(splits, tmp_path):
     cfg = quick(epochs=1)
     first = train(tiny_model(), splits, cfg, checkpoint_path=tmp_path / "c.pt")
@@ -359,41 +206,9 @@ def test_finished_run_resumes_to_its_result_without_training(splits, tmp_path):
     assert again.seconds_per_epoch == first.seconds_per_epoch  # what the run that trained it measured
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_corrupt_checkpoint_raises_a_clear_error(splits, tmp_path, damage):
-    path = tmp_path / "c.pt"
-    train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
-    with pytest.raises(CheckpointError, match="c.pt.*unreadable.*delete it"):
-        train(tiny_model(), splits, quick(epochs=2), checkpoint_path=path)
-
-
-def test_checkpoint_of_another_run_is_refused_naming_the_difference(splits, tmp_path):
-    path = tmp_path / "c.pt"
-    train(tiny_model(), splits, quick(epochs=1, lr=0.05), checkpoint_path=path)
-    with pytest.raises(CheckpointError, match="lr: 0.05 there, 0.01 here"):
-        train(tiny_model(), splits, quick(epochs=1, lr=0.01), checkpoint_path=path)
-
-
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "c.pt"
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 1})
-
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 2})
-    assert load_checkpoint(path)["epoch"] == 1  # the old one is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # and no temp file is left behind
-
-
 def test_evaluate_scores_every_image(splits):
     model = tiny_model()
-    loss, acc = evaluate(model, splits.test_x, splits.test_y, mean=splits.mean, std=splits.std, batch_size=7)
+    loss, acc = score(model, splits.test_x, splits.test_y, mean=splits.mean, std=splits.std, batch_size=7)
     assert math.isfinite(loss) and acc * len(splits.test_y) == pytest.approx(round(acc * len(splits.test_y)))
 
 
@@ -434,15 +249,6 @@ def test_amp_off_trains_in_fp32(splits):
     assert result.precision == "fp32"
 
 
-def test_old_checkpoint_format_is_refused_with_a_clear_message(splits, tmp_path):
-    path = tmp_path / "c.pt"
-    train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    state = load_checkpoint(path)
-    save_checkpoint(path, {**state, "format": "dse.train/1"})
-    with pytest.raises(CheckpointError, match="older format 'dse.train/1'.*delete it"):
-        train(tiny_model(), splits, quick(epochs=2), checkpoint_path=path)
-
-
 def test_training_draws_nothing_from_torchs_global_rng(splits):
     torch.manual_seed(0)
     model = tiny_model()
@@ -461,6 +267,22 @@ GROUP = [
     dict(seed=2, dropout=0.5, lr=0.003, optimizer="adam", optimizer_kwargs={"betas": [0.9, 0.99]}),
     dict(seed=3, dropout=0.2, lr=0.1, schedule="cosine", optimizer_kwargs={"momentum": 0.9, "nesterov": True}),
 ]
+
+
+def outcomes(members: list[Member], splits, **kw) -> list:
+    """Each member's outcome, in the members' order; each is yielded exactly once."""
+    by_index = {}
+    for i, outcome in train_group(members, splits, **kw):
+        assert i not in by_index
+        by_index[i] = outcome
+    return [by_index[i] for i in range(len(members))]
+
+
+def results(members: list[Member], splits, **kw) -> list:
+    """Each member's TrainResult: all must finish."""
+    ends = outcomes(members, splits, **kw)
+    assert all(isinstance(end, Finished) for end in ends), ends
+    return [end.result for end in ends]
 
 
 def member(i: int, **kw) -> Member:
@@ -485,28 +307,26 @@ def assert_same_training(a: nn.Module, ra, b: nn.Module, rb) -> None:
     assert ra.test_acc == rb.test_acc and ra.test_loss == pytest.approx(rb.test_loss, rel=1e-5)
 
 
-@pytest.fixture(params=["vmapped", "member by member"])
-def fuse_by(request, monkeypatch) -> str:
+@pytest.fixture(params=[True, False], ids=["vmapped", "member by member"])
+def vmapped(request) -> bool:
     """Both ways a group runs its members: vmapped (CUDA's default) and one after the other (the CPU's)."""
-    monkeypatch.setattr(dse.train, "VMAP_DEVICES", ("cuda", "cpu") if request.param == "vmapped" else ())
     return request.param
 
 
-def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits, fuse_by):
+def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits, vmapped):
     alone = []
     for i in range(4):
         m = member(i)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i) for i in range(4)]
-    results = train_group(group, splits)
-    for (model, result), m, fused in zip(alone, group, results):
-        assert not isinstance(fused, Exception), fused
+    fused_results = results(group, splits, vmapped=vmapped)
+    for (model, result), m, fused in zip(alone, group, fused_results):
         assert [r.trials for r in fused.epochs] == [4, 4, 4]
         assert_same_training(model, result, m.model, fused)
-    assert len({tuple(r.train_loss for r in res.epochs) for res in results}) == 4  # they did differ
+    assert len({tuple(r.train_loss for r in res.epochs) for res in fused_results}) == 4  # they did differ
 
 
-def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, fuse_by):
+def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, vmapped):
     knobs = [dict(ema=0.9, warmup=0.25, schedule="linear"), dict(ema=0.8, warmup=0.5), dict(ema=0.95)]
     common = dict(crop=0.07, tta=True)
     alone = []
@@ -514,7 +334,7 @@ def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, fu
         m = member(i, **common, **extra)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i, **common, **extra) for i, extra in enumerate(knobs)]
-    for (model, result), m, fused in zip(alone, group, train_group(group, splits)):
+    for (model, result), m, fused in zip(alone, group, results(group, splits, vmapped=vmapped)):
         assert_same_training(model, result, m.model, fused)  # the models end holding their weight averages
 
 
@@ -529,21 +349,77 @@ def test_a_member_whose_on_epoch_raises_leaves_and_the_others_finish_as_alone(sp
 
     group = [member(i, checkpoint=str(tmp_path / f"{i}.pt")) for i in range(3)]
     group[1].on_epoch = prune_after_epoch_1
-    results = train_group(group, splits)
-    assert isinstance(results[1], Pruned)
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, Pruned)
     assert load_checkpoint(tmp_path / "1.pt")["epoch"] == 1  # its checkpoint was written before on_epoch
-    assert [r.trials for r in results[0].epochs] == [3, 2, 2]
+    assert [r.trials for r in ends[0].result.epochs] == [3, 2, 2]
     for i in (0, 2):
         alone = member(i)
-        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, ends[i].result)
+
+
+def test_stopped_and_failed_members_are_yielded_at_once_while_the_others_go_on(splits):
+    events = []
+
+    def watch(record):
+        events.append(("epoch", record.epoch))
+
+    def stop(record):
+        return "pruned at epoch 1"
+
+    def fail(record):
+        raise Pruned("taken over")
+
+    group = [member(0), member(1), member(2)]
+    group[0].on_epoch, group[1].on_epoch, group[2].on_epoch = watch, stop, fail
+    ends = {}
+    for i, outcome in train_group(group, splits):
+        events.append(("ended", i))
+        ends[i] = outcome
+        if i != 0:
+            assert type(group[i].model[5]) is nn.Dropout  # its model is given back as it leaves
+    assert events == [("epoch", 1), ("ended", 1), ("ended", 2), ("epoch", 2), ("epoch", 3), ("ended", 0)]
+    assert ends[1] == Stopped(epoch=1, reason="pruned at epoch 1")
+    assert isinstance(ends[2], Failed) and str(ends[2].error) == "taken over"
+    assert isinstance(ends[0], Finished) and [r.trials for r in ends[0].result.epochs] == [3, 1, 1]
+
+
+def test_train_raises_training_stopped_with_the_reason_on_epoch_gave(splits):
+    with pytest.raises(TrainingStopped, match="enough"):
+        train(tiny_model(), splits, quick(), on_epoch=lambda record: "enough")
+
+
+def test_a_member_whose_checkpoint_cannot_be_written_fails_and_the_others_finish(splits, tmp_path):
+    def full_disk(path, state):
+        raise OSError(28, "No space left on device")
+
+    group = [member(i, checkpoint=str(tmp_path / f"{i}.pt")) for i in range(2)]
+    group[1].writer = full_disk
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, OSError)
+    assert isinstance(ends[0], Finished) and load_checkpoint(tmp_path / "0.pt")["epoch"] == 3
+    assert not (tmp_path / "1.pt").exists()
+
+
+def test_a_caller_that_stops_iterating_gets_every_model_back(splits):
+    group = [member(0), member(1)]
+    group[1].on_epoch = lambda record: "stop"
+    weights = [m.model[0].weight for m in group]
+    for i, _ in train_group(group, splits):
+        assert i == 1
+        break  # member 0 is half-way through its epochs
+    for m, weight in zip(group, weights):
+        assert m.model[0].weight is weight and type(m.model[5]) is nn.Dropout
+    assert weights[0].untyped_storage().data_ptr() != weights[1].untyped_storage().data_ptr()  # not one stack
 
 
 def test_a_diverging_member_leaves_with_training_diverged(splits):
     group = [member(0), member(1, lr=1e30, label_smoothing=0.0)]
-    results = train_group(group, splits)
-    assert isinstance(results[1], TrainingDiverged) and "lower train.lr" in str(results[1])
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, TrainingDiverged)
+    assert "lower train.lr" in str(ends[1].error)
     alone = member(0)
-    assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[0].model, results[0])
+    assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[0].model, ends[0].result)
 
 
 def test_members_resume_from_different_epochs_in_one_group(splits, tmp_path):
@@ -559,55 +435,21 @@ def test_members_resume_from_different_epochs_in_one_group(splits, tmp_path):
     with pytest.raises(Killed):
         train(first.model, splits, first.cfg, on_epoch=first.on_epoch)
     group = [member(0, checkpoint=str(tmp_path / "0.pt")), member(1)]
-    results = train_group(group, splits)
-    assert results[0].resumed_from == 2 and [r.trials for r in results[0].epochs] == [1, 1, 2]
+    fused = results(group, splits)
+    assert fused[0].resumed_from == 2 and [r.trials for r in fused[0].epochs] == [1, 1, 2]
     for i in (0, 1):
         alone = member(i)
-        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, fused[i])
 
 
-def test_group_key_fuses_what_may_differ_and_refuses_what_may_not(splits):
-    key = group_key(member(0).model, member(0).cfg)
-    assert all(group_key(member(i).model, member(i).cfg) == key for i in range(4))
-    wider = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Dropout(0.3), nn.Linear(16, 10))  # fmt: skip
-    assert group_key(wider, member(0).cfg) != key
-    assert group_key(member(0).model, replace(member(0).cfg, batch_size=64)) != key
-    assert group_key(member(0).model, replace(member(0).cfg, optimizer="adagrad", optimizer_kwargs={})) != key
+def test_a_group_that_cannot_fuse_is_refused_when_train_group_is_called(splits):
     with pytest.raises(ValueError, match="member 1 cannot be fused with member 0: its train batch_size differ"):
         train_group([member(0), member(1, batch_size=64)], splits)
-
-
-def test_pick_group_size_times_each_size_and_leaves_the_model_alone(splits):
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    size, rates = pick_group_size(model, splits, quick(), sizes=(1, 2), steps=2)
-    assert set(rates) <= {1, 2} and 1 in rates and all(r > 0 for r in rates.values())
-    assert size == (2 if rates.get(2, 0) >= 1.1 * rates[1] else 1)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@cuda
-@pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_graphed_steps_train_as_eager_ones_for_every_optimizer(splits, name, caplog):
-    base = replace(train_config(name), epochs=3, batch_size=32, eval_batch_size=64, progress=False, device="cuda",
-                   amp=False, memory_format="contiguous", schedule="cosine", warmup=0.2)  # fmt: skip
-    # the lr changes every step after the capture
-    eager_model, graph_model = tiny_model(), tiny_model()
-    eager = train(eager_model, splits, replace(base, cuda_graph=False))
-    graphed = train(graph_model, splits, base)
-    assert graphed.cuda_graph == (name not in NOT_CAPTURABLE) and not eager.cuda_graph
-    if name in NOT_CAPTURABLE:
-        assert "no CUDA graph" in caplog.text
-    for (key, x), y in zip(eager_model.state_dict().items(), graph_model.state_dict().values()):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-3, atol=1e-3, msg=key)
-    assert [r.lr for r in graphed.epochs] == [r.lr for r in eager.epochs]
 
 
 @cuda
@@ -618,15 +460,10 @@ def test_a_graphed_group_trains_each_member_as_alone(splits):
         m = member(i, **knobs)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i, **knobs) for i in range(3)]
-    results = train_group(group, splits)
-    for (model, result), m, fused in zip(alone, group, results):
+    for (model, result), m, fused in zip(alone, group, results(group, splits)):
         assert fused.cuda_graph and result.cuda_graph
         for (key, x), y in zip(model.state_dict().items(), m.model.state_dict().values()):
             torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2, msg=key)  # TF32 convolutions
         assert fused.test_acc == pytest.approx(result.test_acc, abs=0.05)
 
 
-@cuda
-def test_pick_group_size_captures_and_times_groups_on_cuda(splits):
-    size, rates = pick_group_size(tiny_model(), splits, quick(device="cuda"), sizes=(1, 2), min_gain=-1.0, steps=3)
-    assert size == 2 and set(rates) == {1, 2} and all(r > 0 for r in rates.values())
