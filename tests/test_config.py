@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from trainers import composed_train, train_config
 
 from dse.config import (
     OBJECTIVES,
@@ -28,19 +30,14 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def composed():
+@pytest.mark.parametrize("group", list(SCHEMAS))
+def test_every_config_file_of_a_group_is_an_instance_of_its_schema(group):
     register_schemas()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield lambda overrides: compose("sweep", overrides=overrides)
-
-
-@pytest.mark.parametrize("group", list(SCHEMAS))
-def test_every_config_file_of_a_group_is_an_instance_of_its_schema(composed, group):
-    for option in _options(group):
-        space = option if group == "space" else "width"  # the study's default name reads the space's
-        cfg = composed([f"+space={space}"] + ([f"{group}={option}"] if group != "space" else []))
-        assert isinstance(to_object(SCHEMAS[group], cfg[group]), SCHEMAS[group]), option
+        for option in _options(group):
+            space = option if group == "space" else "width"  # the study's default name reads the space's
+            cfg = compose("sweep", overrides=[f"+space={space}"] + ([f"{group}={option}"] if group != "space" else []))
+            assert isinstance(to_object(SCHEMAS[group], cfg[group]), SCHEMAS[group]), option
 
 
 def test_to_object_refuses_an_unknown_key_naming_it():
@@ -117,3 +114,40 @@ def test_a_bad_space_is_refused_naming_it(kwargs, message):
 def test_an_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="data name='mnist' is unknown; allowed: cifar10, cifar100, fashion_mnist"):
         DataConfig(name="mnist")
+
+
+@pytest.mark.parametrize(
+    "knob, value, message",
+    [
+        ("warmup", 1.0, r"warmup=1.0 must be in \[0, 1\)"),
+        ("warmup", -0.1, r"warmup=-0.1 must be in \[0, 1\)"),
+        ("ema", 1.0, r"ema=1.0 must be in \[0, 1\)"),
+        ("ema", -0.5, r"ema=-0.5 must be in \[0, 1\)"),
+        ("label_smoothing", 1.0, r"label_smoothing=1.0 must be in \[0, 1\)"),
+        ("crop", 0.5, r"crop=0.5 must be in \[0, 0.5\)"),
+        ("crop", -0.1, r"crop=-0.1 must be in \[0, 0.5\)"),
+        ("lr_batch_size", 0, r"lr_batch_size=0 must be > 0 or null"),
+        ("tta", "yes", r"tta='yes' must be true or false"),
+        ("augment", 1, r"augment=1 must be true or false"),
+    ],
+)
+def test_every_recipe_knob_refuses_bad_values_naming_them(knob, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{knob: value})
+
+
+def test_recipe_knobs_are_checked_by_the_schema_from_the_command_line():
+    with pytest.raises(Exception, match="tta"):
+        composed_train("run", "train=fast", "train.tta=maybe")
+    with pytest.raises(Exception, match="warmup"):
+        composed_train("run", "train=fast", "train.warmup=fast")
+
+
+def test_short_budget_picks_the_fast_recipe_unless_a_train_config_is_named():
+    fast = train_config("fast")
+    assert fast.ema > 0 and fast.tta and fast.schedule in ("linear", "cosine") and fast.label_smoothing > 0
+    for primary in ("run", "sweep"):
+        short = composed_train(primary, "budget=short")
+        assert short == replace(fast, epochs=30)
+        assert composed_train(primary, "budget=short", "train=adam").optimizer == "adam"
+    assert composed_train("sweep", "budget=paper") == replace(train_config("sgd"), epochs=200)
