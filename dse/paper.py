@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import yaml
@@ -69,9 +69,8 @@ def _contradict(a: dict, b: dict) -> bool:
 @functools.cache
 def size_contradictions() -> tuple[tuple[dict, dict], ...]:
     """Pairs of the paper's rows (narrower first) whose sizes contradict each other, in the paper's order."""
-    pairs = [sorted((a, b), key=lambda r: r["width"]) for a, b in itertools.combinations(_sized_rows(), 2)
-             if _contradict(a, b)]
-    return tuple((a, b) for a, b in pairs)
+    pairs = itertools.combinations(_sized_rows(), 2)
+    return tuple(tuple(sorted(pair, key=lambda r: r["width"])) for pair in pairs if _contradict(*pair))
 
 
 def _family(model: str) -> str | None:

@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from dse.measure import profile
-from dse.models import ModelConfig, build_model, list_models, paper_name, parse_name, resolve_config
+from dse.models import build_model, list_models, paper_name, parse_name, resolve_config
 from dse.models.names import candidate_blocks, config_from_name
 from dse.paper import TABLES, paper_table, size_comparable, size_note
 
