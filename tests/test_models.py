@@ -1,12 +1,16 @@
 """The model zoo: every registered model trains and infers; paper names round-trip; bad input is refused."""
 
+import io
+
+import pandas as pd
 import pytest
 import torch
 
-from dse.measure import state_dict_bytes
+import dse.models.__main__ as models_main
+from dse.measure import ModelProfile, state_dict_bytes
 from dse.models import ModelConfig, build_model, create_model, list_models, paper_name, parse_name, resolve_config
 from dse.models.names import candidate_blocks
-from dse.paper import paper_table
+from dse.paper import paper_table, size_note
 
 
 @pytest.mark.parametrize("size", [32, 28])
@@ -145,3 +149,30 @@ def test_build_model_from_config_matches_create_model():
     assert [t.shape for t in a.state_dict().values()] == [t.shape for t in b.state_dict().values()]
     assert not any(isinstance(m, torch.nn.ELU) for m in a.modules())
     assert a.dropout.p == 0.1
+
+
+def _sizes_only(model, input_shape, **_):
+    """`dse.measure.profile` without the slow parts: the real fp32 size, nothing timed or counted."""
+    size = state_dict_bytes(model)
+    return ModelProfile(params=0, size_bytes=size, size_mb=size / 1e6, int8_bytes=0, int8_mb=0.0, macs=0, flops=0,
+                        input_shape=tuple(input_shape), latency_ms=0.0, latency_iqr_ms=0.0, latency_runs=0, threads=1)
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv"])
+def test_table1_compares_sizes_only_where_the_paper_agrees_with_itself(monkeypatch, capsys, fmt):
+    monkeypatch.setattr(models_main, "profile", _sizes_only)
+    assert models_main.main(["--format", fmt]) == 0
+    out, err = capsys.readouterr()
+    table = pd.read_csv(io.StringIO(out)) if fmt == "csv" else None
+    lines = out.strip().splitlines()
+    note = lines[-1] if fmt == "markdown" else err.strip()
+    assert note == size_note(["1"]) and "\n" not in note
+    assert "Table 1 lists Shallow SqueezeNext-06-0.4x at 0.272 MB, no larger than the narrower Shallow " \
+           "SqueezeNext-06-0.2x at 0.273 MB" in note
+    rows = table if table is not None else pd.DataFrame(
+        [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-1]],
+        columns=[c.strip() for c in lines[0].strip("|").split("|")])
+    diff = dict(zip(rows["model"], rows["diff_%"].astype(str)))
+    shallow = [m for m in diff if m.startswith("Shallow")]
+    assert len(shallow) == 5 and all(diff[m] == "not comparable" for m in shallow)
+    assert all(abs(float(diff[m])) <= 1.5 for m in diff if m not in shallow)  # the baselines: a percentage

@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed ONNX-vs-PyTorch logit difference")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder and .tar.gz")
     p = sub.add_parser("verify", help="check a bundle's files against their sha256 sums")
-    p.add_argument("folder")
+    p.add_argument("folder", metavar="BUNDLE", help="a bundle folder, or the .tar.gz of it that export wrote")
     p = sub.add_parser("measure", help="ONNX sizes and latencies of untrained model shapes, fp32 and int8; or, "
                        "with --study S --front, re-measure the front's PyTorch latencies in one sitting")
     p.add_argument("names", nargs="*", help="registry or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")

@@ -1,4 +1,5 @@
-"""`python -m dse.models`: a table of models with every measurement, beside the paper's published sizes."""
+"""`python -m dse.models`: a table of models with every measurement, beside the paper's published sizes (compared
+only where the paper's sizes of a family agree with each other, with one line saying why not elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from dse.measure import profile
-from dse.models import ModelConfig, build_model, list_models, paper_name, parse_name, resolve_config
+from dse.models import build_model, list_models, paper_name, parse_name, resolve_config
 from dse.models.names import candidate_blocks, config_from_name
-from dse.paper import TABLES, paper_table
+from dse.paper import TABLES, paper_table, size_comparable, size_note
 
 CLASSES = {"cifar10": 10, "cifar100": 100}
+NOT_COMPARABLE = "not comparable"
 
 
 def paper_rows(tables: list[str]) -> list[dict]:
@@ -43,6 +45,12 @@ def _candidates(base: dict, name: str, error: ValueError) -> list[dict]:
     return [{**base, "cfg": parse_name(name, blocks=b), "note": note} for b in options]
 
 
+def _diff(ours_mb: float, paper_mb: float, model: str) -> float | str:
+    """Ours vs the paper in %, or 'not comparable' where the paper's sizes of the model's family contradict
+    each other (`dse.paper.size_note` says how)."""
+    return round(100 * (ours_mb / paper_mb - 1), 1) if size_comparable(model) else NOT_COMPARABLE
+
+
 def measure_rows(rows: list[dict], *, in_channels: int, size: int, threads: int, repeats: int) -> pd.DataFrame:
     out = []
     for row in tqdm(rows, desc="measuring", unit="model", disable=not sys.stderr.isatty()):
@@ -65,7 +73,7 @@ def measure_rows(rows: list[dict], *, in_channels: int, size: int, threads: int,
                 threads=p.threads,
             )
             if "paper_mb" in row:
-                record["diff_%"] = round(100 * (p.size_mb / row["paper_mb"] - 1), 1)
+                record["diff_%"] = _diff(p.size_mb, row["paper_mb"], row["model"])
         out.append(record)
     frame = pd.DataFrame(out).convert_dtypes()
     if "note" in frame:
@@ -93,14 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(list_models()))
         return 0
+    tables = args.tables or ([] if args.names else ["1"])
     try:
         rows = [{"model": n, "cfg": config_from_name(n), "num_classes": args.num_classes} for n in args.names]
-        rows += paper_rows(args.tables or ([] if args.names else ["1"]))
+        rows += paper_rows(tables)
         frame = measure_rows(rows, in_channels=args.in_channels, size=args.size, threads=args.threads, repeats=args.repeats)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(frame.to_markdown(index=False) if args.format == "markdown" else frame.to_csv(index=False), end="\n")
+    if "diff_%" in frame and frame["diff_%"].eq(NOT_COMPARABLE).any():  # under a CSV, on stderr: stdout stays CSV
+        print(size_note(tables), file=sys.stdout if args.format == "markdown" else sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ from dse.latency import figures
 from dse.models import parse_name
 from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
 
-__all__ = ["CONFIG", "BUDGET", "LATENCY", "StudyData", "load_studies", "with_latency", "completed", "aggregate", "clean", "val_acc"]
+__all__ = ["CONFIG", "BUDGET", "LATENCY", "MEASURED_ALONE", "StudyData", "load_studies", "with_latency", "completed", "aggregate", "clean", "val_acc"]
 
 # Two trials are repeats of one experiment when these agree (they differ in the seed only).
 CONFIG = ("family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer")
@@ -29,6 +29,7 @@ ATTRS = (
 )
 # How each trial's latency was measured, from its architecture's figure (older studies: the trial's own).
 LATENCY = ("latency_ms", "latency_iqr_ms", "latency_under_load", "latency_how")
+MEASURED_ALONE = "measured by the trial itself"  # latency_how of a trial whose study stores no figure of its architecture
 
 
 @dataclass
@@ -85,7 +86,7 @@ def with_latency(trials: pd.DataFrame, attrs: dict[str, dict]) -> pd.DataFrame:
             row.update(latency_ms=figure["ms"], latency_iqr_ms=figure["iqr_ms"],
                        latency_under_load=figure["under_load"], latency_how=figure["how"])
         else:
-            row.update(latency_under_load=None, latency_how="measured by the trial itself" if clean(row["latency_ms"]) else None)
+            row.update(latency_under_load=None, latency_how=MEASURED_ALONE if clean(row["latency_ms"]) else None)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(dict.fromkeys([*trials.columns, *LATENCY])))
 

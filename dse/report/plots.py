@@ -1,5 +1,6 @@
 """Figure 9 (training and validation accuracy per epoch) and the Pareto plot (accuracy vs size, colour =
-latency), drawn on matplotlib's Agg canvas (no display, no global backend switch)."""
+latency, every point labelled), drawn on matplotlib's Agg canvas (no display, no global backend switch). Bands and
+error bars are drawn, and promised, only where several seeds ran."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from dse.report.tables import DATASETS, PAPER_TABLES
 
 __all__ = ["PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]
 
-# Figure 9's panels: (title, registry families, the paper's baseline models first).
+# Figure 9's panels: (title, the paper's panel, registry families, the paper's baseline models first).
 PANELS = (
-    ("(a) SqueezeNet", ("squeezenet_v1_0", "squeezenet_v1_1"), ("SqueezeNet-v1.0", "SqueezeNet-v1.1")),
-    ("(b) SqueezeNext", ("squeezenext",), ("SqueezeNext-23-1x", "SqueezeNext-23-2x")),
-    ("(c) Shallow SqueezeNext", ("shallow_squeezenext",), ("Shallow SqueezeNext-14-1.5x",)),
+    ("SqueezeNet", "a", ("squeezenet_v1_0", "squeezenet_v1_1"), ("SqueezeNet-v1.0", "SqueezeNet-v1.1")),
+    ("SqueezeNext", "b", ("squeezenext",), ("SqueezeNext-23-1x", "SqueezeNext-23-2x")),
+    ("Shallow SqueezeNext", "c", ("shallow_squeezenext",), ("Shallow SqueezeNext-14-1.5x",)),
 )
 DPI = 110
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, not 2x10^-1
 
 
 def _named(group: dict, swept: Sequence[str]) -> str:
@@ -49,17 +51,25 @@ def _rank(group: dict, preferred: Sequence[str], defaults: dict) -> tuple:
     )
 
 
-def pick_figure9(groups: pd.DataFrame) -> list[tuple[str, dict]]:
-    """(panel title, experiment) for each family the studies ran: CIFAR-10 first, then the paper's baseline
-    model (else the most accurate on validation), at the paper's knobs, with the longest training."""
+def pick_figure9(groups: pd.DataFrame) -> list[tuple[str, dict, int]]:
+    """(panel title, experiment, experiments of its family) for each family the studies ran: CIFAR-10 first, then
+    the paper's baseline model (else the most accurate on validation), at the paper's knobs, with the longest
+    training. The title names the paper's panel it stands for: 'Shallow SqueezeNext (paper: Figure 9 (c))'."""
     records = groups.to_dict("records")
     defaults = {"dropout": 0.3, "activation": "elu", "inplace": True, "optimizer": "sgd"}
     out = []
-    for title, families, preferred in PANELS:
+    for name, letter, families, preferred in PANELS:
         mine = [g for g in records if g["family"] in families]
         if mine:
-            out.append((title, min(mine, key=lambda g: _rank(g, preferred, defaults))))
+            out.append((f"{name} (paper: Figure 9 ({letter}))", min(mine, key=lambda g: _rank(g, preferred, defaults)), len(mine)))
     return out
+
+
+def _band(ns: Sequence[int]) -> str:
+    """What Figure 9's lines and bands are, given each panel's number of seeds."""
+    if max(ns) == 1:
+        return "one seed per model: each line is one run"
+    return "line: mean over seeds; band: min to max" + ("" if min(ns) > 1 else " (where n > 1)")
 
 
 def _curves(done: pd.DataFrame, group: dict) -> pd.DataFrame:
@@ -81,17 +91,18 @@ def _nothing(path: Path, title: str) -> None:
 
 def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path) -> list[str]:
     """Write Figure 9 to `path`: one panel per model family the studies ran (mean over seeds, band = min to
-    max); return what each panel shows."""
-    title = "Figure 9: training and validation accuracy per epoch\n(line: mean over seeds; band: min to max)"
-    picked = [(t, g) for t, g in pick_figure9(groups) if not _curves(done, g).empty]
+    max where several seeds ran); return what each panel shows."""
+    title = "Figure 9: training and validation accuracy per epoch"
+    picked = [(t, g, k) for t, g, k in pick_figure9(groups) if not _curves(done, g).empty]
     if not picked:
         _nothing(path, title)
         return []
+    title += f"\n({_band([g['n'] for _, g, _ in picked])})"
     swept = varying(groups.to_dict("records"))
     fig = Figure(figsize=(2 + 5 * len(picked), 4.8), layout="constrained")
     axes = fig.subplots(1, len(picked), sharey=True, squeeze=False)[0]
     shown = []
-    for ax, (panel, group) in zip(axes, picked):
+    for ax, (panel, group, of) in zip(axes, picked):
         what = f"{_named(group, swept)}, {DATASETS.get(group['dataset'], group['dataset'])}, n={group['n']}"
         ax.set_title(f"{panel}\n{what}", fontsize=10)
         ax.set_xlabel("epoch")
@@ -104,7 +115,8 @@ def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path) -> list[s
             if group["n"] > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.2, linewidth=0)
         ax.legend(loc="lower right")
-        shown.append(f"{panel}: {what}, {group['epochs']} epochs")
+        shown.append(f"{panel}: {what}, {group['epochs']} epochs" + (f" (1 of {of} configurations of the family; all "
+                                                                       "are in the Pareto plot)" if of > 1 else ""))
     axes[0].set_ylabel("accuracy (%)")
     fig.suptitle(title)
     fig.savefig(path, dpi=DPI)
@@ -147,21 +159,33 @@ def _declutter(fig: Figure, notes: list) -> None:
 
 
 def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
-    """Accuracy against size (log x): the (accuracy, size) front stepped and labelled, points non-dominated in
-    all three objectives ringed. Returns the annotations and the front's rows."""
+    """Accuracy against size (log x): the (accuracy, size) front stepped, points non-dominated in all three
+    objectives ringed, every point labelled (the front's in black, placed first). Returns the annotations and the
+    front's rows."""
     size, acc, latency = ours["size_mb"].astype(float), ours["val_mean"].astype(float), ours["latency_ms"].astype(float)
     ax.set_xscale("log")
     ax.margins(x=0.08, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel("model size (MB, fp32 state_dict, log scale)")
-    ax.errorbar(size, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
+    ax.xaxis.set_major_formatter(PLAIN)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))  # 0.2, 0.5
+    _error_bars(ax, size, acc, ours)
     ax.scatter(size, acc, c=latency, cmap="viridis", norm=norm, s=55, zorder=4)
     ringed = sorted(non_dominated(list(zip(-acc, size, latency.fillna(float("inf"))))))
     ax.scatter(size[ringed], acc[ringed], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
     front = sorted(non_dominated(list(zip(-acc, size))), key=lambda i: (size[i], -acc[i]))
     ax.step(size[front], acc[front], where="post", color="C3", linewidth=1.5, zorder=3)
     notes = [ax.annotate(label(ours.loc[i], swept), (size[i], acc[i]), xytext=(6, 4), textcoords="offset points",
-                         fontsize=8) for i in front]
+                         fontsize=8, color="black" if i in front else "0.35")
+             for i in [*front, *(i for i in range(len(ours)) if i not in front)]]
     return notes, front
+
+
+def _error_bars(ax, x, acc: pd.Series, ours: pd.DataFrame) -> None:
+    """± one sample std of validation accuracy, for the configurations that ran with several seeds only."""
+    several = (ours["n"] > 1).to_numpy()
+    if several.any():
+        x = pd.Series(list(x))
+        ax.errorbar(x[several], acc[several], yerr=ours["val_std"].astype(float)[several], fmt="none", ecolor="0.6", zorder=3)
 
 
 def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
@@ -170,7 +194,7 @@ def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
                                                      (ours.loc[i, k] for k in ("dropout", "activation", "optimizer", "lr", "dataset"))])
     ours = ours.loc[order].reset_index(drop=True)
     x, acc = range(len(ours)), ours["val_mean"].astype(float)
-    ax.errorbar(x, acc, yerr=ours["val_std"].astype(float).fillna(0), fmt="none", ecolor="0.6", zorder=3)
+    _error_bars(ax, x, acc, ours)
     ax.scatter(x, acc, c=ours["latency_ms"].astype(float), cmap="viridis", norm=norm, s=55, zorder=4)
     ax.set_xticks(list(x), [label(r, swept) for r in ours.to_dict("records")], rotation=30 if len(ours) > 6 else 0,
                   ha="right" if len(ours) > 6 else "center", fontsize=8)
@@ -183,7 +207,7 @@ def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
 
 def plot_pareto(groups: pd.DataFrame, path: Path) -> list[str]:
     """Write the Pareto plot to `path`: validation accuracy vs fp32 size, one panel per dataset, colour = batch-1
-    latency, the (accuracy, size) front drawn and labelled, points non-dominated in all three objectives ringed,
+    latency, the (accuracy, size) front drawn, every point labelled, points non-dominated in all three objectives ringed,
     the paper's published points overlaid where it has them. A panel whose models all have one size plots
     accuracy against the swept knobs instead. Return the front's labels."""
     title = "Accuracy vs model size: our experiments"
@@ -209,7 +233,8 @@ def plot_pareto(groups: pd.DataFrame, path: Path) -> list[str]:
         if not one_size and not paper.empty:
             ax.scatter(paper["size_mb"], paper["acc"], marker="x", color="0.55", s=30, zorder=2)
             paper_drawn = True
-    axes[0].set_ylabel("validation accuracy (%), mean over seeds (bar: ± std)")
+    several = groups["n"].max() > 1
+    axes[0].set_ylabel("validation accuracy (%), " + ("mean over seeds (bar: ± std)" if several else "one seed"))
     legend = [
         Line2D([], [], marker="o", linestyle="none", color="0.7", label="ours (colour: latency)"),
         Line2D([], [], marker="o", markersize=11, linestyle="none", markerfacecolor="none", markeredgecolor="black",
@@ -224,9 +249,8 @@ def plot_pareto(groups: pd.DataFrame, path: Path) -> list[str]:
         title = "Accuracy vs the swept knobs (every model of a dataset has one size)"
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=9)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes), label="batch-1 CPU latency (ms)")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # not 1.3x10^0
-    bar.ax.yaxis.set_major_formatter(plain)
-    bar.ax.yaxis.set_minor_formatter(plain)
+    bar.ax.yaxis.set_major_formatter(PLAIN)
+    bar.ax.yaxis.set_minor_formatter(PLAIN)
     fig.suptitle(title)
     _declutter(fig, notes)
     fig.savefig(path, dpi=DPI)

@@ -1,5 +1,6 @@
-"""The paper's Tables 1-7 beside our experiments: rows matched by configuration, differences ours - paper,
-and the frames as they are printed (Markdown, LaTeX) or stored (CSV)."""
+"""The paper's Tables 1-7 beside our experiments: rows matched by configuration, differences ours - paper (sizes
+only where the paper's own sizes agree with each other), and the frames as they are printed (Markdown, LaTeX) or
+stored (CSV)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pandas as pd
 
 from dse.models import ModelConfig, paper_name, parse_name, resolve_config
-from dse.paper import load_paper
+from dse.paper import load_paper, size_comparable, size_note
 from dse.report.frame import CONFIG, StudyData, clean
 
 __all__ = ["PAPER_TABLES", "targets", "compare", "deployments", "formatted", "notes", "title"]
@@ -28,6 +29,7 @@ MATCHED_ON = {
 }
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fashion_mnist": "Fashion-MNIST"}
 NAN = math.nan
+NOT_COMPARABLE = "not comparable"
 
 
 def title(table: str) -> str:
@@ -97,6 +99,11 @@ def compare(table: str, groups: pd.DataFrame, study_tables: dict[str, list[str]]
     return frame.astype({"row": "Int64", "n": "int64", "epochs": "Int64", "params": "Int64"})
 
 
+def _comparable(row: dict) -> bool:
+    """Whether our size may be set against the paper row's (`dse.paper.size_comparable`; True off the paper)."""
+    return "model" not in row or size_comparable(row["model"])
+
+
 def _line(table: str, number: int | None, row: dict, group: dict | None, config: tuple) -> dict:
     g = group or {}
     knobs = {"R": ",".join(map(str, config[1] or ())), "W": config[2], "p": config[3], "optimizer": config[7]}
@@ -108,7 +115,8 @@ def _line(table: str, number: int | None, row: dict, group: dict | None, config:
         "seeds": " ".join(map(str, g.get("seeds", []))), "epochs": g.get("epochs"), "train_images": g.get("train_images"),
         "paper_acc": row.get("acc", NAN), "acc_mean": acc, "acc_std": g.get("acc_std", NAN),
         "acc_diff": acc - row.get("acc", NAN),
-        "paper_size_mb": row.get("size_mb", NAN), "size_mb": size, "size_diff": size - row.get("size_mb", NAN),
+        "paper_size_mb": row.get("size_mb", NAN), "size_mb": size,
+        "size_diff": size - row.get("size_mb", NAN) if _comparable(row) else NAN, "size_comparable": _comparable(row),
         "paper_s_per_epoch": row.get("speed_s", NAN), "s_per_epoch_mean": speed,
         "s_per_epoch_std": g.get("s_per_epoch_std", NAN), "s_per_epoch_diff": speed - row.get("speed_s", NAN),
         "val_acc_mean": g.get("val_mean", NAN), "val_acc_std": g.get("val_std", NAN),
@@ -147,8 +155,8 @@ def _deploy_line(number: int | None, row: dict, rec: dict | None) -> dict:
         "study": r.get("study", ""), "trial": r.get("trial"), "our_model": r.get("paper_name", ""),
         "fp32_acc": pct("fp32_acc"), "int8_acc": pct("int8_acc"), "acc_diff": pct("fp32_acc") - row.get("acc", NAN),
         "onnx_fp32_mb": mb("onnx_fp32_bytes"), "onnx_int8_mb": mb("onnx_int8_bytes"),
-        "size_diff": mb("onnx_fp32_bytes") - row.get("size_mb", NAN),
-        "latency_fp32_ms": r.get("latency_fp32_ms", NAN), "latency_int8_ms": r.get("latency_int8_ms", NAN),
+        "size_diff": mb("onnx_fp32_bytes") - row.get("size_mb", NAN) if _comparable(row) else NAN,
+        "size_comparable": _comparable(row), "latency_fp32_ms": r.get("latency_fp32_ms", NAN), "latency_int8_ms": r.get("latency_int8_ms", NAN),
         "latency_how": r.get("latency_how", ""), "bundle": r.get("bundle", ""), "note": row.get("note", ""),
     }
 
@@ -167,6 +175,12 @@ def _text(value, default: str = "—") -> str:
 def _pm(mean: float, std: float, digits: int) -> str:
     """'82.47 ± 0.31' ('82.47' for one run)."""
     return _fmt(mean, f".{digits}f") + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def _budget(lines: pd.DataFrame) -> str:
+    """'column epochs; 2,000 training images per epoch' (those of the rows we ran)."""
+    counts = sorted({int(n) for n in lines["train_images"].dropna()})
+    return "column epochs" + (f"; {' or '.join(f'{n:,}' for n in counts)} training images per epoch" if counts else "")
 
 
 def devices(lines: pd.DataFrame) -> str:
@@ -189,7 +203,7 @@ def formatted(lines: pd.DataFrame, table: str) -> pd.DataFrame:
             "acc % paper": _fmt(r["paper_acc"], "g"), "acc % ours": _pm(r["acc_mean"], r["acc_std"], 2) if ran else "not run",
             "Δ acc": _fmt(r["acc_diff"], "+.2f"),
             "MB paper": _fmt(r["paper_size_mb"], "g"), "MB ours": _fmt(r["size_mb"], ".3f"),
-            "Δ MB": _fmt(r["size_diff"], "+.3f"),
+            "Δ MB": _fmt(r["size_diff"], "+.3f") if r["size_comparable"] else NOT_COMPARABLE,
             "s/epoch paper (RTX 2080 Ti)": _fmt(r["paper_s_per_epoch"], "g"),
             f"s/epoch ours ({devices(lines)})": _pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 2) if ran else "—",
             "Δ s/epoch": _fmt(r["s_per_epoch_diff"], "+.2f"),
@@ -210,7 +224,7 @@ def _formatted_deploy(lines: pd.DataFrame) -> pd.DataFrame:
             "fp32 acc %": _fmt(r["fp32_acc"], ".2f") if ran else "not run", "int8 acc %": _fmt(r["int8_acc"], ".2f"),
             "Δ acc (fp32)": _fmt(r["acc_diff"], "+.2f"),
             "ONNX fp32 MB": _fmt(r["onnx_fp32_mb"], ".3f"), "ONNX int8 MB": _fmt(r["onnx_int8_mb"], ".3f"),
-            "Δ MB (ONNX fp32 − paper checkpoint)": _fmt(r["size_diff"], "+.3f"),
+            "Δ MB (ONNX fp32 − paper checkpoint)": _fmt(r["size_diff"], "+.3f") if r["size_comparable"] else NOT_COMPARABLE,
             "fp32 ms": _fmt(r["latency_fp32_ms"], ".2f"), "int8 ms": _fmt(r["latency_int8_ms"], ".2f"),
             "latency measured": _text(r["latency_how"]), "bundle": _text(r["bundle"]),
         })
@@ -241,7 +255,7 @@ def notes(lines: pd.DataFrame, table: str) -> list[str]:
             "acc %: our test-split accuracy, mean ± sample standard deviation (ddof = 1) over the n seeds (the paper: "
             "mean of 3 runs); MB: fp32 `state_dict` file in 10^6 bytes; Δ = ours − paper.",
             f"s/epoch: the paper's is seconds per training epoch on an RTX 2080 Ti with full CIFAR; ours is seconds per "
-            f"training epoch on {devices(lines)} at our budget (epochs, training images in the CSV), so Δ s/epoch "
+            f"training epoch on {devices(lines)} at our budget ({_budget(lines)}), so Δ s/epoch "
             "compares different machines and possibly different epoch sizes.",
             "Our extra columns: params, MMACs (millions of multiply-accumulates per image), batch-1 CPU latency "
             "(ms, mean over seeds), int8 MB (an estimate).",
@@ -255,5 +269,7 @@ def notes(lines: pd.DataFrame, table: str) -> list[str]:
     extra = lines["row"].isna().sum()
     if extra:
         out.append(f"{extra} line(s) after the paper's rows: experiments of ours the paper does not report.")
+    if not lines["size_comparable"].all():
+        out.append(size_note([table]))
     out += sorted({f"Paper row {r['row']}: {r['note']}." for r in lines.to_dict("records") if r["note"]})
     return out

@@ -5,6 +5,7 @@ always give the same files (no clock is read)."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from dse.paper import load_paper
-from dse.report.frame import StudyData, aggregate, completed
+from dse.report.frame import MEASURED_ALONE, StudyData, aggregate, completed
 from dse.report.plots import plot_figure9, plot_pareto
 from dse.report.results import configs_table, shown_configs, shown_trials, trials_table
 from dse.report.tables import DATASETS, PAPER_TABLES, compare, deployments, devices, formatted, notes, title
@@ -36,14 +37,17 @@ def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence
     ours = {"trials": trials_table(data), "configs": configs_table(groups, objectives)}
     for stem, table, (shown, same) in (("trials", ours["trials"], shown_trials(ours["trials"])),
                                        ("configs", ours["configs"], shown_configs(ours["configs"]))):
-        write_table(folder, stem, OUR_TITLES[stem], table, shown, [_same_line(same), *OUR_NOTES], formats,
+        write_table(folder, stem, OUR_TITLES[stem], table, shown, [_same_line(same), *our_notes(ours["trials"])], formats,
                     caption=f"{OUR_TITLES[stem]}. {_same_line(same)}")
     study_tables = {s: [str(t) for t in a.get("tables") or []] for s, a in data.attrs.items()}
     tables = {t: compare(t, groups, study_tables) for t in PAPER_TABLES}
     tables["7"] = deployments(data, done)
     for table, lines in tables.items():
-        first = [_other_dataset(table, done)] if table != "7" and _other_dataset(table, done) else []
-        write_table(folder, f"table{table}", title(table), lines, formatted(lines, table), first + notes(lines, table), formats)
+        other = _other_dataset(table, done, formats) if table != "7" else ""
+        if other:
+            write_line(folder, f"table{table}", title(table), other, lines, formats)
+        else:
+            write_table(folder, f"table{table}", title(table), lines, formatted(lines, table), notes(lines, table), formats)
     figure9 = plot_figure9(done, groups, folder / "figure9.png")
     front = plot_pareto(groups, folder / "pareto.png")
     (folder / "index.md").write_text(index(data, done, ours, tables, formats, figure9, front))
@@ -51,31 +55,71 @@ def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence
 
 
 OUR_TITLES = {"trials": "Every trial", "configs": "Every configuration (mean ± std over seeds)"}
-OUR_NOTES = [
-    "val %, test %: validation accuracy (the sweep's objective) and test accuracy after the last epoch run; MB: the "
-    "fp32 `state_dict` file in 10^6 bytes; int8 MB: an estimate; MMACs: millions of multiply-accumulates per image.",
-    "latency ms: batch-1 CPU inference (PyTorch, 1 thread) of the architecture, measured once per architecture (the "
-    "median over rounds of each round's fastest run; IQR ms: the spread between rounds); studies of an older dse "
-    "hold each trial's own figure (median and IQR of its runs, taken while other workers trained). † measured under "
-    "load (other processes kept more than a quarter of the cores busy): re-measure the front in one sitting with "
-    "`python -m dse.deploy measure --study STUDY --front`.",
-    "★: on the Pareto front of the study's objectives (validation accuracy up, size and latency down) among the "
-    "complete trials; in the configurations table, among the configurations of a dataset (mean validation accuracy).",
-]
+def our_notes(trials: pd.DataFrame) -> list[str]:
+    """The notes under our own tables: units, how latency was measured (and which trials lack the per-architecture
+    figure), what ★ marks."""
+    return [
+        "val %, test %: validation accuracy (the sweep's objective) and test accuracy after the last epoch run; MB: the "
+        "fp32 `state_dict` file in 10^6 bytes; int8 MB: an estimate; MMACs: millions of multiply-accumulates per image.",
+        "latency ms: batch-1 CPU inference (PyTorch, 1 thread) of the architecture, measured once per architecture (the "
+        "median over rounds of each round's fastest run; IQR ms: the spread between rounds)." + _measured_alone(trials)
+        + " † measured under load (other processes kept more than a quarter of the cores busy): re-measure the front in "
+        f"one sitting with `python -m dse.deploy measure --study {_one(trials['study'], 'STUDY')} --front`.",
+        "★: on the Pareto front of the study's objectives (validation accuracy up, size and latency down) among the "
+        "complete trials; in the configurations table, among the configurations of a dataset (mean validation accuracy).",
+    ]
+
+
+def _one(values: pd.Series, placeholder: str) -> str:
+    """The one value of `values`, else `placeholder` (a command line's argument to fill in)."""
+    found = set(values.dropna())
+    return str(found.pop()) if len(found) == 1 else placeholder
+
+
+def _measured_alone(trials: pd.DataFrame) -> str:
+    """' N trial(s) of study S have no figure of their architecture ...' (why, and what they show instead), or ''."""
+    alone = trials[trials["latency_how"] == MEASURED_ALONE]
+    if alone.empty:
+        return ""
+    studies = ", ".join(sorted(set(alone["study"])))
+    return (f" {len(alone)} trial(s) of {studies} have no figure of their architecture: their study stores none (no "
+            "study attribute `latency:<architecture>`; it was swept by a dse that did not measure architectures "
+            "once), so they show the latency each trial measured itself, the median and IQR of its own runs, taken "
+            "while other workers trained and so less comparable.")
 
 
 def _same_line(same: list[str]) -> str:
     return f"Same in every row: {', '.join(same)}." if same else "Every column varies."
 
 
-def _other_dataset(table: str, done: pd.DataFrame) -> str:
+def _other_dataset(table: str, done: pd.DataFrame, formats: Sequence[str]) -> str:
     """One line when none of the report's trials ran on the dataset of the paper's table."""
     dataset = load_paper()["dataset"][table]
     ran = sorted(set(done["dataset"].dropna()))
     if done.empty or dataset in ran:
         return ""
-    return (f"None of these studies ran on {DATASETS[dataset]} (they ran on {', '.join(DATASETS.get(d, d) for d in ran)}): "
-            "this table shows the paper's figures only; our results are in the trials table (trials.md).")
+    return (f"None of these studies ran on {DATASETS[dataset]} (they ran on {', '.join(DATASETS.get(d, d) for d in ran)}), "
+            f"so no result of ours belongs beside this table's rows: ours are in the table of every trial "
+            f"({', '.join(f'trials{FORMATS[f]}' for f in formats)}); for the paper's figures see its Table {table} "
+            "(or `dse/paper.yaml`).")
+
+
+def write_line(folder: Path, stem: str, heading: str, line: str, data: pd.DataFrame, formats: Sequence[str]) -> None:
+    """A paper table on a dataset none of the studies ran: `line` in place of its rows in <stem>.md and <stem>.tex;
+    <stem>.csv keeps the paper's figures (n = 0, every figure of ours empty)."""
+    if "markdown" in formats:
+        (folder / f"{stem}.md").write_text(f"# {heading}\n\n{line}\n")
+    if "csv" in formats:
+        data.to_csv(folder / f"{stem}.csv", index=False)
+    if "latex" in formats:
+        (folder / f"{stem}.tex").write_text(f"% {heading}\n{_latex_text(line)}\n")
+
+
+def _latex_text(text: str) -> str:
+    """Plain text as LaTeX: its special characters escaped, `code` in \\texttt."""
+    for plain, latex in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$")):
+        text = text.replace(plain, latex)
+    return re.sub(r"`([^`]*)`", r"\\texttt{\1}", text)
 
 
 def write_table(folder: Path, stem: str, heading: str, data: pd.DataFrame, shown: pd.DataFrame, bullets: list[str],
@@ -173,7 +217,7 @@ def _ours(data: StudyData, ours: dict[str, pd.DataFrame], formats: Sequence[str]
                 f"({_links('configs', formats)}).", ""]
     queued = int((data.trials["state"] == "WAITING").sum())
     under = int(trials["latency_under_load"].eq(True).sum())
-    out += [f"- {n}" for n in OUR_NOTES]
+    out += [f"- {n}" for n in our_notes(trials)]
     out += [f"- How the latencies were measured: {_counted(h for h in trials['latency_how'] if isinstance(h, str))}."]
     out += [f"- {queued} queued trial(s) not started yet are not listed."] if queued else []
     out += [f"- {under} trial(s) have a latency measured under load (†)."] if under else []
@@ -182,13 +226,14 @@ def _ours(data: StudyData, ours: dict[str, pd.DataFrame], formats: Sequence[str]
 
 def _paper_tables(tables: dict[str, pd.DataFrame], done: pd.DataFrame, formats: Sequence[str]) -> list[str]:
     """Links to the paper's tables; one line for the tables on datasets these studies did not run."""
-    other = [t for t in PAPER_TABLES if _other_dataset(t, done)]
+    other = [t for t in PAPER_TABLES if _other_dataset(t, done, formats)]
     lines = [_table_line(t, lines, formats) for t, lines in tables.items() if t not in other]
     if other:
         ran = ", ".join(DATASETS.get(d, d) for d in sorted(set(done["dataset"].dropna())))
         links = ", ".join(f"[Table {t}](table{t}.md)" if "markdown" in formats else f"Table {t}" for t in other)
         names = sorted({DATASETS[load_paper()["dataset"][t]] for t in other})
-        lines.insert(0, f"- {links}: the paper's figures on {' and '.join(names)} only; these studies ran on {ran}.")
+        lines.insert(0, f"- {links}: the paper ran these on {' and '.join(names)}; these studies ran on {ran}, so "
+                        "there is nothing of ours to set beside them (each says so in one line).")
     return lines
 
 
@@ -215,9 +260,11 @@ def index(data: StudyData, done: pd.DataFrame, ours: dict[str, pd.DataFrame], ta
     out += ["", "![Pareto plot](pareto.png)", "", "## Pruned trials", ""] + _pruned(data.trials)
     out += ["", "## How to read the paper's tables", "",
             "- acc %: test-split accuracy of ours, mean ± sample std (ddof = 1) over the n seeds; the paper reports the "
-            "mean of 3 runs. Validation accuracy (the sweep's objective) is in the CSV files.",
-            "- A paper row we have not run shows 'not run' (empty in the CSV, n = 0), never 0. Rows after the paper's "
-            "are experiments of ours the paper does not report.",
+            "mean of 3 runs. Validation accuracy (the sweep's objective) is column val % of our results above"
+            + (" and val_acc_mean of the paper tables' CSV files." if "csv" in formats else "."),
+            "- A paper row we have not run shows 'not run'" + (" (empty in the CSV files, n = 0)" if "csv" in formats
+                                                                else " (n = 0)")
+            + ", never 0. Rows after the paper's are experiments of ours the paper does not report.",
             "- MB: the fp32 `state_dict` file in 10^6 bytes, the paper's 'model size'. Model speed: the paper's is "
             f"seconds per training epoch on an RTX 2080 Ti; ours is seconds per training epoch on {devices(done)}.",
             "- Δ = ours − paper.", "", "## Provenance", "",
