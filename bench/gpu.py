@@ -41,7 +41,9 @@ from dse.config import SpaceConfig, to_object  # noqa: E402
 from dse.data import Splits  # noqa: E402
 from dse.models import build_model, create_model, paper_name  # noqa: E402
 from dse.sweep import compose, grid_params, merge_overrides, trial_overrides, typed  # noqa: E402
-from dse.train import Member, TrainConfig, best_group_size, group_key, pick_group_size, train, train_group  # noqa: E402
+from dse.train import (  # noqa: E402
+    Failed, Member, TrainConfig, best_group_size, group_key, pick_group_size, train, train_group,
+)  # fmt: skip
 
 try:
     from trainer import user_loop  # bench/trainer.py's textbook loop
@@ -205,11 +207,11 @@ def group_seconds(trials: list, num_classes: int, train_images: int, test_images
     for setup, cfg in trials:
         torch.manual_seed(cfg.seed)
         members.append(Member(build_model(setup.model, num_classes=num_classes, in_channels=3), replace(cfg, epochs=2)))
-    results = train_group(members, splits)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    last = results[0].epochs[-1]
+    outcomes = dict(train_group(members, splits))
+    for outcome in outcomes.values():
+        if isinstance(outcome, Failed):
+            raise outcome.error
+    last = outcomes[0].result.epochs[-1]
     val_images = trials[0][0].data.val_size
     eval_per_image = last.eval_seconds / scale.group_val
     per_epoch = last.seconds * (train_images // batch) / scale.group_batches + eval_per_image * val_images

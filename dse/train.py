@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,10 +36,15 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "EpochRecord",
+    "Failed",
+    "Finished",
     "Member",
+    "Outcome",
+    "Stopped",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "TrainingStopped",
     "best_group_size",
     "ema_decay",
     "evaluate",
@@ -74,6 +79,10 @@ _WARMUP_STEPS = 3  # eager steps on a side stream before a CUDA graph is capture
 
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being finite."""
+
+
+class TrainingStopped(RuntimeError):
+    """`train`'s on_epoch asked to stop; the message is the reason it gave."""
 
 
 @dataclass
@@ -114,12 +123,42 @@ class TrainResult:
 
 @dataclass
 class Member:
-    """One trial of a fused group: its own model (own init), config, checkpoint and per-epoch callback."""
+    """One trial of a fused group: its own model (own init), config, checkpoint and per-epoch callback.
+
+    `on_epoch(record)` runs after each epoch's checkpoint: it returns None to go on, or a reason to stop this
+    member now (pruned, say); what it raises ends the member as Failed. `writer(path, state)` writes the
+    member's checkpoints (None: `save_checkpoint`), the seam to inject a full disk."""
 
     model: nn.Module
     cfg: TrainConfig
     checkpoint_path: str | os.PathLike | None = None
-    on_epoch: Callable[[EpochRecord], None] | None = None
+    on_epoch: Callable[[EpochRecord], str | None] | None = None
+    writer: Callable[[str, dict], None] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The member trained all its epochs (or resumed a finished checkpoint) and was tested."""
+
+    result: TrainResult
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The member's on_epoch asked it to stop after `epoch` (1-based), giving `reason`."""
+
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The member left with an error: TrainingDiverged, CheckpointError, OSError, what its on_epoch raised."""
+
+    error: BaseException
+
+
+Outcome = Union[Finished, Stopped, Failed]
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -340,7 +379,8 @@ class _Run:
     resumed_from: int = 0
     seconds: list[float] = field(default_factory=list)
     graphed: bool = False
-    outcome: TrainResult | Exception | None = None
+    outcome: Outcome | None = None
+    released: bool = False  # its model given back
 
 
 @dataclass
@@ -550,20 +590,23 @@ def _train_pass(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, cha
 
 
 def _end_epoch(run: _Run, record: EpochRecord, layout: str) -> None:
-    """Record the epoch, write the checkpoint when due, then call on_epoch: what either raises makes the member
-    leave (its checkpoint cannot be written, it was pruned or taken over, ...), the others go on."""
-    cfg = run.member.cfg
+    """Record the epoch, write the checkpoint when due, then call on_epoch: the member leaves when on_epoch
+    asks it to stop (pruned, ...) or when either raises (its checkpoint cannot be written, it was taken over,
+    ...); the others go on."""
+    member = run.member
     run.done += 1
     run.records.append(record)
     run.seconds.append(record.seconds)
     try:
-        if run.path and (run.done % cfg.checkpoint_every == 0 or run.done == cfg.epochs):
-            state = _state(run.done, run.member.model, run.average, run.optimizer, run.records, run.identity, layout)
-            save_checkpoint(run.path, state)
-        if run.member.on_epoch is not None:
-            run.member.on_epoch(record)
+        if run.path and (run.done % member.cfg.checkpoint_every == 0 or run.done == member.cfg.epochs):
+            state = _state(run.done, member.model, run.average, run.optimizer, run.records, run.identity, layout)
+            (member.writer or save_checkpoint)(run.path, state)
+        reason = member.on_epoch(record) if member.on_epoch is not None else None
     except Exception as e:
-        run.outcome = e
+        run.outcome = Failed(e)
+        return
+    if reason is not None:
+        run.outcome = Stopped(run.done, reason)
 
 
 def _group_epoch(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, layout: str, eval_kw: dict, bar):
@@ -577,7 +620,8 @@ def _group_epoch(group: _Group, splits: Splits, cfg: TrainConfig, steps: int, la
     eval_seconds = time.perf_counter() - start
     for run, loss, acc, lr, (val_loss, val_acc) in zip(runs, losses, accs, lrs, val):
         if not math.isfinite(loss):
-            run.outcome = TrainingDiverged(f"train loss is {loss} in epoch {run.done + 1} at lr={lr:g}; lower train.lr")
+            error = TrainingDiverged(f"train loss is {loss} in epoch {run.done + 1} at lr={lr:g}; lower train.lr")
+            run.outcome = Failed(error)
             continue
         record = EpochRecord(
             epoch=run.done + 1, lr=lr, train_loss=loss, train_acc=acc, val_loss=val_loss, val_acc=val_acc,
@@ -595,11 +639,11 @@ def _finish(group: _Group, splits: Splits, eval_kw: dict, context: dict) -> None
     tests = _score(_evaluated(group), len(group.runs), splits.test_x, splits.test_y, **eval_kw)
     for run, (test_loss, test_acc) in zip(group.runs, tests):
         if run.done >= run.member.cfg.epochs:
-            run.outcome = TrainResult(
+            run.outcome = Finished(TrainResult(
                 epochs=run.records, test_loss=test_loss, test_acc=test_acc,
                 seconds_per_epoch=_mean(run.seconds or [r.seconds for r in run.records]),
                 resumed_from=run.resumed_from, cuda_graph=run.graphed, **context,
-            )  # fmt: skip
+            ))  # fmt: skip
 
 
 def _mean(values: list[float]) -> float:
@@ -629,49 +673,64 @@ def _checkpoint(member: Member) -> dict | Exception | None:
         return e
 
 
-def train_group(members: Sequence[Member], splits: Splits) -> list[TrainResult | Exception]:
+def train_group(members: Sequence[Member], splits: Splits) -> Iterator[tuple[int, Outcome]]:
     """Train several trials together on `splits`: one fused model (their weights stacked; vmapped on CUDA, member
-    by member elsewhere: `VMAP_DEVICES`), each member's own optimizer; per member, its TrainResult or the
-    exception that made it leave the group.
+    by member elsewhere: `VMAP_DEVICES`), each member's own optimizer. Yields (member index, outcome) as soon as
+    a member ends, right after the epoch it leaves in, the others going on; each member exactly once.
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,
     dropout masks, optimizer and schedule), up to floating-point order, and writes the same checkpoints. A
-    member leaves when its on_epoch raises (pruned, say), when its loss stops being finite (TrainingDiverged),
-    when its checkpoint is unreadable (CheckpointError) or cannot be written (OSError); the others go on.
-    Members may resume from different epochs and have different numbers of epochs. All must share `group_key`.
+    member ends Finished, Stopped (its on_epoch asked) or Failed: its loss stopped being finite
+    (TrainingDiverged), its checkpoint is unreadable (CheckpointError) or cannot be written (OSError), its
+    on_epoch raised. Members may resume from different epochs and have different numbers of epochs. All must
+    share `group_key`; that and the batch size are checked before the first outcome is asked for. A member's
+    model is given back (its own tensors and dropout modules; a Finished one holding its weight average) when
+    it ends, and every model when the caller stops iterating.
     """
     _check_group(members)
     cfg = members[0].cfg
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if len(splits.train_x) < cfg.batch_size:
         raise ValueError(f"train batch_size={cfg.batch_size} is more than the {len(splits.train_x)} training images")
+    return _train_group(members, splits, device)
+
+
+def _train_group(members: Sequence[Member], splits: Splits, device: torch.device) -> Iterator[tuple[int, Outcome]]:
+    cfg = members[0].cfg
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     splits = splits.to(device)
     graphed = _graphable([m.cfg for m in members], device)
     autocast = mixed_precision(cfg, device, cache=not graphed)
     step = torch.zeros(1, dtype=torch.int64, device=device)
     saved = [_checkpoint(m) for m in members]
-    for member in members:
-        member.model.to(device)
-    resumable = [s for s in saved if isinstance(s, dict)]
-    layout = _layout(cfg, members[0].model, splits, autocast, resumable[0] if resumable else None)
-    runs = []
-    for member, state in zip(members, saved):
-        try:
-            if isinstance(state, Exception):
-                raise state
-            runs.append(_open(member, splits, layout, step, graphed, state))
-        except CheckpointError as e:
-            runs.append(_Run(member, None, outcome=e))
-    context = dict(device=str(device), precision="bf16 autocast" if _uses_bf16(cfg, device) else "fp32",
-                   memory_format=layout, split=dict(splits.split))  # fmt: skip
+    runs: list[_Run] = []
     try:
-        _train_runs(runs, splits, cfg, layout, autocast, step, graphed, context)
+        for member in members:
+            member.model.to(device)
+        resumable = [s for s in saved if isinstance(s, dict)]
+        layout = _layout(cfg, members[0].model, splits, autocast, resumable[0] if resumable else None)
+        for member, state in zip(members, saved):
+            if isinstance(state, CheckpointError):
+                runs.append(_Run(member, None, outcome=Failed(state)))
+                continue
+            try:
+                runs.append(_open(member, splits, layout, step, graphed, state))
+            except CheckpointError as e:
+                runs.append(_Run(member, None, outcome=Failed(e)))
+        for i, run in enumerate(runs):
+            if run.outcome is not None:
+                _release(run)
+                yield i, run.outcome
+        context = dict(device=str(device), precision="bf16 autocast" if _uses_bf16(cfg, device) else "fp32",
+                       memory_format=layout, split=dict(splits.split))  # fmt: skip
+        for run in _train_runs(runs, splits, cfg, layout, autocast, step, graphed, context):
+            _release(run)
+            yield runs.index(run), run.outcome
     finally:
         for run in runs:
-            _release(run)
-    return [run.outcome for run in runs]
+            if not run.released:
+                _release(run)
 
 
 def _release(run: _Run) -> None:
@@ -681,12 +740,14 @@ def _release(run: _Run) -> None:
     unfuse(run.member.model)
     if run.average is not None:
         unfuse(run.average)
-        if isinstance(run.outcome, TrainResult):
+        if isinstance(run.outcome, Finished):
             run.member.model.load_state_dict(run.average.state_dict())
+    run.released = True
 
 
 def _train_runs(runs: list[_Run], splits: Splits, cfg: TrainConfig, layout: str, autocast, step, graphed, context):
-    """Train groups of the runs still in until none is: a group is re-formed whenever a member leaves."""
+    """Train groups of the runs still in until none is, yielding each run as it ends: a group is re-formed
+    whenever a member leaves."""
     steps = len(splits.train_x) // cfg.batch_size
     eval_kw = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size,
                    channels_last=layout == "channels_last", autocast=autocast, tta=cfg.tta)  # fmt: skip
@@ -697,8 +758,9 @@ def _train_runs(runs: list[_Run], splits: Splits, cfg: TrainConfig, layout: str,
             while all(r.outcome is None for r in group.runs):
                 if any(r.done >= r.member.cfg.epochs for r in group.runs):
                     _finish(group, splits, eval_kw, context)
-                    break
-                _group_epoch(group, splits, cfg, steps, layout, eval_kw, bar)
+                else:
+                    _group_epoch(group, splits, cfg, steps, layout, eval_kw, bar)
+                yield from (r for r in group.runs if r.outcome is not None)
 
 
 def train(
@@ -707,19 +769,21 @@ def train(
     cfg: TrainConfig,
     *,
     checkpoint_path: str | os.PathLike | None = None,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_epoch: Callable[[EpochRecord], str | None] | None = None,
 ) -> TrainResult:
     """Train `model` (moved in place to the device) on `splits` as `cfg` says; return the records.
 
     A group of one (`train_group`). With a checkpoint path (argument, else `cfg.checkpoint`) that exists,
     continues from its last finished epoch; a checkpoint is written after every `cfg.checkpoint_every` epochs
-    and after the last. `on_epoch(record)` runs after each epoch's checkpoint; it may raise to stop the run
-    (the exception propagates). Training draws nothing from torch's global RNG.
+    and after the last. `on_epoch(record)` runs after each epoch's checkpoint; returning a reason stops the run
+    with TrainingStopped(reason), and what it raises propagates. Training draws nothing from torch's global RNG.
     """
-    (outcome,) = train_group([Member(model, cfg, checkpoint_path, on_epoch)], splits)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
+    [(_, outcome)] = list(train_group([Member(model, cfg, checkpoint_path, on_epoch)], splits))
+    if isinstance(outcome, Stopped):
+        raise TrainingStopped(outcome.reason)
+    if isinstance(outcome, Failed):
+        raise outcome.error
+    return outcome.result
 
 
 def pick_group_size(

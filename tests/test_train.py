@@ -22,11 +22,15 @@ from dse.config import register_schemas
 from dse.data import DataConfig, load_data
 from dse.train import (
     MEMORY_FORMATS,
+    Failed,
+    Finished,
     NOT_CAPTURABLE,
     OPTIMIZERS,
     Member,
+    Stopped,
     TrainConfig,
     TrainingDiverged,
+    TrainingStopped,
     ema_decay,
     evaluate,
     group_key,
@@ -459,6 +463,22 @@ GROUP = [
 ]
 
 
+def outcomes(members: list[Member], splits) -> list:
+    """Each member's outcome, in the members' order; each is yielded exactly once."""
+    by_index = {}
+    for i, outcome in train_group(members, splits):
+        assert i not in by_index
+        by_index[i] = outcome
+    return [by_index[i] for i in range(len(members))]
+
+
+def results(members: list[Member], splits) -> list:
+    """Each member's TrainResult: all must finish."""
+    ends = outcomes(members, splits)
+    assert all(isinstance(end, Finished) for end in ends), ends
+    return [end.result for end in ends]
+
+
 def member(i: int, **kw) -> Member:
     spec = {**GROUP[i], **kw}
     dropout = spec.pop("dropout")
@@ -494,12 +514,11 @@ def test_a_fused_group_of_4_ends_as_the_4_trials_trained_alone(splits, fuse_by):
         m = member(i)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i) for i in range(4)]
-    results = train_group(group, splits)
-    for (model, result), m, fused in zip(alone, group, results):
-        assert not isinstance(fused, Exception), fused
+    fused_results = results(group, splits)
+    for (model, result), m, fused in zip(alone, group, fused_results):
         assert [r.trials for r in fused.epochs] == [4, 4, 4]
         assert_same_training(model, result, m.model, fused)
-    assert len({tuple(r.train_loss for r in res.epochs) for res in results}) == 4  # they did differ
+    assert len({tuple(r.train_loss for r in res.epochs) for res in fused_results}) == 4  # they did differ
 
 
 def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, fuse_by):
@@ -510,7 +529,7 @@ def test_a_fused_group_with_the_recipe_knobs_ends_as_its_trials_alone(splits, fu
         m = member(i, **common, **extra)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i, **common, **extra) for i, extra in enumerate(knobs)]
-    for (model, result), m, fused in zip(alone, group, train_group(group, splits)):
+    for (model, result), m, fused in zip(alone, group, results(group, splits)):
         assert_same_training(model, result, m.model, fused)  # the models end holding their weight averages
 
 
@@ -525,21 +544,77 @@ def test_a_member_whose_on_epoch_raises_leaves_and_the_others_finish_as_alone(sp
 
     group = [member(i, checkpoint=str(tmp_path / f"{i}.pt")) for i in range(3)]
     group[1].on_epoch = prune_after_epoch_1
-    results = train_group(group, splits)
-    assert isinstance(results[1], Pruned)
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, Pruned)
     assert load_checkpoint(tmp_path / "1.pt")["epoch"] == 1  # its checkpoint was written before on_epoch
-    assert [r.trials for r in results[0].epochs] == [3, 2, 2]
+    assert [r.trials for r in ends[0].result.epochs] == [3, 2, 2]
     for i in (0, 2):
         alone = member(i)
-        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, ends[i].result)
+
+
+def test_stopped_and_failed_members_are_yielded_at_once_while_the_others_go_on(splits):
+    events = []
+
+    def watch(record):
+        events.append(("epoch", record.epoch))
+
+    def stop(record):
+        return "pruned at epoch 1"
+
+    def fail(record):
+        raise Pruned("taken over")
+
+    group = [member(0), member(1), member(2)]
+    group[0].on_epoch, group[1].on_epoch, group[2].on_epoch = watch, stop, fail
+    ends = {}
+    for i, outcome in train_group(group, splits):
+        events.append(("ended", i))
+        ends[i] = outcome
+        if i != 0:
+            assert type(group[i].model[5]) is nn.Dropout  # its model is given back as it leaves
+    assert events == [("epoch", 1), ("ended", 1), ("ended", 2), ("epoch", 2), ("epoch", 3), ("ended", 0)]
+    assert ends[1] == Stopped(epoch=1, reason="pruned at epoch 1")
+    assert isinstance(ends[2], Failed) and str(ends[2].error) == "taken over"
+    assert isinstance(ends[0], Finished) and [r.trials for r in ends[0].result.epochs] == [3, 1, 1]
+
+
+def test_train_raises_training_stopped_with_the_reason_on_epoch_gave(splits):
+    with pytest.raises(TrainingStopped, match="enough"):
+        train(tiny_model(), splits, quick(), on_epoch=lambda record: "enough")
+
+
+def test_a_member_whose_checkpoint_cannot_be_written_fails_and_the_others_finish(splits, tmp_path):
+    def full_disk(path, state):
+        raise OSError(28, "No space left on device")
+
+    group = [member(i, checkpoint=str(tmp_path / f"{i}.pt")) for i in range(2)]
+    group[1].writer = full_disk
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, OSError)
+    assert isinstance(ends[0], Finished) and load_checkpoint(tmp_path / "0.pt")["epoch"] == 3
+    assert not (tmp_path / "1.pt").exists()
+
+
+def test_a_caller_that_stops_iterating_gets_every_model_back(splits):
+    group = [member(0), member(1)]
+    group[1].on_epoch = lambda record: "stop"
+    weights = [m.model[0].weight for m in group]
+    for i, _ in train_group(group, splits):
+        assert i == 1
+        break  # member 0 is half-way through its epochs
+    for m, weight in zip(group, weights):
+        assert m.model[0].weight is weight and type(m.model[5]) is nn.Dropout
+    assert weights[0].untyped_storage().data_ptr() != weights[1].untyped_storage().data_ptr()  # not one stack
 
 
 def test_a_diverging_member_leaves_with_training_diverged(splits):
     group = [member(0), member(1, lr=1e30, label_smoothing=0.0)]
-    results = train_group(group, splits)
-    assert isinstance(results[1], TrainingDiverged) and "lower train.lr" in str(results[1])
+    ends = outcomes(group, splits)
+    assert isinstance(ends[1], Failed) and isinstance(ends[1].error, TrainingDiverged)
+    assert "lower train.lr" in str(ends[1].error)
     alone = member(0)
-    assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[0].model, results[0])
+    assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[0].model, ends[0].result)
 
 
 def test_members_resume_from_different_epochs_in_one_group(splits, tmp_path):
@@ -555,11 +630,11 @@ def test_members_resume_from_different_epochs_in_one_group(splits, tmp_path):
     with pytest.raises(Killed):
         train(first.model, splits, first.cfg, on_epoch=first.on_epoch)
     group = [member(0, checkpoint=str(tmp_path / "0.pt")), member(1)]
-    results = train_group(group, splits)
-    assert results[0].resumed_from == 2 and [r.trials for r in results[0].epochs] == [1, 1, 2]
+    fused = results(group, splits)
+    assert fused[0].resumed_from == 2 and [r.trials for r in fused[0].epochs] == [1, 1, 2]
     for i in (0, 1):
         alone = member(i)
-        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, results[i])
+        assert_same_training(alone.model, train(alone.model, splits, alone.cfg), group[i].model, fused[i])
 
 
 def test_group_key_fuses_what_may_differ_and_refuses_what_may_not(splits):
@@ -614,8 +689,7 @@ def test_a_graphed_group_trains_each_member_as_alone(splits):
         m = member(i, **knobs)
         alone.append((m.model, train(m.model, splits, m.cfg)))
     group = [member(i, **knobs) for i in range(3)]
-    results = train_group(group, splits)
-    for (model, result), m, fused in zip(alone, group, results):
+    for (model, result), m, fused in zip(alone, group, results(group, splits)):
         assert fused.cuda_graph and result.cuda_graph
         for (key, x), y in zip(model.state_dict().items(), m.model.state_dict().values()):
             torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2, msg=key)  # TF32 convolutions
