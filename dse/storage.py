@@ -6,7 +6,7 @@ Why each internal is touched (Optuna 5 offers no public way to do these):
   neither `Trial` nor `FrozenTrial` exposes it publicly.
 - RDBStorage's methods, including the private ones its cache calls (`_DB_METHODS`), are rebound on the instance
   to retry while a database server is unreachable: Optuna has no retry hook, and its own retry covers only
-  heartbeats.
+  heartbeats. `before_trial_reads` rebinds `_get_trials`, the read of a study's trials that Optuna's cache makes.
 - SQLAlchemy engine events (`serialize_sqlite`) make each SQLite transaction take the write lock at BEGIN: Optuna's
   SELECT ... FOR UPDATE is a no-op on SQLite, so two workers could claim one queued trial.
 - Claiming a queued (WAITING) trial changes its state here (`claim`), as Optuna's private
@@ -49,6 +49,7 @@ __all__ = [
     "storage_lock",
     "transient",
     "retrying",
+    "before_trial_reads",
     "Heartbeat",
     "check_ours",
     "trial_id",
@@ -286,6 +287,18 @@ def open_storage(
     elif retry_seconds > 0:
         for name in _DB_METHODS:
             setattr(storage, name, retrying(getattr(storage, name), retry_seconds, url))
+    return storage
+
+
+def before_trial_reads(storage: RDBStorage, hook: Callable[[], None]) -> RDBStorage:
+    """The storage calling `hook` before each read of a study's trials (a test's seam: a slow or busy database)."""
+    read = storage._get_trials
+
+    def hooked(*args, **kwargs):
+        hook()
+        return read(*args, **kwargs)
+
+    storage._get_trials = hooked
     return storage
 
 

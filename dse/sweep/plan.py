@@ -25,7 +25,7 @@ from dse.sweep.compose import (
     quote, trial_identity, trial_overrides, typed,
 )  # fmt: skip
 
-__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "plan_sweep", "training_cost", "definition",
+__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "draft_plan", "plan_sweep", "training_cost", "definition",
            "make_sampler", "make_pruner"]
 
 GRID, SAMPLED = "grid", "sampled"  # a plan's modes: a queue of every grid trial, or trials TPE/NSGA-II sample
@@ -50,6 +50,7 @@ class Plan:
     mode: str = GRID  # GRID: every trial is queued (`grid`); SAMPLED: the sampler proposes trials up to `total`
     total: int = 0  # trials in the space when it is done
     grid: list[dict] = field(default_factory=list)  # the fixed params of every grid trial
+    seeds: list[int] = field(default_factory=list)  # the seeds every grid cell runs with
     cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
     definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
     archs: dict[str, dict] = field(default_factory=dict)  # the grid's inference graphs: latency key -> spec
@@ -98,9 +99,10 @@ def _cell_label(params: dict) -> str:
     return params.get("point") or ", ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
 
 
-def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
-    """Validate the whole sweep (every grid trial's config, the storage, the data) and define its study,
-    before any trial runs or anything is written."""
+def draft_plan(cfg: DictConfig, cli: list[str]) -> Plan:
+    """The Plan as far as the config alone decides it, reading no data and writing nothing: the space and its mode
+    (grid or sampled), every grid trial's params and the space's total, the study's name, storage and workdir,
+    the overrides every trial starts from, workers and threads. Refuses a command line that sets a swept key."""
     if "space" not in cfg:
         spaces = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
         raise ValueError(f"no search space given; add +space=NAME, one of: {', '.join(spaces)}")
@@ -119,29 +121,36 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     workers = sweep.workers or (torch.cuda.device_count() or cores)
     mode = GRID if space.sampler == "grid" else SAMPLED
     grid = grid_params(space, seeds) if mode == GRID else []
-    plan = Plan(
+    return Plan(
         study_name=study.name, storage=storage, workdir=str(workdir),
         static=static, cli=cli, fixed=fixed, space=asdict(space), study=asdict(study), workers=workers,
         threads=sweep.threads or max(1, cores // workers), progress=sweep.progress, group_size=sweep.group_size,
-        mode=mode, total=len(grid) if mode == GRID else space.n_trials, grid=grid,
+        mode=mode, total=len(grid) if mode == GRID else space.n_trials, grid=grid, seeds=seeds,
     )  # fmt: skip
-    if mode == GRID:
-        cells = plan.grid[:: len(seeds)]
+
+
+def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
+    """Validate the whole sweep (every grid trial's config, the storage, the data) and define its study,
+    before any trial runs or anything is written."""
+    plan = draft_plan(cfg, cli)
+    space, study = plan.space_cfg, plan.study_cfg
+    if plan.mode == GRID:
+        cells = plan.grid[:: len(plan.seeds)]
         setups = {_cell_label(p): typed(compose(plan.overrides(p)))
                   for p in tqdm(cells, desc="checking configs", leave=False, disable=len(plan.grid) < 20)}  # fmt: skip
         _check_distinct(space, setups)
     else:
-        setups = _check_search(space, merge_overrides(static, cli, fixed))
-    check_storage(storage, writable=True)
+        setups = _check_search(space, merge_overrides(plan.static, plan.cli, plan.fixed))
+    check_storage(plan.storage, writable=True)
     data = {data_key(s.data): s.data for s in setups.values()}
     # Downloads a missing dataset now, or stops with why, before any trial starts.
     loaded = {key: load_data(cfg) for key, cfg in data.items()}
     for setup in setups.values():
         _check_data(setup, loaded[data_key(setup.data)], study)
-    if mode == GRID:
-        plan.cost = [training_cost(s, loaded[data_key(s.data)]) for s in setups.values() for _ in seeds]
+    if plan.mode == GRID:
+        plan.cost = [training_cost(s, loaded[data_key(s.data)]) for s in setups.values() for _ in plan.seeds]
         plan.archs = dict(_architecture(s, loaded[data_key(s.data)]) for s in setups.values())
-    plan.definition = definition(space, seeds, study, setups)
+    plan.definition = definition(space, plan.seeds, study, setups)
     return plan
 
 
