@@ -430,12 +430,12 @@ def _finished_once(study: optuna.Study, points: int) -> None:
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == points
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def _slow_reads(storage):
     """The storage with its reads of a study's trials slowed down (a busy database)."""
     return before_trial_reads(storage, lambda: time.sleep(0.5))
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, data_root, tmp_path, request):
     """Two sweeps of one new study (threads with their own connections and locks, as processes have) read
     what is queued at the same instant; reading is slowed so that, without the lock, both would queue it all."""

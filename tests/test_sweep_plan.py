@@ -38,7 +38,8 @@ def test_grid_params_of_points_are_labelled_and_a_point_twice_is_refused():
 
 
 def test_later_override_of_a_key_wins():
-    assert merge_overrides(["data=cifar100", "model.width=0.2"], ["+data=fashion_mnist"]) == ["model.width=0.2", "+data=fashion_mnist"]
+    merged = merge_overrides(["data=cifar100", "model.width=0.2"], ["+data=fashion_mnist"])
+    assert merged == ["model.width=0.2", "+data=fashion_mnist"]
 
 
 def test_trial_overrides_split_a_point_s_extras_from_the_swept_knobs():
@@ -52,11 +53,12 @@ def test_trial_overrides_split_a_point_s_extras_from_the_swept_knobs():
 
 
 def test_a_grid_plan_decides_its_mode_and_total_once(tmp_path):
-    plan = _draft(tmp_path, "+space=width", "space.grid={model.width:[0.2,0.3,0.4]}", "space.seeds=[0,1]", "sweep.seeds=2")
+    widths = ("+space=width", "space.grid={model.width:[0.2,0.3,0.4]}", "space.seeds=[0,1]")
+    plan = _draft(tmp_path, *widths, "sweep.seeds=2")
     assert (plan.mode, plan.total, plan.seeds) == (GRID, 6, [0, 1]) and len(plan.grid) == 6
     assert plan.choices("model.width") == [0.2, 0.3, 0.4]
     assert plan.costs() == {json.dumps(p, sort_keys=True): 1.0 for p in plan.grid}  # no costs measured yet
-    fewer = _draft(tmp_path, "+space=width", "space.grid={model.width:[0.2,0.3,0.4]}", "space.seeds=[0,1]", "sweep.seeds=1")
+    fewer = _draft(tmp_path, *widths, "sweep.seeds=1")
     assert (fewer.total, fewer.seeds) == (3, [0])
     assert not (tmp_path / "x.db").exists()
 
@@ -84,7 +86,8 @@ def test_a_command_line_override_of_a_swept_key_is_refused_naming_the_fix(tmp_pa
 
 
 def test_the_definition_names_what_makes_trials_comparable():
-    space = SpaceConfig(name="o", sampler="tpe", n_trials=4, search={"model.width": {"low": 0.1, "high": 1.0}}, seeds=[0])
+    search = {"model.width": {"low": 0.1, "high": 1.0}}
+    space = SpaceConfig(name="o", sampler="tpe", n_trials=4, search=search, seeds=[0])
     setups = {"base": typed(compose(["+space=open", "budget=quick"]))}
     plain = definition(space, [0], StudyConfig(), setups)
     assert plain["seeds"] == [0] and plain["pruning"] is None and plain["space"]["sampler"] == "tpe"

@@ -23,7 +23,8 @@ def _plan(tmp_path, mode: str = GRID, *, max_retry: int = 2, n_trials: int = 3) 
         space = SpaceConfig(name="q", grid={"model.width": WIDTHS}, seeds=[0])
         grid = [{"model.width": w, "seed": 0} for w in WIDTHS]
     else:
-        space = SpaceConfig(name="q", sampler="tpe", n_trials=n_trials, search={"model.width": {"low": 0.1, "high": 1.0}})
+        search = {"model.width": {"low": 0.1, "high": 1.0}}
+        space = SpaceConfig(name="q", sampler="tpe", n_trials=n_trials, search=search)
         grid = []
     return Plan(
         study_name="q", storage=f"sqlite:///{tmp_path / 'q.db'}", workdir=str(tmp_path / "q"), static=[], cli=[],

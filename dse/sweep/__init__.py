@@ -15,8 +15,8 @@ from dse.sweep.trial import hold_run_dir, run_folder
 from dse.sweep.worker import Seams, group_size, work
 
 __all__ = [
-    "GRID", "SAMPLED", "Outcome", "Plan", "Seams", "TrialSetup", "claim_trials", "compose", "draft_plan", "enqueue_missing",
-    "fail_stale", "fail_trial", "grid_params", "group_size", "hold_run_dir", "merge_overrides", "params_key",
+    "GRID", "SAMPLED", "Outcome", "Plan", "Seams", "TrialSetup", "claim_trials", "compose", "draft_plan",
+    "enqueue_missing", "fail_stale", "fail_trial", "grid_params", "group_size", "hold_run_dir", "merge_overrides", "params_key",
     "plan_sweep", "prepare_study", "reap", "requeue", "run_folder", "run_sweep", "sweep_storage", "tally",
     "trial_identity", "trial_overrides", "typed", "work",
 ]  # fmt: skip

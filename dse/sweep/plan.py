@@ -25,8 +25,8 @@ from dse.sweep.compose import (
     quote, trial_identity, trial_overrides, typed,
 )  # fmt: skip
 
-__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "draft_plan", "plan_sweep", "training_cost", "definition",
-           "make_sampler", "make_pruner"]
+__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "draft_plan", "plan_sweep", "training_cost",
+           "definition", "make_sampler", "make_pruner"]
 
 GRID, SAMPLED = "grid", "sampled"  # a plan's modes: a queue of every grid trial, or trials TPE/NSGA-II sample
 

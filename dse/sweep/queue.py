@@ -19,8 +19,8 @@ from dse.study import ALIVE, FINISHED
 from dse.sweep.plan import GRID, Plan, params_key
 
 __all__ = [
-    "INTERRUPTED", "sweep_storage", "chain_of", "chains", "chain_state", "queue_trial", "enqueue_missing", "requeue", "stale_callback",
-    "fail_stale", "fail_trial", "fixed_params", "claim_trial", "claim_trials", "next_step", "Outcome", "tally",
+    "INTERRUPTED", "sweep_storage", "chain_of", "chains", "chain_state", "queue_trial", "enqueue_missing", "requeue",
+    "stale_callback", "fail_stale", "fail_trial", "fixed_params", "claim_trial", "claim_trials", "next_step", "Outcome", "tally",
 ]  # fmt: skip
 
 INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by Ctrl-C: queued again, it gets no line
@@ -31,7 +31,8 @@ def sweep_storage(plan: Plan, *, retries: bool = True) -> RDBStorage:
     (or not, for the heartbeat thread and the ownership check, which must not block)."""
     cfg = plan.study_cfg
     return open_storage(plan.storage, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-                        on_stale=stale_callback(cfg.max_retry), retry_seconds=cfg.storage_retry_seconds if retries else 0)
+                        on_stale=stale_callback(cfg.max_retry),
+                        retry_seconds=cfg.storage_retry_seconds if retries else 0)
 
 
 def chain_of(t: FrozenTrial) -> str:
@@ -54,7 +55,8 @@ def chain_state(trials: list[FrozenTrial]) -> TrialState | None:
     return next((s for s in (*FINISHED, *ALIVE, TrialState.FAIL) if s in states), None)
 
 
-def queue_trial(study: optuna.Study, params: dict, chain: str, failures: int, retry_of: FrozenTrial | None = None) -> None:
+def queue_trial(study: optuna.Study, params: dict, chain: str, failures: int,
+                retry_of: FrozenTrial | None = None) -> None:
     """Add a WAITING trial with these fixed params to the chain; a retry carries its predecessor's curves."""
     attrs = {"fixed_params": params, "dse:chain": chain, "dse:failures": failures}
     if retry_of is not None:

@@ -30,6 +30,7 @@ from dse.measure import ModelProfile, profile
 from dse.models import build_model, paper_name
 from dse.pruning import History, decide, histories, rungs
 from dse.storage import report_value
+from dse.study import FINISHED
 from dse.sweep.compose import REPO, TrialSetup, compose, data_key, param_value, trial_identity, typed
 from dse.sweep.plan import GRID, Plan
 from dse.sweep.queue import fixed_params
@@ -149,11 +150,13 @@ def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
     """Set the trial's budget constraints (Optuna's: <= 0 is feasible; set before training, so that a pruned trial
     has them too); the reason it is over budget, recorded as its `pruned_reason`, or None."""
     cfg, trial = plan.study_cfg, ready.trial
-    limits = [(ready.prof.size_bytes / 1e3, cfg.max_size_kb, "size", "KB"), (ready.latency_ms, cfg.max_latency_ms, "latency", "ms")]
+    limits = [(ready.prof.size_bytes / 1e3, cfg.max_size_kb, "size", "KB"),
+              (ready.latency_ms, cfg.max_latency_ms, "latency", "ms")]
     for value, limit, what, unit in limits:
         if limit:
             trial.set_constraint(f"{what}_{unit.lower()}", value - limit)
-    over = [f"{what} {value:.1f} {unit} > {limit:g} {unit}" for value, limit, what, unit in limits if limit and value > limit]
+    over = [f"{what} {value:.1f} {unit} > {limit:g} {unit}"
+            for value, limit, what, unit in limits if limit and value > limit]
     if not over:
         return None
     reason = "over budget: " + ", ".join(over)
@@ -225,7 +228,7 @@ def epoch_reporter(ready: ReadyTrial, plan: Plan, check: Callable[[], None],
         trial.set_user_attr("curves", live)
         report_value(trial, record.epoch, record.val_acc)
         if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
-            others = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+            others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
             me = History(trial.number, ready.prof.size_mb, ready.latency_ms, {record.epoch: record.val_acc})
             decision = decide(me, record.epoch, histories(others), study_cfg.pruning)  # the shared study's evidence
             if decision is not None:

@@ -123,7 +123,8 @@ def end_trial(study: optuna.Study, trial: optuna.Trial, outcome: TrainOutcome, p
     max_retry, frozen, note = plan.study_cfg.max_retry, None, ""
     try:
         if isinstance(outcome, Finished):
-            frozen = tell(study, trial, values=record_result(ready, outcome.result, plan, started), state=TrialState.COMPLETE)
+            values = record_result(ready, outcome.result, plan, started)
+            frozen = tell(study, trial, values=values, state=TrialState.COMPLETE)
         elif isinstance(outcome, Stopped):
             frozen = tell(study, trial, state=TrialState.PRUNED)
         else:
@@ -228,7 +229,8 @@ def group_size(plan: Plan, cache: dict, worker: int = 0) -> int:
     smaller models may gain more), sizes up to the space's trial count; one line says so."""
     if plan.group_size is not None:
         return plan.group_size
-    params = max(zip(plan.cost, plan.grid), key=lambda cp: cp[0])[1] if plan.mode == GRID else {}  # sampled: the base config
+    # the costliest grid trial; for a sampled space, the base config
+    params = max(zip(plan.cost, plan.grid), key=lambda cp: cp[0])[1] if plan.mode == GRID else {}
     setup = worker_settings(typed(compose(plan.overrides(params))), plan)
     try:
         splits = load_cached(setup, cache)
