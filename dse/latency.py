@@ -1,21 +1,21 @@
 """Latency per architecture: a study measures each distinct inference graph once, with training on this machine
-paused, and stores the figure as a study attribute `latency:<architecture>` that every trial of it reads."""
+paused, and stores the figure as a study attribute `latency:<architecture>` that every trial of it reads
+(`with_latency`)."""
 
 from __future__ import annotations
 
 import datetime
 import getpass
-import json
 import os
 import socket
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import optuna
+import pandas as pd
 import torch.nn as nn
 
 from dse.identity import architecture
@@ -27,12 +27,15 @@ try:
 except ImportError:  # not POSIX: measurements do not pause training (their load is still recorded)
     fcntl = None
 
-__all__ = ["ATTR", "architecture", "build", "figures", "ensure", "pause_training", "training_turns"]
+__all__ = ["ATTR", "LATENCY", "MEASURED_ALONE", "architecture", "build", "figures", "with_latency", "ensure", "pause_training", "training_turns"]
 
 ATTR = "latency:"
 # How long a measurement waits for training workers to reach an epoch boundary before it measures anyway
 # (and says so): an epoch of a large model on a slow CPU can take minutes.
 PAUSE_WAIT_S = 600.0
+# How each trial's latency was measured, from its architecture's figure (older studies: the trial's own).
+LATENCY = ("latency_ms", "latency_iqr_ms", "latency_under_load", "latency_how")
+MEASURED_ALONE = "measured by the trial itself"  # latency_how of a trial whose study stores no figure of its architecture
 
 
 def build(spec: Mapping) -> tuple[nn.Module, tuple[int, ...]]:
@@ -45,6 +48,28 @@ def build(spec: Mapping) -> tuple[nn.Module, tuple[int, ...]]:
 def figures(study_attrs: Mapping) -> dict[str, dict]:
     """The latency figures a study holds (its user attributes), by architecture key."""
     return {k.removeprefix(ATTR): v for k, v in study_attrs.items() if k.startswith(ATTR) and isinstance(v, dict)}
+
+
+def with_latency(trials: pd.DataFrame, attrs: dict[str, dict]) -> pd.DataFrame:
+    """The trials (a `study` and a `latency_key` column) with the LATENCY columns from their architecture's figure
+    in their study (`attrs`: study name -> its user attributes); a trial of an older study (no figure) keeps the
+    latency it measured itself."""
+    tables = {name: figures(a) for name, a in attrs.items()}
+    rows = []
+    for row in trials.to_dict("records"):
+        figure = tables[row["study"]].get(row["latency_key"]) if isinstance(row["latency_key"], str) else None
+        if figure is not None:
+            row.update(latency_ms=figure["ms"], latency_iqr_ms=figure["iqr_ms"],
+                       latency_under_load=figure["under_load"], latency_how=figure["how"])
+        else:
+            row.update(latency_under_load=None, latency_how=MEASURED_ALONE if _measured(row["latency_ms"]) else None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*trials.columns, *LATENCY])))
+
+
+def _measured(ms) -> bool:
+    """A latency a trial stored: a non-zero number (not None or NaN) at the report's 6-digit rounding."""
+    return ms is not None and bool(pd.notna(ms)) and round(float(ms), 6) != 0
 
 
 def ensure(

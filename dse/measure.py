@@ -1,4 +1,8 @@
-"""Measure any nn.Module the way the paper and a deployment engineer need: params, sizes, MACs, latency."""
+"""Measure any nn.Module the way the paper and a deployment engineer need: params, sizes, MACs, latency.
+
+Latency has one method, `time_calls` then `median_iqr`: `measure_latency` applies it to a model, the rounds of
+`measure_latencies` keep the fastest of each round's `time_calls`, and `dse.deploy.export` times ONNX Runtime
+sessions with it. (A bundle's own `bench_latency.py` ships without dse, so it carries its copy.)"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +26,8 @@ __all__ = [
     "state_dict_bytes",
     "int8_bytes",
     "count_macs",
+    "time_calls",
+    "median_iqr",
     "measure_latency",
     "measure_latencies",
 ]
@@ -105,6 +111,27 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def time_calls(call: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
+    """Wall-clock milliseconds of `runs` timed calls of `call`, after `warmup` untimed ones."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"{runs=} must be >= 1 and {warmup=} >= 0")
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        call()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_iqr(times: Sequence[float]) -> tuple[float, float]:
+    """(median, interquartile range) of timings; one timing has no spread."""
+    if len(times) < 2:
+        return times[0], 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q3 - q1
+
+
 def measure_latency(
     model: nn.Module, input_shape: Sequence[int], *, threads: int = 1, warmup: int = 10, repeats: int = 50
 ) -> tuple[float, float]:
@@ -113,17 +140,8 @@ def measure_latency(
     if repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"{repeats=} must be >= 1, {warmup=} >= 0, {threads=} >= 1")
     x = torch.randn(1, *input_shape)
-    times = []
     with _eval(model), torch.inference_mode(), _threads(threads):
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    if len(times) < 2:
-        return times[0], 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return statistics.median(times), q3 - q1
+        return median_iqr(time_calls(lambda: model(x), warmup=warmup, runs=repeats))
 
 
 def profile(
@@ -216,13 +234,6 @@ def _machine_load(out: dict) -> Iterator[None]:
     out.update(other_cores=others, cpus=len(cores))
 
 
-def _median_iqr(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return statistics.median(values), q3 - q1
-
-
 def measure_latencies(
     models: Mapping[str, tuple[nn.Module, Sequence[int]]],
     *,
@@ -263,23 +274,17 @@ def measure_latencies(
     under = load["other_cores"] is not None and load["other_cores"] > UNDER_LOAD * load["cpus"]
     out = {}
     for name, figures in best.items():
-        median, iqr = _median_iqr(figures[-window:])
+        median, iqr = median_iqr(figures[-window:])
         out[name] = Latency(median, iqr, min(window, len(figures)), len(figures), runs, threads,
                             load["other_cores"], load["cpus"], under)
     return out
 
 
 def _spread(values: list[float]) -> float:
-    median, iqr = _median_iqr(values)
+    median, iqr = median_iqr(values)
     return iqr / median
 
 
 def _fastest(model: nn.Module, x: torch.Tensor, runs: int) -> float:
     """The fastest of `runs` timed calls, in ms, after an untimed one (the previous model left the cache)."""
-    model(x)
-    fastest = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest * 1e3
+    return min(time_calls(lambda: model(x), warmup=1, runs=runs))

@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import write_cifar
-from dse.sweep import Outcome, compose, plan_sweep, run_sweep
+from dse.sweep import Outcome, Seams, compose, plan_sweep, run_sweep
 
 
-def run_tiny_plan(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None) -> Outcome:
+def run_tiny_plan(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None,
+                  seams: Seams = Seams()) -> Outcome:
     """Train a few tiny models (generated CIFAR-10 data, 2 epochs) into `tmp_path/<name>.db`; return the outcome.
 
     `overrides` pick the space and its size, e.g. "+space=dropout", "space.grid={model.dropout:[0.1,0.2]}",
-    "space.seeds=[0,1]", "sweep.seeds=2". Checkpoints and the artifact store are in `tmp_path/<name>/`.
+    "space.seeds=[0,1]", "sweep.seeds=2". Checkpoints and the artifact store are in `tmp_path/<name>/`; `seams`
+    reach into the run (one worker, in this process).
     """
     if data_root is None:
         data_root = tmp_path / "data"
@@ -25,7 +27,7 @@ def run_tiny_plan(tmp_path: Path, *overrides: str, name: str = "tiny", data_root
         "train.memory_format=contiguous", "sweep.progress=false", "sweep.trials_per_gpu=1", "sweep.threads=1",
         *overrides,
     ]
-    return run_sweep(plan_sweep(compose(args), args))
+    return run_sweep(plan_sweep(compose(args), args), seams=seams)
 
 
 def run_tiny_sweep(tmp_path: Path, *overrides: str, name: str = "tiny", data_root: Path | None = None) -> tuple[str, str]:

@@ -22,11 +22,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dse.config import SpaceConfig
-from dse.study import OBJECTIVES, StudyError, TrialLost
+from dse.storage import StudyError, TrialLost, before_trial_reads, check_ours
+from dse.study import OBJECTIVES
 from dse.sweep import (
-    compose, grid_params, hold_run_dir, merge_overrides, plan_sweep, prepare_study, run_folder, run_sweep,
+    Seams, compose, group_size, hold_run_dir, merge_overrides, plan_sweep, prepare_study, reap, run_folder,
+    run_sweep, sweep_storage,
 )  # fmt: skip
+from dse.sweep.queue import fail_stale
 from conftest import free_port, write_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,17 +77,6 @@ def swept(data_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
     result = run_cli(tiny(data_root, db, "sweep.workers=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     return db, result
-
-
-def test_grid_params_cover_every_point_and_seed():
-    space = SpaceConfig(name="s", grid={"model.width": [0.2, 0.4], "model.activation": ["elu", "relu"]}, seeds=[0, 1])
-    params = grid_params(space, [0, 1])
-    assert len(params) == 8 and len({json.dumps(p, sort_keys=True) for p in params}) == 8
-    assert {"model.width": 0.4, "model.activation": "relu", "seed": 1} in params
-
-
-def test_later_override_of_a_key_wins():
-    assert merge_overrides(["data=cifar100", "model.width=0.2"], ["+data=fashion_mnist"]) == ["model.width=0.2", "+data=fashion_mnist"]
 
 
 def test_two_workers_finish_every_trial_once(swept):
@@ -321,24 +312,22 @@ def test_an_explicit_workdir_must_be_new_empty_or_dse_s(data_root, tmp_path):
 # ---------------------------------------------------------------- exit codes, retries
 
 
-def test_full_disk_fails_the_trials_and_the_outcome_then_a_rerun_finishes(tmp_path, monkeypatch):
+def test_full_disk_fails_the_trials_and_the_outcome_then_a_rerun_finishes(tmp_path):
     import errno
 
-    import dse.train
     from sweeps import run_tiny_plan
 
     def full(path, state):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(dse.train, "save_checkpoint", full)
     args = ("+space=width", "space.grid={model.width:[0.125]}", "space.seeds=[0]", "sweep.seeds=1", "study.max_retry=1")
-    outcome = run_tiny_plan(tmp_path, *args, name="full")
+    outcome = run_tiny_plan(tmp_path, *args, name="full", seams=Seams(writer=full))
     assert not outcome.ok and (outcome.failed, outcome.left, outcome.complete) == (1, 0, 0)
     assert "No space left on device" in outcome.problems() and "1 of 1 trials FAILED" in outcome.problems()
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full.db'}")
     assert [(t.state, t.system_attrs["dse:failures"]) for t in study.trials] == [(TrialState.FAIL, 0), (TrialState.FAIL, 1)]
 
-    monkeypatch.undo()  # the disk has room again: a rerun gets fresh retries and finishes
+    # the disk has room again: a rerun gets fresh retries and finishes
     outcome = run_tiny_plan(tmp_path, *args, name="full")
     assert outcome.ok and outcome.complete == 1
     assert [t.state for t in study.trials][-1] == TrialState.COMPLETE
@@ -375,17 +364,15 @@ def test_a_duplicate_queued_trial_is_dropped_not_trained(tmp_path):
 def test_a_dead_worker_s_trial_fails_at_once_and_counts_as_a_failure(data_root, tmp_path):
     import multiprocessing
 
-    from dse.sweep import _open, _reap
-
     plan = _plan(data_root, tmp_path / "dead.db", "study.max_retry=2")
-    study = optuna.create_study(study_name=plan.study_name, storage=_open(plan))
+    study = optuna.create_study(study_name=plan.study_name, storage=sweep_storage(plan))
     process = multiprocessing.get_context("spawn").Process(target=os._exit, args=(9,))
     process.start()
     process.join()
     trial = study.ask()
     trial.set_user_attr("worker", f"{socket.gethostname()}:{process.pid}")
     died: list[str] = []
-    _reap(study, [process], plan, died)
+    reap(study, [process], plan, died)
     assert died == ["worker 0 exited with code 9"]
     failed, retry = study.get_trials()
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "its worker process died (exit code 9)"
@@ -393,10 +380,8 @@ def test_a_dead_worker_s_trial_fails_at_once_and_counts_as_a_failure(data_root, 
 
 
 def test_a_claimed_trial_nobody_took_up_is_retried_after_the_grace_period(data_root, tmp_path):
-    from dse.sweep import _open, fail_stale
-
     plan = _plan(data_root, tmp_path / "orphan.db")  # grace_period=3
-    storage = _open(plan)
+    storage = sweep_storage(plan)
     study = optuna.create_study(study_name=plan.study_name, storage=storage)
     taken, orphan = study.ask(), study.ask()  # `orphan`: its claimer's reply was lost, or it died at once
     taken.set_user_attr("worker", "elsewhere:1")
@@ -445,27 +430,23 @@ def _finished_once(study: optuna.Study, points: int) -> None:
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == points
 
 
+def _slow_reads(storage):
+    """The storage with its reads of a study's trials slowed down (a busy database)."""
+    return before_trial_reads(storage, lambda: time.sleep(0.5))
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, data_root, tmp_path, monkeypatch, request):
+def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, data_root, tmp_path, request):
     """Two sweeps of one new study (threads with their own connections and locks, as processes have) read
     what is queued at the same instant; reading is slowed so that, without the lock, both would queue it all."""
-    import dse.sweep
-
     storage = request.getfixturevalue("postgres").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'twice.db'}"
     plan = _plan(data_root, tmp_path / "unused.db", f"study.storage={storage}", f"study.workdir={tmp_path / 'work'}",
                  "sweep.workers=1")
-    read = dse.sweep._chains
-
-    def slow_read(trials):
-        time.sleep(0.5)
-        return read(trials)
-
-    monkeypatch.setattr(dse.sweep, "_chains", slow_read)
     barrier, queued = threading.Barrier(2), []
 
     def start() -> None:
         barrier.wait()
-        queued.append(prepare_study(plan)[1])
+        queued.append(prepare_study(plan, seams=Seams(storage=_slow_reads))[1])
 
     threads = [threading.Thread(target=start) for _ in range(2)]
     for t in threads:
@@ -473,7 +454,6 @@ def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, da
     for t in threads:
         t.join(timeout=120)
     assert sorted(queued) == [0, 4]
-    monkeypatch.undo()
     assert run_sweep(plan).ok
     _finished_once(optuna.load_study(study_name="width-cifar10-quick", storage=storage), 4)
 
@@ -542,16 +522,15 @@ def test_fused_trials_record_what_solo_trials_do(tmp_path):
         assert together.values[0] == together.user_attrs["curves"][-1]["val_acc"]
 
 
-def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_path, monkeypatch):
+def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_path):
     """A group of 3: after epoch 1, trial 1 is pruned and trial 2 fails (an error of its own); both end before
     trial 0's next epoch, which trial 0 trains alone; trial 2's retry resumes its epoch-1 checkpoint."""
-    import dse.sweep
     from sweeps import run_tiny_plan
 
-    own, seen, calls = dse.sweep.check_ours, [], collections.Counter()
+    seen, calls = [], collections.Counter()
 
     def check(storage, trial_id, beat, grace):
-        own(storage, trial_id, beat, grace)
+        check_ours(storage, trial_id, beat, grace)
         number = storage.get_trial(trial_id).number
         calls[number] += 1
         if calls[number] == 1:  # the check before training
@@ -563,9 +542,8 @@ def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_pat
         if number == 2:
             raise RuntimeError("fails after epoch 1")
 
-    monkeypatch.setattr(dse.sweep, "check_ours", check)
     point = ("space.grid={model.dropout:[0.1]}", "space.seeds=[0,1,2]", "sweep.seeds=3", "sweep.trials_per_gpu=3")
-    assert run_tiny_plan(tmp_path, *FUSABLE, *point, name="leave").ok
+    assert run_tiny_plan(tmp_path, *FUSABLE, *point, name="leave", seams=Seams(check=check)).ok
     trials = optuna.load_study(study_name="leave", storage=f"sqlite:///{tmp_path / 'leave.db'}").get_trials()
     assert seen == [[TrialState.RUNNING] * 2, [TrialState.PRUNED, TrialState.FAIL]]  # trial 0's checks after epochs 1, 2
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
@@ -577,8 +555,6 @@ def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_pat
 
 
 def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_root, tmp_path, capsys):
-    from dse.sweep import group_size
-
     plan = _plan(data_root, tmp_path / "x.db", "space.grid={model.width:[0.125]}", "sweep.trials_per_gpu=auto")
     assert plan.group_size is None
     size = group_size(plan, {})

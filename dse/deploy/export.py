@@ -38,8 +38,10 @@ from dse.checkpoint import load_model_state
 from dse.data import DataConfig, Splits, batches, load_data
 from dse.deploy.bundle import predict as runtime
 from dse.deploy.front import DeployError
+from dse.measure import median_iqr, time_calls
 from dse.models import ModelConfig, build_model, config_from_name, paper_name, resolve_config
-from dse.study import open_storage, study_workdir
+from dse.storage import open_storage
+from dse.study import study_workdir
 
 __all__ = [
     "ExportSettings",
@@ -280,9 +282,11 @@ def min_onnxruntime(paths: list[Path]) -> str:
 
 
 def measure_latency(path: Path, x: np.ndarray, settings: ExportSettings) -> tuple[float, float]:
-    """Batch-1 (median, IQR) ms of one ONNX Runtime run, with the bundle's own timing code."""
+    """Batch-1 (median, IQR) ms of one ONNX Runtime run: `dse.measure`'s method, as the bundle's bench_latency.py
+    times it on the board."""
     sess = runtime.cpu_session(str(path), settings.threads)
-    return runtime.summarize(runtime.time_session(sess, x, warmup=settings.warmup, runs=settings.runs))
+    feed = {sess.get_inputs()[0].name: x}
+    return median_iqr(time_calls(lambda: sess.run(None, feed), warmup=settings.warmup, runs=settings.runs))
 
 
 def latency_how(settings: ExportSettings) -> str:

@@ -12,11 +12,11 @@ import optuna
 import pandas as pd
 import sqlalchemy
 
-from dse.latency import figures
+from dse.latency import LATENCY, MEASURED_ALONE, with_latency
 from dse.models import parse_name
 from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
 
-__all__ = ["CONFIG", "BUDGET", "LATENCY", "MEASURED_ALONE", "StudyData", "load_studies", "with_latency", "completed", "aggregate", "clean", "val_acc"]
+__all__ = ["CONFIG", "BUDGET", "LATENCY", "MEASURED_ALONE", "StudyData", "load_studies", "completed", "aggregate", "clean", "val_acc"]
 
 # Two trials are repeats of one experiment when these agree (they differ in the seed only).
 CONFIG = ("family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer")
@@ -27,9 +27,6 @@ ATTRS = (
     "epochs_planned", "seed", "params", "macs", "size_mb", "int8_mb", "latency_ms", "test_acc", "s_per_epoch",
     "curves", "split", "device", "provenance", "pruned_reason", "latency_key", "latency_iqr_ms",
 )
-# How each trial's latency was measured, from its architecture's figure (older studies: the trial's own).
-LATENCY = ("latency_ms", "latency_iqr_ms", "latency_under_load", "latency_how")
-MEASURED_ALONE = "measured by the trial itself"  # latency_how of a trial whose study stores no figure of its architecture
 
 
 @dataclass
@@ -73,22 +70,6 @@ def load_studies(names: Sequence[str], storages: Sequence[str] = ()) -> StudyDat
         if column not in trials:
             trials[column] = None
     return StudyData(with_latency(trials, attrs), urls, attrs, objectives)
-
-
-def with_latency(trials: pd.DataFrame, attrs: dict[str, dict]) -> pd.DataFrame:
-    """The trials with the LATENCY columns from their architecture's figure in their study; a trial of an older
-    study (no figure) keeps the latency it measured itself."""
-    tables = {name: figures(a) for name, a in attrs.items()}
-    rows = []
-    for row in trials.to_dict("records"):
-        figure = tables[row["study"]].get(row["latency_key"]) if isinstance(row["latency_key"], str) else None
-        if figure is not None:
-            row.update(latency_ms=figure["ms"], latency_iqr_ms=figure["iqr_ms"],
-                       latency_under_load=figure["under_load"], latency_how=figure["how"])
-        else:
-            row.update(latency_under_load=None, latency_how=MEASURED_ALONE if clean(row["latency_ms"]) else None)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=list(dict.fromkeys([*trials.columns, *LATENCY])))
 
 
 def _load(name: str, url: str) -> optuna.Study:

@@ -18,8 +18,9 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from dse.front import non_dominated
 from dse.paper import load_paper
-from dse.report.results import label, non_dominated, varying
+from dse.report.results import label, varying
 from dse.report.tables import DATASETS, PAPER_TABLES
 
 __all__ = ["PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from dse.front import front_mask
 from dse.report.frame import StudyData, clean, val_acc
 
 __all__ = [
@@ -15,8 +16,6 @@ __all__ = [
     "knobs",
     "varying",
     "label",
-    "non_dominated",
-    "front_mask",
     "trials_table",
     "configs_table",
     "shown_trials",
@@ -25,7 +24,6 @@ __all__ = [
 
 # The knobs a study may sweep, as the tables name them.
 KNOBS = ("family", "R", "W", "p", "activation", "optimizer", "lr", "dataset")
-DIRECTIONS = {"val_acc": -1, "size_mb": 1, "latency_ms": 1}  # -1: maximised
 NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fashion_mnist": "Fashion-MNIST"}
 
 
@@ -71,27 +69,6 @@ def label(row: dict | pd.Series, swept: Sequence[str]) -> str:
         else:
             parts.append(f"{key}={_number(value)}")
     return " ".join(parts) or str(row.get("paper_name") or row.get("model"))
-
-
-def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points that no other point dominates, every coordinate minimised."""
-
-    def dominates(q: Sequence[float], p: Sequence[float]) -> bool:
-        return all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
-
-    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
-
-
-def front_mask(frame: pd.DataFrame, objectives: Sequence[str], columns: dict[str, str] | None = None) -> pd.Series:
-    """True for the rows no other row dominates in `objectives` (val_acc up, size_mb and latency_ms down), read
-    from `columns` (objective -> column; default the objective's name). A missing value counts as the worst."""
-    columns = {m: (columns or {}).get(m, m) for m in objectives}
-    points = [
-        tuple(DIRECTIONS[m] * v if not math.isnan(v) else math.inf for m in objectives for v in [float(r[columns[m]])])
-        for r in frame.to_dict("records")
-    ]
-    keep = set(non_dominated(points))
-    return pd.Series([i in keep for i in range(len(frame))], index=frame.index, dtype=bool)
 
 
 def _sort_key(row: dict, fields: Sequence[str]) -> list:

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from conftest import write_fashion_mnist
 from dse.latency import figures
-from dse.progress import CURVES_CHART, describe, duration, fraction_done, list_studies
+from dse.sweep.progress import CURVES_CHART, describe, duration, fraction_done, list_studies
 
 REPO = Path(__file__).resolve().parents[1]
 

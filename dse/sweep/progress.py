@@ -5,7 +5,6 @@ studies under studies/ (`--list`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import threading
@@ -21,13 +20,15 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from dse.study import STUDIES, StudyError, default_storage, load_study
+from dse.front import front_frame
+from dse.storage import open_readonly
+from dse.study import FINISHED, STUDIES, StudyError, default_storage, load_study
+from dse.sweep.plan import params_key
+from dse.sweep.queue import INTERRUPTED
 
-__all__ = ["describe", "trial_line", "watching", "save_curves_chart", "start_line", "summary", "list_studies",
-           "duration"]
+__all__ = ["CURVES_CHART", "describe", "params_of", "trial_line", "fraction_done", "duration", "watching",
+           "save_curves_chart", "start_line", "summary", "list_studies"]
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by Ctrl-C: queued again, it gets no line
 CURVES_CHART = "validation-accuracy-per-epoch"  # its id among the study's optuna-dashboard charts
 # How the sweep's params are named in its lines (the report's column names); others show as key=value.
 SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.lr": "lr"}
@@ -68,10 +69,6 @@ def trial_line(trial: FrozenTrial, worker: int | None = None) -> str:
 # ---------------------------------------------------------------- progress
 
 
-def _key(params: dict) -> str:
-    return json.dumps(params, sort_keys=True)
-
-
 def _done_part(trial: FrozenTrial) -> float:
     """How much of its training a trial has done: 1 when finished (a pruned trial's other epochs never run)."""
     if trial.state in FINISHED:
@@ -88,7 +85,7 @@ def fraction_done(trials: Sequence[FrozenTrial], costs: dict[str, float] | None,
     if costs:
         part: dict[str, float] = {}
         for t in trials:
-            key = _key(params_of(t))
+            key = params_key(params_of(t))
             part[key] = max(part.get(key, 0.0), _done_part(t))
         total = sum(costs.values())
         return sum(cost * part.get(key, 0.0) for key, cost in costs.items()) / total if total else 0.0
@@ -204,9 +201,9 @@ def start_line(study: optuna.Study, storage: str, total: int, workers: int, thre
     their checkpoints), trials still to run."""
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in FINISHED for t in trials)
-    failed = {_key(params_of(t)) for t in trials if t.state == TrialState.FAIL}
+    failed = {params_key(params_of(t)) for t in trials if t.state == TrialState.FAIL}
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    again = sum(_key(params_of(t)) in failed for t in waiting)
+    again = sum(params_key(params_of(t)) in failed for t in waiting)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     parts = [f"{finished} finished (kept)"]
     if again:
@@ -233,12 +230,10 @@ def _commands(name: str, storage: str) -> list[str]:
 def summary(study: optuna.Study, storage: str, counts: str) -> str:
     """The end of a sweep: its `counts` line (the sweep's tally), the front as a short table (with what each
     trial swept), the next commands."""
-    from dse.deploy.front import front_frame
-
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state for t in trials)
-    finished = {_key(params_of(t)) for t in trials if t.state in FINISHED}
-    retried = sum(t.state == TrialState.FAIL and _key(params_of(t)) in finished for t in trials)
+    finished = {params_key(params_of(t)) for t in trials if t.state in FINISHED}
+    retried = sum(t.state == TrialState.FAIL and params_key(params_of(t)) in finished for t in trials)
     lines = [counts + (f" ({retried} earlier tries interrupted or failed, finished since)" if retried else "")]
     front = front_frame(study)
     if len(front):
@@ -268,10 +263,7 @@ def _counts(name: str, url: str) -> dict:
 
 
 def _studies_in(url: str) -> list[str]:
-    from optuna.storages import RDBStorage
-
-    return sorted(s.study_name for s in optuna.get_all_study_summaries(RDBStorage(url, skip_table_creation=True),
-                                                                        include_best_trial=False))
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(open_readonly(url), include_best_trial=False))
 
 
 def list_studies(argv: Sequence[str]) -> int:

@@ -1,0 +1,78 @@
+"""The Pareto front: which points no other dominates, which rows of a table are on the front, and a study's
+front as a table (for the sweep's summary, the report and deploy)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import optuna
+import pandas as pd
+
+from dse.latency import with_latency
+from dse.study import OBJECTIVES, trials_frame
+
+__all__ = ["DIRECTIONS", "non_dominated", "front_mask", "front_frame"]
+
+DIRECTIONS = {"val_acc": -1, "size_mb": 1, "latency_ms": 1}  # -1: maximised
+
+
+def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points that no other point dominates, every coordinate minimised."""
+
+    def dominates(q: Sequence[float], p: Sequence[float]) -> bool:
+        return all(a <= b for a, b in zip(q, p)) and any(a < b for a, b in zip(q, p))
+
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+
+
+def front_mask(frame: pd.DataFrame, objectives: Sequence[str], columns: dict[str, str] | None = None) -> pd.Series:
+    """True for the rows no other row dominates in `objectives` (val_acc up, size_mb and latency_ms down), read
+    from `columns` (objective -> column; default the objective's name). A missing value counts as the worst."""
+    columns = {m: (columns or {}).get(m, m) for m in objectives}
+    points = [
+        tuple(DIRECTIONS[m] * v if not math.isnan(v) else math.inf for m in objectives for v in [float(r[columns[m]])])
+        for r in frame.to_dict("records")
+    ]
+    keep = set(non_dominated(points))
+    return pd.Series([i in keep for i in range(len(frame))], index=frame.index, dtype=bool)
+
+
+def front_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per Pareto-optimal COMPLETE trial in the study's objectives, smallest first: validation and test
+    accuracy (fractions), fp32 state_dict size and int8 estimate in KB (10^3 bytes), the PyTorch batch-1 CPU
+    latency of its architecture with its spread and whether it was measured under load, params, MACs, and the
+    bundle exported from it, if any. Latency is read from the study's per-architecture figures (the latest
+    `measure --front` included), so the front is computed here rather than from the trials' stored values."""
+    names = study.metric_names or list(OBJECTIVES)
+    deployed = {k.removeprefix("deploy:"): v for k, v in study.user_attrs.items() if k.startswith("deploy:")}
+    trials = trials_frame(study).assign(study=study.study_name)
+    for column in ("state", "val_acc", "latency_key", "latency_ms", "latency_iqr_ms", "curves"):
+        if column not in trials:
+            trials[column] = None
+    done = with_latency(trials, {study.study_name: study.user_attrs})
+    rows = []
+    for r in done[done["state"] == "COMPLETE"].to_dict("records"):
+        curves = r["curves"] if isinstance(r["curves"], list) else []
+        accuracy = r["val_acc"] if pd.notna(r["val_acc"]) else curves[-1]["val_acc"] if curves else math.nan
+        rows.append({
+            "trial": int(r["number"]), "model": _text(r.get("paper_name")), "val_acc": accuracy,
+            "test_acc": _num(r.get("test_acc")), "size_kb": _num(r.get("size_mb")) * 1e3,
+            "int8_kb": _num(r.get("int8_mb")) * 1e3, "latency_ms": _num(r["latency_ms"]),
+            "latency_iqr_ms": _num(r["latency_iqr_ms"]), "under_load": r["latency_under_load"] is True,
+            "params": r.get("params"), "mmacs": _num(r.get("macs")) / 1e6,
+            "bundle": deployed.get(str(int(r["number"])), {}).get("bundle", ""),
+        })  # fmt: skip
+    columns = ["trial", "model", "val_acc", "test_acc", "size_kb", "int8_kb", "latency_ms", "latency_iqr_ms",
+               "under_load", "params", "mmacs", "bundle"]
+    frame = pd.DataFrame(rows, columns=columns)
+    on_front = front_mask(frame.assign(size_mb=frame["size_kb"] / 1e3), names)
+    return frame[on_front].sort_values(["size_kb", "trial"], ignore_index=True)
+
+
+def _num(value) -> float:
+    return float(value) if value is not None and pd.notna(value) else math.nan
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
