@@ -290,13 +290,18 @@ def open_storage(
     return storage
 
 
-def before_trial_reads(storage: RDBStorage, hook: Callable[[], None]) -> RDBStorage:
-    """The storage calling `hook` before each read of a study's trials (a test's seam: a slow or busy database)."""
+def before_trial_reads(storage: RDBStorage, hook: Callable[[], None], *, after: bool = False) -> RDBStorage:
+    """The storage calling `hook` before (or, with `after`, after) each read of a study's trials: a test's seam for a
+    slow or busy database, or for workers whose reads interleave."""
     read = storage._get_trials
 
     def hooked(*args, **kwargs):
-        hook()
-        return read(*args, **kwargs)
+        if not after:
+            hook()
+        trials = read(*args, **kwargs)
+        if after:
+            hook()
+        return trials
 
     storage._get_trials = hooked
     return storage

@@ -1,24 +1,29 @@
 """The trial queue, on a tmp SQLite study and a hand-built Plan (no data, no process): grid trials queued once,
 costliest first; retries counted against max_retry (interruptions not); chains of a point and its retries; a
-duplicate queued trial dropped at its claim; claims in queue order; sampled spaces grow to their total; the tally."""
+duplicate queued trial dropped at its claim; claims in queue order, each trial claimed by one worker however their
+reads and claims interleave (SQLite and PostgreSQL); sampled spaces grow to their total; the tally."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from dse.config import SpaceConfig, StudyConfig
-from dse.storage import open_storage
+from dse.storage import before_trial_reads, open_storage
 from dse.sweep import GRID, SAMPLED, Plan, claim_trials, enqueue_missing, params_key, requeue, tally
 from dse.sweep.queue import chain_of, chain_state, chains, claim_trial, fail_trial, next_step
 
 WIDTHS = [0.2, 0.4, 0.3]
 
 
-def _plan(tmp_path, mode: str = GRID, *, max_retry: int = 2, n_trials: int = 3) -> Plan:
+def _plan(tmp_path, mode: str = GRID, *, max_retry: int = 2, n_trials: int = 3, storage: str | None = None) -> Plan:
     if mode == GRID:
         space = SpaceConfig(name="q", grid={"model.width": WIDTHS}, seeds=[0])
         grid = [{"model.width": w, "seed": 0} for w in WIDTHS]
@@ -27,7 +32,7 @@ def _plan(tmp_path, mode: str = GRID, *, max_retry: int = 2, n_trials: int = 3) 
         space = SpaceConfig(name="q", sampler="tpe", n_trials=n_trials, search=search)
         grid = []
     return Plan(
-        study_name="q", storage=f"sqlite:///{tmp_path / 'q.db'}", workdir=str(tmp_path / "q"), static=[], cli=[],
+        study_name="q", storage=storage or f"sqlite:///{tmp_path / 'q.db'}", workdir=str(tmp_path / "q"), static=[], cli=[],
         fixed=[], space=asdict(space), study=asdict(StudyConfig(name="q", max_retry=max_retry)), workers=1, threads=1,
         progress=False, group_size=1, mode=mode, total=len(grid) or n_trials, grid=grid, seeds=[0],
         cost=[2.0, 5.0, 2.0] if mode == GRID else [],
@@ -136,3 +141,58 @@ def test_a_sampled_space_asks_new_trials_up_to_its_total(tmp_path):
     assert enqueue_missing(study, plan) == 1  # the failed chain again, as a retry of its last trial
     retry = study.get_trials()[-1]
     assert retry.system_attrs["dse:chain"] == str(asked[0].number) and retry.system_attrs["dse:retry_of"] == 0
+
+
+def _claim_at_once(plan: Plan, workers: int, storage_for, *, before_claim=lambda: None) -> list[list[int]]:
+    """Each of `workers` threads, with a storage of its own (`storage_for()`), claims one trial; their numbers.
+    `before_claim` runs in each thread once its study is loaded, just before its claim."""
+
+    def claim_one(_: int) -> list[int]:
+        storage = storage_for()
+        study = optuna.load_study(study_name=plan.study_name, storage=storage)
+        before_claim()
+        return [t.number for t in claim_trials(study, storage, plan, 1)]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(claim_one, range(workers)))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_claimers_that_both_read_the_one_waiting_trial_it_goes_to_exactly_one(backend, tmp_path, request):
+    url = request.getfixturevalue("postgres").url if backend == "postgresql" else None
+    plan = _plan(tmp_path, storage=url)
+    plan.grid, plan.cost, plan.total = plan.grid[:1], plan.cost[:1], 1
+    study = optuna.create_study(study_name="q", storage=open_storage(plan.storage), directions=["maximize"])
+    enqueue_missing(study, plan)
+    both_read, armed = threading.Barrier(2, timeout=60), threading.local()
+
+    def meet() -> None:  # each claimer, having read the queue, waits for the other's read: both see it WAITING
+        if getattr(armed, "on", False):
+            armed.on = False
+            both_read.wait()
+
+    claimed = _claim_at_once(
+        plan, 2, lambda: before_trial_reads(open_storage(plan.storage), meet, after=True), before_claim=lambda: setattr(armed, "on", True)
+    )
+    assert sorted(claimed) == [[], [0]]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] and len(study.get_trials()) == 1
+
+
+def test_sqlite_claims_that_interleave_between_reading_and_claiming_take_each_trial_once(tmp_path):
+    plan = _plan(tmp_path)
+    study = optuna.create_study(study_name="q", storage=open_storage(plan.storage), directions=["maximize"])
+    enqueue_missing(study, plan)
+
+    def storage_for():
+        storage = open_storage(plan.storage)
+
+        @sqlalchemy.event.listens_for(storage.engine, "after_cursor_execute")
+        def slow_read(conn, cursor, statement, parameters, context, executemany) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and "trials.trial_id = ?" in statement:
+                time.sleep(0.3)  # a slow disk between reading a trial's state and claiming it: the others read now
+
+        return storage
+
+    claimed = _claim_at_once(plan, 3, storage_for)
+    assert sorted(n for numbers in claimed for n in numbers) == [0, 1, 2]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 3
