@@ -1,7 +1,7 @@
 """Measure any nn.Module the way the paper and a deployment engineer need: params, sizes, MACs, latency.
 
 Latency has one method, `time_calls` then `median_iqr`: `measure_latency` applies it to a model, the rounds of
-`measure_latencies` keep the fastest of each round's `time_calls`, and `dse.deploy.export` times ONNX Runtime
+`measure_latencies` keep the fastest of each round's `time_calls`, and `dse.deploy.onnx` times ONNX Runtime
 sessions with it. (A bundle's own `bench_latency.py` ships without dse, so it carries its copy.)"""
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from dse.deploy.__main__ import main
 from dse.config import DataConfig
 from dse.data import load_data
 from dse.deploy.export import (
-    build_bundle, check_against_torch, export_onnx, find_trial, load_trial_data, load_trial_model, ort_logits, study_bundles,
-    torch_logits,
+    build_bundle, check_against_torch, find_trial, load_trial_data, load_trial_model, study_bundles,
 )  # fmt: skip
+from dse.deploy.onnx import export_onnx, ort_logits, torch_logits
 from dse.models import ModelConfig, create_model
 from dse.latency import ATTR, figures
 from dse.deploy.bundle import predict as runtime

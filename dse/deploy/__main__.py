@@ -11,7 +11,9 @@ import optuna
 
 from dse.checkpoint import CheckpointError
 from dse.data import DataError
-from dse.deploy.export import ExportSettings, export_front, export_trial, measure_shape, verify_bundle
+from dse.deploy.export import export_front, export_trial
+from dse.deploy.onnx import ExportSettings, measure_shape
+from dse.deploy.verify import verify_bundle
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
 from dse.study import StudyError, default_storage, load_study
 
