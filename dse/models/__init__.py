@@ -1,11 +1,10 @@
 """The model zoo: every family of the paper behind one registry, and the paper-name grammar."""
 
 from dse.models import modified_squeezenext, shallow_squeezenext, squeezenet, squeezenext  # noqa: F401  (register)
-from dse.models.names import config_from_name, depth, paper_name, parse_name
+from dse.models.names import config_from_name, create_model, depth, paper_name, parse_name
 from dse.models.registry import (
     ModelConfig,
     build_model,
-    create_model,
     list_models,
     model_family,
     register_model,

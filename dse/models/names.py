@@ -6,10 +6,14 @@ import functools
 import re
 from typing import Sequence
 
-from dse.models.registry import ModelConfig, check_blocks, check_width, list_models, model_family, resolve_config
+import torch.nn as nn
+
+from dse.models.registry import (
+    ModelConfig, build_registered, check_blocks, check_width, list_models, model_family, resolve_config,
+)  # fmt: skip
 from dse.paper import load_paper
 
-__all__ = ["config_from_name", "parse_name", "paper_name", "paper_blocks", "candidate_blocks", "depth"]
+__all__ = ["config_from_name", "create_model", "parse_name", "paper_name", "paper_blocks", "candidate_blocks", "depth"]
 
 # Stage counts of the SqueezeNext baselines, named by depth (and version) in the SqueezeNext paper.
 SQUEEZENEXT_BLOCKS = {"23": (6, 6, 8, 1), "23v5": (2, 4, 14, 1)}
@@ -132,3 +136,14 @@ def paper_name(cfg: ModelConfig) -> str:
     except ValueError:
         unambiguous = False
     return base if unambiguous else f"{base} (R={_fmt_blocks(blocks)})"
+
+
+def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
+    """Build a model from a registered name or a paper name (e.g. 'SqueezeNext-23-2x').
+
+    `overrides` set the builder's knobs (blocks, width, dropout, activation, inplace).
+    """
+    if name not in list_models():
+        cfg = parse_name(name, blocks=overrides.pop("blocks", None))
+        name, overrides = cfg.name, {**cfg.overrides(), **overrides}
+    return build_registered(name, num_classes=num_classes, in_channels=in_channels, **overrides)

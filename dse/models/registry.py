@@ -12,7 +12,7 @@ import torch.nn as nn
 __all__ = [
     "ModelConfig",
     "register_model",
-    "create_model",
+    "build_registered",
     "build_model",
     "list_models",
     "model_family",
@@ -105,16 +105,9 @@ def _check_knobs(name: str, entry: _Entry, overrides: dict) -> None:
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes: {allowed}")
 
 
-def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
-    """Build a model from a registered name or a paper name (e.g. 'SqueezeNext-23-2x').
-
-    `overrides` set the builder's knobs (blocks, width, dropout, activation, inplace).
-    """
-    if name not in _REGISTRY:
-        from dse.models.names import parse_name  # the paper-name grammar builds on this registry
-
-        cfg = parse_name(name, blocks=overrides.pop("blocks", None))
-        name, overrides = cfg.name, {**cfg.overrides(), **overrides}
+def build_registered(name: str, *, num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
+    """Build a model from a registered name; `overrides` set the builder's knobs (blocks, width, dropout, activation,
+    inplace). `dse.models.create_model` also takes the paper's names."""
     entry = _entry(name)
     _check_knobs(name, entry, overrides)
     check_classes(num_classes, in_channels)
@@ -123,7 +116,7 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **ov
 
 def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.Module:
     """Build the model a config describes."""
-    return create_model(cfg.name, num_classes=num_classes, in_channels=in_channels, **cfg.overrides())
+    return build_registered(cfg.name, num_classes=num_classes, in_channels=in_channels, **cfg.overrides())
 
 
 def check_classes(num_classes: int, in_channels: int) -> None:
