@@ -111,16 +111,19 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def time_calls(call: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
-    """Wall-clock milliseconds of `runs` timed calls of `call`, after `warmup` untimed ones."""
+def time_calls(
+    call: Callable[[], Any], *, warmup: int, runs: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """Milliseconds of `runs` timed calls of `call` on `clock` (seconds; the wall clock by default), after `warmup`
+    untimed ones."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"{runs=} must be >= 1 and {warmup=} >= 0")
     times = []
     for i in range(warmup + runs):
-        start = time.perf_counter()
+        start = clock()
         call()
         if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((clock() - start) * 1e3)
     return times
 
 
@@ -243,13 +246,14 @@ def measure_latencies(
     window: int = 7,
     max_rounds: int = 40,
     max_spread: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Latency]:
     """Batch-1 CPU latency of several models in one sitting, so that they compare with each other. Rounds
     interleave the models: each round times `runs` runs of each model in turn (after one untimed run) and keeps
     the fastest. A model's figure is the median of its last `window` round figures; while their spread
     (IQR / median) exceeds `max_spread` the model gets more rounds, up to `max_rounds`, so that drift or a
     burst of load elsewhere passes. Eval mode, no autograd, NCHW fp32, `threads` threads. `models` maps a name
-    to (model, input shape without the batch)."""
+    to (model, input shape without the batch); `clock` times the runs (seconds; the wall clock by default)."""
     if runs < 1 or window < 1 or max_rounds < window or warmup < 0 or threads < 1 or max_spread <= 0:
         raise ValueError(f"{runs=} and {window=} must be >= 1, {max_rounds=} >= window, {warmup=} >= 0, "
                          f"{threads=} >= 1, {max_spread=} > 0")
@@ -268,7 +272,7 @@ def measure_latencies(
         wide = list(models)
         while wide:
             for name in wide:
-                best[name].append(_fastest(models[name][0], inputs[name], runs))
+                best[name].append(_fastest(models[name][0], inputs[name], runs, clock))
             wide = [n for n in wide if len(best[n]) < max_rounds and
                     (len(best[n]) < window or _spread(best[n][-window:]) > max_spread)]
     under = load["other_cores"] is not None and load["other_cores"] > UNDER_LOAD * load["cpus"]
@@ -285,6 +289,6 @@ def _spread(values: list[float]) -> float:
     return iqr / median
 
 
-def _fastest(model: nn.Module, x: torch.Tensor, runs: int) -> float:
+def _fastest(model: nn.Module, x: torch.Tensor, runs: int, clock: Callable[[], float]) -> float:
     """The fastest of `runs` timed calls, in ms, after an untimed one (the previous model left the cache)."""
-    return min(time_calls(lambda: model(x), warmup=1, runs=runs))
+    return min(time_calls(lambda: model(x), warmup=1, runs=runs, clock=clock))

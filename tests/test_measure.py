@@ -1,14 +1,11 @@
 """measure.profile: counts and sizes checked against hand-computed values and the file torch writes;
 measure_latencies: interleaved rounds, the noise check, the load recorded."""
 
-import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-import dse.measure
 from dse.measure import Latency, count_macs, int8_bytes, measure_latencies, measure_latency, profile
 from dse.models import create_model
 
@@ -76,11 +73,10 @@ class Sleeper(nn.Module):
         return x
 
 
-def test_rounds_interleave_and_a_wide_spread_gets_more_rounds(monkeypatch):
+def test_rounds_interleave_and_a_wide_spread_gets_more_rounds():
     clock = [0.0]
-    monkeypatch.setattr(dse.measure, "time", SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time))
     models = {"steady": (Sleeper(clock, 2.0), (1, 4, 4)), "noisy": (Sleeper(clock, 2.0, slow=12.0, noisy=10), (1, 4, 4))}
-    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5)
+    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5, clock=lambda: clock[0])
     steady, noisy = out["steady"], out["noisy"]
     assert isinstance(steady, Latency) and steady.rounds == steady.window == 5
     assert noisy.rounds >= 14  # the slow rounds 1, 3, ..., 9 left the window before it was steady
