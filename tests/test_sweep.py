@@ -627,6 +627,7 @@ def test_a_study_s_stored_choice_wins_over_the_rule(data_root, tmp_path):
     assert attrs == {("contiguous", True, key)}
 
 
+@pytest.mark.slow
 def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(tmp_path):
     """A group of four trials (`train.memory_format=auto`) killed with SIGKILL after its first checkpoint and run
     again: every point COMPLETE once, with the per-epoch numbers of the same sweep run without a kill."""
