@@ -155,7 +155,8 @@ def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | No
     member as `vmapped` says, by default vmapped on CUDA and member by member elsewhere: `dse.fused.VMAP_DEVICES`),
     each member's own optimizer. They train in the layout of a member's checkpoint, else a pinned
     `train.memory_format`, else the one `auto` stands for: `layout` (a study's stored choice, `dse.layouts`), by
-    default `dse.autotune.auto_layout` (a rule, never a timing: what a trial computes must not follow the clock). Yields (member index, outcome) as soon as a member ends, right after the epoch it
+    default `dse.autotune.auto_layout` (a rule, never a timing: what a trial computes must not follow the clock).
+    Yields (member index, outcome) as soon as a member ends, right after the epoch it
     leaves in, the others going on; each member exactly once.
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,

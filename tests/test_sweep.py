@@ -565,14 +565,15 @@ def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_ro
     assert group_size(_plan(data_root, tmp_path / "x.db", "sweep.trials_per_gpu=3"), {}) == 3
 
 
-# ---------------------------------------------------------------- reproducibility: nothing a clock decides changes numbers
+# ---------------------------------------------------------------- reproducibility: no clock changes a number
 
 
 def _curves(study: optuna.Study) -> dict[str, list[tuple]]:
     """Each COMPLETE trial's per-epoch numbers (its timings left out), by params; each point COMPLETE once."""
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
-    out = {json.dumps(t.params, sort_keys=True): [(r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
-                                                   for r in t.user_attrs["curves"]] for t in done}  # fmt: skip
+    numbers = lambda t: [(r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
+                         for r in t.user_attrs["curves"]]  # fmt: skip
+    out = {json.dumps(t.params, sort_keys=True): numbers(t) for t in done}
     assert len(out) == len(done)
     return out
 
@@ -602,7 +603,8 @@ def test_the_same_sweep_twice_computes_the_same_whatever_the_layout_probe_says(t
 
 def _auto_args(root: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
     """A tiny fusable dropout sweep (4 trials) in `train.memory_format=auto`, one worker, study `name`."""
-    base = [a for a in tiny(root, tmp_path / f"{name}.db", *FUSABLE) if a not in ("+space=width", "space.grid={model.width:[0.125,0.2]}")]
+    width = ("+space=width", "space.grid={model.width:[0.125,0.2]}")
+    base = [a for a in tiny(root, tmp_path / f"{name}.db", *FUSABLE) if a not in width]
     return [*base, "train.memory_format=auto", "sweep.trials_per_gpu=4", "sweep.workers=1", "sweep.progress=false",
             f"study.name={name}", *extra]  # fmt: skip
 
@@ -623,7 +625,7 @@ def test_a_study_s_stored_choice_wins_over_the_rule(data_root, tmp_path):
     study.set_user_attr(key, stored)
     assert run_sweep(plan).ok
     assert figures(study.user_attrs) == {key: stored}
-    attrs = {(t.user_attrs["memory_format"], t.user_attrs["vmapped"], t.user_attrs["layout_key"]) for t in study.get_trials()}
+    attrs = {tuple(t.user_attrs[a] for a in ("memory_format", "vmapped", "layout_key")) for t in study.get_trials()}
     assert attrs == {("contiguous", True, key)}
 
 
@@ -649,7 +651,8 @@ def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(t
     proc.wait()
     result = run_cli(args("killed"))
     assert result.returncode == 0, result.stderr[-3000:]
-    whole, killed = (optuna.load_study(study_name=n, storage=f"sqlite:///{tmp_path / f'{n}.db'}") for n in ("whole", "killed"))
+    whole, killed = (optuna.load_study(study_name=n, storage=f"sqlite:///{tmp_path / f'{n}.db'}")
+                     for n in ("whole", "killed"))  # fmt: skip
     assert _curves(killed) == _curves(whole) and len(_curves(whole)) == 4
     resumed = [t.user_attrs["resumed_from"] for t in killed.get_trials() if t.state == TrialState.COMPLETE]
     assert all(r >= 1 for r in resumed) and [t.state for t in killed.get_trials()].count(TrialState.FAIL) == 4

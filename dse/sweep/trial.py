@@ -146,7 +146,8 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
         "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides, "provenance": _provenance(setup.resolved),
+        "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides,
+        "provenance": _provenance(setup.resolved),
     })  # fmt: skip
     return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started,
                       choice)  # fmt: skip
@@ -204,8 +205,9 @@ def _numerics(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: tor
     advice = (lambda: faster_layout(model, splits, setup.train, probe=probe)) if timed else None
     attr, choice = layouts.ensure(trial.study, kind, key, lambda: layouts.rule(setup.train, device), advice=advice)
     if device.type == "cuda" and choice.cuda_graph != setup.train.cuda_graph:
-        tqdm.write(f"trial {trial.number}: train.cuda_graph={str(setup.train.cuda_graph).lower()} is not the study's "
-                   f"choice for this architecture on {kind}; steps as it stores: cuda_graph={str(choice.cuda_graph).lower()}")
+        asked, stored = str(setup.train.cuda_graph).lower(), str(choice.cuda_graph).lower()
+        tqdm.write(f"trial {trial.number}: train.cuda_graph={asked} is not the study's choice for this architecture "
+                   f"on {kind}; it steps as the study stores: cuda_graph={stored}")
         setup.train.cuda_graph = choice.cuda_graph
     layout = choose_memory_format(setup.train, device, auto=choice.memory_format)
     return {"device_kind": kind, "layout_key": attr, "memory_format": layout, "vmapped": choice.vmapped,
