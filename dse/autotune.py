@@ -1,4 +1,5 @@
-"""Probes that tune a run to the machine by the clock: the memory format and the group size."""
+"""How a run is tuned to its machine: the layout `train.memory_format=auto` stands for (a fixed rule per device type,
+never a clock), and the probes that time layouts (advice only) and group sizes (a choice that changes no number)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,29 @@ from torch import Tensor
 
 from dse.config import TrainConfig
 from dse.data import Splits, batches, member_batches
-from dse.step import StepMode, resolve_device, step_mode, sync, time_steps
+from dse.step import StepMode, mixed_precision, resolve_device, step_mode, sync, time_steps
 
-__all__ = ["MEMORY_FORMATS", "best_group_size", "choose_memory_format", "pick_group_size", "pick_memory_format"]
+__all__ = [
+    "AUTO_LAYOUT", "MEMORY_FORMATS", "auto_layout", "best_group_size", "choose_memory_format", "faster_layout",
+    "pick_group_size", "pick_memory_format",
+]  # fmt: skip
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# What `train.memory_format=auto` trains in, by device type, where no study stores a choice (dse.layouts). A rule,
+# not a timing: a probe under load answered differently from run to run, and in bf16 the layout changes the numbers
+# (kernels round differently), so two runs of one command computed different things. channels_last on CUDA:
+# cuDNN's tensor-core convolutions are NHWC; NCHW on the CPU: torch's default, which every CPU kernel has (oneDNN's
+# channels_last kernels lose for the few channels of narrow models on some CPUs). Not a speed claim: the probe's
+# opinion is stored beside a study's choice (dse.layouts), and `train.memory_format=` pins either.
+AUTO_LAYOUT = {"cuda": "channels_last", "cpu": "contiguous"}
 
 
 def pick_memory_format(model: nn.Module, x: Tensor, y: Tensor, autocast, *, repeats: int = 2) -> str:
     """The faster layout for training `model` on the batch (x, y): times forward+backward of a copy in each.
 
-    Like cudnn.benchmark, the choice follows the clock: NCHW wins for narrow models on some CPUs (oneDNN's
-    channels_last kernels for few channels), channels_last for wide ones and on GPUs. The model, its
-    gradients and torch's RNG are left as they were.
+    It follows the clock, so under load it may answer differently from run to run: it is advice (`faster_layout`,
+    stored beside a study's choice), never what `auto` trains in. The model, its gradients and torch's RNG are left
+    as they were.
     """
     probes = {name: (copy.deepcopy(model).to(memory_format=fmt).train(), x.contiguous(memory_format=fmt))
               for name, fmt in MEMORY_FORMATS.items()}  # fmt: skip
@@ -46,17 +57,32 @@ def pick_memory_format(model: nn.Module, x: Tensor, y: Tensor, autocast, *, repe
     return min(best, key=best.get)
 
 
-def choose_memory_format(cfg: TrainConfig, model: nn.Module, splits: Splits, autocast, *,
-                         saved: str | None = None) -> str:  # fmt: skip
-    """The layout a run trains in: `saved`, the one its checkpoint was written in (layouts round differently);
-    else `cfg.memory_format`; else, for `auto`, the faster on the first training batch (`pick_memory_format`)."""
+def auto_layout(device: torch.device) -> str:
+    """The layout `train.memory_format=auto` stands for on `device` where nothing else decides it (`AUTO_LAYOUT`;
+    other device types: NCHW, torch's default)."""
+    return AUTO_LAYOUT.get(device.type, "contiguous")
+
+
+def choose_memory_format(cfg: TrainConfig, device: torch.device, *, saved: str | None = None,
+                         auto: str | None = None) -> str:  # fmt: skip
+    """The layout a run trains in: `saved`, the one its checkpoint was written in (layouts round differently: a
+    resumed run keeps it, whatever decided it, a timing by an older dse included); else a pinned
+    `cfg.memory_format`; else, for `auto`, `auto` (a study's stored choice, `dse.layouts`) or `auto_layout`."""
     if saved in MEMORY_FORMATS:
         return saved
     if cfg.memory_format != "auto":
         return cfg.memory_format
+    return auto if auto in MEMORY_FORMATS else auto_layout(device)
+
+
+def faster_layout(model: nn.Module, splits: Splits, cfg: TrainConfig, *, probe=pick_memory_format) -> str:
+    """What `probe` (by default `pick_memory_format`, a timing) says is the faster layout for training a copy of
+    `model` as `cfg` says on its device, on the first training batch. Advice: it never decides what a run computes."""
+    device = resolve_device(cfg.device)
     n = cfg.batch_size
-    x, y = next(batches(splits.train_x[:n], splits.train_y[:n], n, mean=splits.mean, std=splits.std))
-    return pick_memory_format(model, x, y, autocast)
+    x, y = next(batches(splits.train_x[:n].to(device), splits.train_y[:n].to(device), n, mean=splits.mean,
+                        std=splits.std))  # fmt: skip
+    return probe(copy.deepcopy(model).to(device), x, y, mixed_precision(cfg, device))
 
 
 def pick_group_size(
@@ -79,7 +105,7 @@ def pick_group_size(
     splits = splits.to(device)
     mode = step_mode([cfg], device, vmapped=vmapped, quiet=True)
     probe = copy.deepcopy(model).to(device)
-    layout = choose_memory_format(cfg, probe, splits, mode.autocast)
+    layout = choose_memory_format(cfg, device)
     rates: dict[int, float] = {}
     for size in sizes:
         try:

@@ -4,6 +4,7 @@ their per-epoch records and outcomes, scoring with test-time flips, and the `pyt
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,6 +28,8 @@ from dse.measure import profile
 from dse.models import ModelConfig, build_model, paper_name
 from dse.optim import step_lrs
 from dse.step import Learner, StepMode, resolve_device, step_mode
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EpochRecord",
@@ -146,11 +149,14 @@ class _Trainee:
     outcome: Outcome | None = None
 
 
-def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | None = None
+def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | None = None, layout: str | None = None
                 ) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
     """Train several trials together on `splits`: one fused model (their weights stacked; vmapped or member by
     member as `vmapped` says, by default vmapped on CUDA and member by member elsewhere: `dse.fused.VMAP_DEVICES`),
-    each member's own optimizer. Yields (member index, outcome) as soon as a member ends, right after the epoch it
+    each member's own optimizer. They train in the layout of a member's checkpoint, else a pinned
+    `train.memory_format`, else the one `auto` stands for: `layout` (a study's stored choice, `dse.layouts`), by
+    default `dse.autotune.auto_layout` (a rule, never a timing: what a trial computes must not follow the clock).
+    Yields (member index, outcome) as soon as a member ends, right after the epoch it
     leaves in, the others going on; each member exactly once.
 
     Each member computes what it would compute trained alone by `train` (its init, data order, augmentation,
@@ -167,10 +173,13 @@ def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | No
     device = resolve_device(cfg.device)
     if len(splits.train_x) < cfg.batch_size:
         raise ValueError(f"train batch_size={cfg.batch_size} is more than the {len(splits.train_x)} training images")
-    return _train_group(members, splits, step_mode([m.cfg for m in members], device, vmapped=vmapped))
+    if layout is not None and layout not in MEMORY_FORMATS:
+        raise ValueError(f"train_group layout={layout!r} is unknown; allowed: {', '.join(MEMORY_FORMATS)}")
+    return _train_group(members, splits, step_mode([m.cfg for m in members], device, vmapped=vmapped), layout)
 
 
-def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode) -> Iterator[tuple[int, Outcome]]:
+def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode,
+                 auto: str | None) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
     """train_group's loop: start the members, then epochs of the group still in (re-formed whenever one leaves),
     each a pass over the batches and a validation, each member's end yielded as it comes."""
     cfg = members[0].cfg
@@ -183,8 +192,12 @@ def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode) -> I
         for member in members:
             member.model.to(mode.device)
         resumable = next((s for s in saved if isinstance(s, dict)), {})
-        layout = choose_memory_format(cfg, members[0].model, splits, mode.autocast,
-                                      saved=resumable.get("memory_format"))  # fmt: skip
+        layout = choose_memory_format(cfg, mode.device, saved=resumable.get("memory_format"), auto=auto)
+        decided = choose_memory_format(cfg, mode.device, auto=auto)
+        if layout != decided:  # a checkpoint of an older dse's timing, or of another device kind's choice
+            log.warning("dse.train: resuming in its checkpoint's layout %s, not %s (what %s stands for here): the "
+                        "layout changes the numbers, so its curves follow %s", layout, decided,
+                        f"train.memory_format={cfg.memory_format}", layout)  # fmt: skip
         for i, (member, state) in enumerate(zip(members, saved)):
             trainees.append(_start(member, state, splits, mode, layout))
             if trainees[i].outcome is not None:

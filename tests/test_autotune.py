@@ -1,4 +1,5 @@
-"""dse.autotune: the layout probe (picked once per run, kept on resume) and the group-size probe."""
+"""dse.autotune: the layout `auto` stands for (a rule, a study's choice, a checkpoint's; never a timing), the layout
+probe (advice) and the group-size probe."""
 
 import pytest
 import torch
@@ -9,9 +10,12 @@ from trainers import (
 )
 
 from dse.autotune import (
+    AUTO_LAYOUT,
     MEMORY_FORMATS,
+    auto_layout,
     best_group_size,
     choose_memory_format,
+    faster_layout,
     pick_group_size,
     pick_memory_format,
 )
@@ -20,26 +24,46 @@ from dse.config import TrainConfig
 from dse.train import train
 
 
-def test_auto_layout_is_picked_once_and_kept_on_resume(splits, tmp_path):
+def test_a_checkpoint_s_layout_wins_on_resume(splits, tmp_path):
     path = tmp_path / "c.pt"
     first = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    assert first.memory_format in MEMORY_FORMATS
+    assert first.memory_format == auto_layout(torch.device("cpu")) == "contiguous"
     state = load_checkpoint(path)
     assert state["memory_format"] == first.memory_format
-    other = next(name for name in MEMORY_FORMATS if name != first.memory_format)
     state["epoch"], state["records"] = 0, []  # as if killed before its first epoch ended
-    state["memory_format"] = other  # in the layout the probe did not pick
+    state["memory_format"] = "channels_last"  # as an older dse's timing may have chosen
     save_checkpoint(path, state)
     again = train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    assert again.resumed_from == 0 and again.memory_format == other
+    assert again.resumed_from == 0 and again.memory_format == "channels_last"
 
 
-def test_a_saved_or_configured_layout_is_taken_without_probing():
-    # No model or data to probe with: a probe would fail.
+def test_auto_is_a_rule_a_study_s_choice_or_a_checkpoint_s_never_a_timing():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert AUTO_LAYOUT == {"cuda": "channels_last", "cpu": "contiguous"}
+    assert choose_memory_format(quick(), cpu) == "contiguous" and choose_memory_format(quick(), cuda) == "channels_last"
+    assert choose_memory_format(quick(), cpu, auto="channels_last") == "channels_last"  # the study's choice
     for layout in MEMORY_FORMATS:
-        assert choose_memory_format(quick(), None, None, None, saved=layout) == layout
-        assert choose_memory_format(quick(memory_format=layout), None, None, None) == layout
-    assert choose_memory_format(quick(memory_format="contiguous"), None, None, None, saved="nhwc") == "contiguous"
+        assert choose_memory_format(quick(), cpu, saved=layout, auto="contiguous") == layout
+        assert choose_memory_format(quick(memory_format=layout), cpu, auto="contiguous") == layout
+    assert choose_memory_format(quick(memory_format="contiguous"), cpu, saved="nhwc") == "contiguous"
+
+
+def test_train_group_refuses_an_unknown_layout_naming_the_allowed_ones(splits):
+    from dse.train import Member, train_group
+
+    with pytest.raises(ValueError, match="layout='nhwc' is unknown; allowed: channels_last, contiguous"):
+        train_group([Member(tiny_model(), quick())], splits, layout="nhwc")
+
+
+def test_faster_layout_is_what_the_probe_says_on_the_first_batch(splits):
+    seen = []
+
+    def probe(model, x, y, autocast):
+        seen.append((x.shape, y.shape, model.training))
+        return "channels_last"
+
+    assert faster_layout(tiny_model(), splits, quick(), probe=probe) == "channels_last"
+    assert seen == [((quick().batch_size, *splits.train_x.shape[1:]), (quick().batch_size,), True)]
 
 
 def test_layout_probe_leaves_the_model_and_the_rng_as_they_were(splits):

@@ -563,3 +563,96 @@ def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_ro
     assert f"[worker 0] sweep.trials_per_gpu=auto: {size} on cpu (training images/s of Shallow SqueezeNext-06-0.125x" in line
     assert "1: " in line and "2: " in line
     assert group_size(_plan(data_root, tmp_path / "x.db", "sweep.trials_per_gpu=3"), {}) == 3
+
+
+# ---------------------------------------------------------------- reproducibility: no clock changes a number
+
+
+def _curves(study: optuna.Study) -> dict[str, list[tuple]]:
+    """Each COMPLETE trial's per-epoch numbers (its timings left out), by params; each point COMPLETE once."""
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    numbers = lambda t: [(r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
+                         for r in t.user_attrs["curves"]]  # fmt: skip
+    out = {json.dumps(t.params, sort_keys=True): numbers(t) for t in done}
+    assert len(out) == len(done)
+    return out
+
+
+def test_the_same_sweep_twice_computes_the_same_whatever_the_layout_probe_says(tmp_path):
+    """Two fresh studies of one command, `train.memory_format=auto`, the layout timing answering channels_last for
+    the first and NCHW for the second: every trial's per-epoch losses and accuracies are identical, both trained in
+    the rule's layout, and each study stores the choice with the probe's answer as advice only."""
+    from dse.layouts import figures
+    from sweeps import run_tiny_plan
+
+    studies = {}
+    for name, answer in (("first", "channels_last"), ("second", "contiguous")):
+        seams = Seams(probe=lambda model, x, y, autocast, answer=answer: answer)
+        assert run_tiny_plan(tmp_path, *FUSABLE, "train.memory_format=auto", "sweep.trials_per_gpu=4", name=name,
+                             seams=seams).ok  # fmt: skip
+        studies[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
+    first, second = (_curves(studies[n]) for n in ("first", "second"))
+    assert first == second and len(first) == 4
+    for name, answer in (("first", "channels_last"), ("second", "contiguous")):
+        [(key, figure)] = figures(studies[name].user_attrs).items()
+        assert (figure["memory_format"], figure["vmapped"], figure["faster"]) == ("contiguous", False, answer)
+        for t in studies[name].get_trials():
+            assert (t.user_attrs["memory_format"], t.user_attrs["layout_key"]) == ("contiguous", key)
+            assert t.user_attrs["device_kind"] == figure["device_kind"] and t.user_attrs["vmapped"] is False
+
+
+def _auto_args(root: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """A tiny fusable dropout sweep (4 trials) in `train.memory_format=auto`, one worker, study `name`."""
+    width = ("+space=width", "space.grid={model.width:[0.125,0.2]}")
+    base = [a for a in tiny(root, tmp_path / f"{name}.db", *FUSABLE) if a not in width]
+    return [*base, "train.memory_format=auto", "sweep.trials_per_gpu=4", "sweep.workers=1", "sweep.progress=false",
+            f"study.name={name}", *extra]  # fmt: skip
+
+
+def test_a_study_s_stored_choice_wins_over_the_rule(data_root, tmp_path):
+    """A study that stores a choice for its architecture on this device kind (made by an older dse's rule, say:
+    here vmapped groups on the CPU) trains every trial that starts in it: reruns, retries and other workers read the
+    study, not the rule. (Not channels_last: training Shallow SqueezeNext in it crashes torch 2.14 on AVX2 CPUs.)"""
+    import torch
+
+    from dse.layouts import attr_key, device_kind, figures
+
+    args = _auto_args(data_root, tmp_path, "kept")
+    plan = plan_sweep(compose(args), args)
+    study, _ = prepare_study(plan)
+    key = attr_key(device_kind(torch.device("cpu")), next(iter(plan.archs)))
+    stored = {"memory_format": "contiguous", "vmapped": True, "cuda_graph": False, "how": "by hand"}
+    study.set_user_attr(key, stored)
+    assert run_sweep(plan).ok
+    assert figures(study.user_attrs) == {key: stored}
+    attrs = {tuple(t.user_attrs[a] for a in ("memory_format", "vmapped", "layout_key")) for t in study.get_trials()}
+    assert attrs == {("contiguous", True, key)}
+
+
+@pytest.mark.slow
+def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(tmp_path):
+    """A group of four trials (`train.memory_format=auto`) killed with SIGKILL after its first checkpoint and run
+    again: every point COMPLETE once, with the per-epoch numbers of the same sweep run without a kill."""
+    root = tmp_path / "data"
+    write_cifar(root, "cifar10", n_train=480, n_test=40)
+
+    def args(name: str) -> list[str]:
+        return _auto_args(root, tmp_path, name, "train.epochs=3")
+
+    assert run_sweep(plan_sweep(compose(args("whole")), args("whole"))).ok
+    proc = subprocess.Popen([sys.executable, "-m", "dse.sweep", *args("killed")], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    runs = tmp_path / "killed" / "runs"
+    deadline = time.time() + 300
+    while len(list(runs.glob("*/checkpoint.pt"))) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = run_cli(args("killed"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, killed = (optuna.load_study(study_name=n, storage=f"sqlite:///{tmp_path / f'{n}.db'}")
+                     for n in ("whole", "killed"))  # fmt: skip
+    assert _curves(killed) == _curves(whole) and len(_curves(whole)) == 4
+    resumed = [t.user_attrs["resumed_from"] for t in killed.get_trials() if t.state == TrialState.COMPLETE]
+    assert all(r >= 1 for r in resumed) and [t.state for t in killed.get_trials()].count(TrialState.FAIL) == 4

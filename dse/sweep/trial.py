@@ -1,5 +1,5 @@
-"""One trial in a worker: its set-up (params, config, data, model, measurements, budget), its run folder, its
-per-epoch reports (curves, intermediate values, the pruners' verdicts) and its recorded result."""
+"""One trial in a worker: its set-up (params, config, data, model, measurements, budget, the study's numerics choice),
+its run folder, its per-epoch reports (curves, intermediate values, the pruners' verdicts) and its recorded result."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import dse
-from dse import identity
+from dse import identity, layouts
+from dse.autotune import choose_memory_format, faster_layout
 from dse.config import SpaceConfig
 from dse.data import Splits, load_data
 from dse.identity import architecture
@@ -29,6 +30,7 @@ from dse.latency import ensure
 from dse.measure import ModelProfile, profile
 from dse.models import build_model, paper_name
 from dse.pruning import History, decide, histories, rungs
+from dse.step import resolve_device
 from dse.storage import report_value
 from dse.study import FINISHED
 from dse.sweep.compose import REPO, TrialSetup, compose, data_key, param_value, trial_identity, typed
@@ -54,6 +56,7 @@ class ReadyTrial:
     latency_ms: float  # the architecture's figure (dse.latency), not the trial's own
     folder: Path
     started: float
+    numerics: layouts.Numerics  # the study's choice for its architecture on this device kind (dse.layouts)
 
 
 def worker_id() -> str:
@@ -116,9 +119,10 @@ def hold_run_dir(run_dir: Path, check: Callable[[], None]) -> Iterator[None]:
 # ---------------------------------------------------------------- set-up
 
 
-def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> ReadyTrial:
-    """Fix the trial's params, compose its config, load its data (cached), build and profile its model and
-    record all that on the trial."""
+def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable[..., str] | None = None) -> ReadyTrial:
+    """Fix the trial's params, compose its config, load its data (cached), build and profile its model, take the
+    study's numerics choice for its architecture on this device kind (deciding it at the first such trial, with
+    `probe`'s layout timing, if given, stored as advice) and record all that on the trial."""
     started = time.perf_counter()
     space = plan.space_cfg
     if plan.mode == GRID:
@@ -134,6 +138,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> ReadyTrial:
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
     latency = _latency(trial, setup, splits, model)
+    numerics, choice = _numerics(trial, setup, splits, model, probe)
     full = setup.full
     _set_attrs(trial, {
         "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
@@ -141,9 +146,11 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> ReadyTrial:
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
         "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "int8_mb": prof.int8_mb, **latency, "overrides": overrides, "provenance": _provenance(setup.resolved),
+        "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides,
+        "provenance": _provenance(setup.resolved),
     })  # fmt: skip
-    return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started)
+    return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started,
+                      choice)  # fmt: skip
 
 
 def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
@@ -183,6 +190,28 @@ def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torc
     figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how)[key]
     return {"latency_ms": figure["ms"], "latency_iqr_ms": figure["iqr_ms"], "latency_threads": figure["threads"],
             "latency_under_load": figure["under_load"], "latency_key": key}
+
+
+def _numerics(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module,
+              probe) -> tuple[dict, layouts.Numerics]:  # fmt: skip
+    """The trial's numerics attributes (the layout it trains in unless its checkpoint says otherwise; the result
+    records the one it did) and the study's choice for its architecture on this device kind (`dse.layouts`),
+    decided now by the rule at the first such trial. A CUDA-graph choice overrides `train.cuda_graph` (it changes no
+    key: graphed and eager steps differ only in the last bits), and a line says so when they differed."""
+    device = resolve_device(setup.train.device)
+    kind = layouts.device_kind(device)
+    key, _ = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
+    timed = probe is not None and setup.train.memory_format == "auto"
+    advice = (lambda: faster_layout(model, splits, setup.train, probe=probe)) if timed else None
+    attr, choice = layouts.ensure(trial.study, kind, key, lambda: layouts.rule(setup.train, device), advice=advice)
+    if device.type == "cuda" and choice.cuda_graph != setup.train.cuda_graph:
+        asked, stored = str(setup.train.cuda_graph).lower(), str(choice.cuda_graph).lower()
+        tqdm.write(f"trial {trial.number}: train.cuda_graph={asked} is not the study's choice for this architecture "
+                   f"on {kind}; it steps as the study stores: cuda_graph={stored}")
+        setup.train.cuda_graph = choice.cuda_graph
+    layout = choose_memory_format(setup.train, device, auto=choice.memory_format)
+    return {"device_kind": kind, "layout_key": attr, "memory_format": layout, "vmapped": choice.vmapped,
+            "cuda_graph": choice.cuda_graph}, choice  # fmt: skip
 
 
 def _provenance(resolved: dict) -> dict:
@@ -254,7 +283,7 @@ def record_result(ready: ReadyTrial, result: TrainResult, plan: Plan, train_star
         "curves": curves, "test_acc": result.test_acc, "s_per_epoch": result.seconds_per_epoch,
         "images_per_s": curves[-1]["images_per_s"] if curves else None, "resumed_from": result.resumed_from,
         "split": result.split, "device": str(result.device), "precision": result.precision,
-        "memory_format": result.memory_format, "train_seconds": train_seconds,
+        "memory_format": result.memory_format, "cuda_graph": result.cuda_graph, "train_seconds": train_seconds,
         "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })  # fmt: skip
     _upload(trial, plan, ready.folder, curves)

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from dse.latency import training_turns
+from dse.layouts import Numerics
 from dse.models import build_model, paper_name
 from dse.storage import Heartbeat, TrialLost, check_ours, read_trial, tell, trial_id
 from dse.sweep.compose import compose, data_key, typed
@@ -45,17 +46,20 @@ def _unchanged(storage: RDBStorage) -> RDBStorage:
 class Seams:
     """Where a test reaches into a sweep run in this process (`sweep.workers=1`): a wrapper around the storage the
     sweep opens (to slow its reads, say), the check that a worker still owns its trial, the checkpoint writer
-    (`Member.writer`: a full disk). The defaults are the real ones."""
+    (`Member.writer`: a full disk), a layout timing (`dse.autotune.pick_memory_format`'s signature) whose answer a
+    study stores as advice beside its choice and which must change no result. The defaults are the real ones; the
+    timing is off by default: it trains a batch in channels_last, which crashes torch 2.14 on some CPUs (AVX2)."""
 
     storage: Callable[[RDBStorage], RDBStorage] = _unchanged
     check: Callable[[RDBStorage, int, Heartbeat, float], None] = check_ours
     writer: Callable[[Path, dict], None] | None = None
+    probe: Callable[..., str] | None = None
 
 
 def fuse_key(ready: ReadyTrial) -> tuple:
-    """What set-up trials must share to train together: their data and `group_key` (the model's structure and
-    the training step's settings; seeds, dropout p, optimizers and lr may differ)."""
-    return data_key(ready.setup.data), group_key(ready.model, ready.setup.train)
+    """What set-up trials must share to train together: their data, `group_key` (the model's structure and
+    the training step's settings; seeds, dropout p, optimizers and lr may differ) and the study's numerics choice."""
+    return data_key(ready.setup.data), group_key(ready.model, ready.setup.train), ready.numerics
 
 
 def group_ready(ready: list[ReadyTrial]) -> list[list[ReadyTrial]]:
@@ -72,12 +76,13 @@ def group_ready(ready: list[ReadyTrial]) -> list[list[ReadyTrial]]:
     return groups
 
 
-def _outcomes(members: Sequence[Member], splits) -> Iterator[tuple[int, TrainOutcome]]:
-    """`train_group`'s outcomes; when the whole group fails (out of memory, say), each member still in it fails
-    with that error."""
+def _outcomes(members: Sequence[Member], splits, numerics: Numerics) -> Iterator[tuple[int, TrainOutcome]]:
+    """`train_group`'s outcomes, computed as the study's choice says (layout for `auto`, vmapped or not); when the
+    whole group fails (out of memory, say), each member still in it fails with that error."""
     left = set(range(len(members)))
     try:
-        with contextlib.closing(train_group(members, splits)) as outcomes:
+        group = train_group(members, splits, vmapped=numerics.vmapped, layout=numerics.memory_format)
+        with contextlib.closing(group) as outcomes:
             for i, outcome in outcomes:
                 left.discard(i)
                 yield i, outcome
@@ -109,7 +114,7 @@ def train_together(group: list[ReadyTrial], plan: Plan, seams: Seams, checks: li
         boundary = stack.enter_context(training_turns())
         members = [Member(group[i].model, group[i].setup.train, group[i].folder / "checkpoint.pt",
                           epoch_reporter(group[i], plan, checks[i], boundary), writer=seams.writer) for i in held]
-        with contextlib.closing(_outcomes(members, group[held[0]].splits)) as outcomes:
+        with contextlib.closing(_outcomes(members, group[held[0]].splits, group[held[0]].numerics)) as outcomes:
             for j, outcome in outcomes:
                 folders[held[j]].close()
                 end(group[held[j]], outcome, started)
@@ -174,7 +179,7 @@ def run_trials(study: optuna.Study, trials: list[optuna.Trial], plan: Plan, cach
         ready = []
         for trial in trials:
             try:
-                r = setup_trial(trial, plan, cache)
+                r = setup_trial(trial, plan, cache, probe=seams.probe)
                 reason = over_budget(r, plan)
             except Exception as e:  # a config that fails, the trial taken over, ...
                 end(trial, Failed(e))
