@@ -7,7 +7,7 @@ Nesterov momentum and weight decay (`conf/train/sgd.yaml`), training images per 
   (a) pure compute: forward + backward + optimizer step of the model on one batch already in memory,
       in both layouts (channels_last = NHWC, and NCHW) and the precision the trainer uses (bf16 autocast
       where the device has bf16 units, `dse.step.native_bf16`: CUDA, or a CPU with AMX/AVX512-BF16);
-      b/a divides by the layout the trainer picked (`train.memory_format=auto` times both on its first batch);
+      b/a divides by the layout the trainer picked (`train.memory_format=auto`: NCHW on the CPU, channels_last on CUDA);
   (b) our trainer: `dse.train.train` on CIFAR-format files read by `dse.data` (generated pixels written
       as CIFAR python batches: content does not change the speed), with random crop and flip, timed by
       the trainer's own record of its second epoch (the training pass, evaluation excluded);

@@ -111,7 +111,7 @@ class TrainConfig:
     seed: int = 0  # batch order, augmentation and dropout masks (seed the model's init yourself)
     threads: int = field(default=0, metadata=RUNTIME)  # torch intra-op threads; 0 keeps torch's default
     device: str = field(default="auto", metadata=RUNTIME)  # auto (cuda when available) | cpu | cuda | cuda:N
-    memory_format: str = "auto"  # channels_last | contiguous (NCHW) | auto: time both on the first batch, keep the faster
+    memory_format: str = "auto"  # channels_last | contiguous (NCHW) | auto: the study's stored choice, else channels_last on CUDA, NCHW on CPUs (dse.layouts)
     amp: bool = True  # bf16 autocast where the hardware has bf16 units: CUDA, CPUs with AMX or AVX512-BF16
     # torch.compile the forward pass (steps then run eagerly, not in a CUDA graph)
     compile: bool = field(default=False, metadata=RUNTIME)
