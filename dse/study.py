@@ -16,7 +16,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from dse.config import OBJECTIVES, check_study_name
-from dse.storage import StudyError, check_storage, open_readonly, sqlite_path
+from dse.storage import StudyError, check_storage, did_you_mean, open_readonly, sqlite_path
 
 __all__ = [
     "OBJECTIVES",
@@ -185,7 +185,9 @@ def load_study(name: str, storage: str) -> optuna.Study:
         raise StudyError(f"storage {storage!r} is not a readable Optuna study DB: {type(e).__name__}") from None
     if found is None:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
-        raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}")
+        hint = did_you_mean(name, names)
+        raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
+                         + (f"; {hint}" if hint else ""))
     return optuna.load_study(study_name=name, storage=rdb)
 
 

@@ -625,7 +625,6 @@ def test_verify_checks_a_hand_made_archive_and_names_it_in_errors(tmp_path):
         verify_bundle(tmp_path / "garbage.tar.gz")
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, monkeypatch, capsys):
     (tmp_path / "studies").mkdir()
     for name in ("width-fashion_mnist-quick", "baselines-cifar10-quick"):

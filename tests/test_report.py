@@ -441,7 +441,6 @@ def test_the_latency_note_says_which_trials_lack_their_architectures_figure(base
     assert "the latency each trial measured itself" in note and "older dse" not in note
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 @pytest.mark.parametrize("study, message", [
     ("width-fashion_mnist-quik", "no study DB at studies/width-fashion_mnist-quik.db (storage "
      "'sqlite:///studies/width-fashion_mnist-quik.db'); studies in studies/: baselines-cifar10-quick, "
@@ -458,7 +457,6 @@ def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, mo
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 def test_an_unknown_study_in_a_db_names_the_closest(studies, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--study", "bsae", "--storage", studies["base"][1], "--out", str(tmp_path)])
