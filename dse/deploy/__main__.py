@@ -13,7 +13,7 @@ from dse.checkpoint import CheckpointError
 from dse.data import DataError
 from dse.deploy.export import ExportSettings, export_front, export_trial, measure_shape, verify_bundle
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
-from dse.study import StudyError, default_storage, load_study
+from dse.study import StudyError, default_storage, load_study, trials_frame, why_no_front
 
 FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
 
@@ -28,7 +28,13 @@ def _filters(args) -> dict:
 
 
 def _front(study: optuna.Study, args):
-    return filter_front(front_frame(study), **_filters(args))
+    """The study's front within the filters; a study without a COMPLETE trial is refused, saying why it has none."""
+    front = front_frame(study)
+    if front.empty:
+        why = why_no_front(trials_frame(study))
+        then = ("" if why.startswith("all ") else "; run or finish its sweep first")
+        raise DeployError(f"study {study.study_name!r} has no COMPLETE trial, so no Pareto front: {why}{then}")
+    return filter_front(front, **_filters(args))
 
 
 def cmd_list(args) -> int:
