@@ -571,8 +571,8 @@ def test_a_grid_over_its_size_budget_everywhere_is_refused_naming_the_smallest_m
     result = run_cli(tiny(data_root, db, "study.max_size_kb=1"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("dse.sweep: study.max_size_kb=1: every trial of space 'width' is over it; the smallest model "
-                           "of the space, Shallow SqueezeNext-06-0.125x, has ")
+    assert line.startswith("dse.sweep: study.max_size_kb=1: every trial of space 'width' is over it; the smallest "
+                           "model of the space, Shallow SqueezeNext-06-0.125x, has ")
     assert "latency of" not in result.stdout and not db.exists()  # refused before any measuring or writing
 
 

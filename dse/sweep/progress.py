@@ -37,7 +37,7 @@ SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.l
 FIRST_SWEEPS = (
     "  python -m dse.sweep +space=width budget=quick data=fashion_mnist   # offline: Fashion-MNIST from Debian's "
     "dataset-fashion-mnist package or data/fashion_mnist/\n"
-    "  python -m dse.sweep +space=width budget=quick                      # CIFAR-10, downloaded into data/ on first use"
+    "  python -m dse.sweep +space=width budget=quick                      # CIFAR-10, downloaded into data/"
 )
 BARE = ("point", "model", "model.activation", "train", "data")  # values that name themselves: 'relu', 'adam'
 
@@ -116,8 +116,9 @@ def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> tuple[
     running = sorted((t for t in trials if t.state == TrialState.RUNNING), key=lambda t: t.number)
     what = []
     for t in running[:shown]:
-        planned, swept = t.user_attrs.get("epochs_planned"), describe({k: v for k, v in params_of(t).items() if k != "seed"})
-        at = f"epoch {len(t.user_attrs.get('curves') or [])}/{planned} of trial {t.number}" if planned else f"trial {t.number} starting"
+        planned, epochs = t.user_attrs.get("epochs_planned"), len(t.user_attrs.get("curves") or [])
+        swept = describe({k: v for k, v in params_of(t).items() if k != "seed"})
+        at = f"epoch {epochs}/{planned} of trial {t.number}" if planned else f"trial {t.number} starting"
         what.append(at + (f" ({swept})" if swept else ""))
     more = f" +{len(running) - shown} running" if len(running) > shown else ""
     return finished + sum(_done_part(t) for t in running), ", ".join([f"{finished}/{total} trials", *what]) + more

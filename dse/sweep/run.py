@@ -1,6 +1,6 @@
 """Running a planned sweep: measure the grid's latencies and check its budgets, prepare the study (create or check
-it, queue what is missing), run the workers (this process, or spawned ones that are reaped when they die; Ctrl-C passed on) under
-a progress bar, and sum up."""
+it, queue what is missing), run the workers (this process, or spawned ones that are reaped when they die; Ctrl-C
+passed on) under a progress bar, and sum up."""
 
 from __future__ import annotations
 
