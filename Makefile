@@ -1,8 +1,14 @@
-# dse tasks. `make help` lists them. STUDY and STORAGE pick the study (default: the quick width sweep).
+# dse tasks. `make help` lists them. STUDY=NAME picks the study of the tasks that read one (default: the only
+# studies/*.db, if there is one; `python -m dse.sweep --list` lists them), STORAGE=URL a DB elsewhere.
 PY ?= .venv/bin/python
-STUDY ?= width-cifar10-quick
-STORAGE ?= sqlite:///studies/$(STUDY).db
-ARTIFACTS ?= studies/$(STUDY)/artifacts
+STUDIES := $(sort $(basename $(notdir $(wildcard studies/*.db))))
+STUDY ?= $(if $(filter 1,$(words $(STUDIES))),$(STUDIES))
+# A task that reads a study names it, or stops with one line saying how to pick one.
+study = $(or $(STUDY),$(error pick a study: make $@ STUDY=NAME [STORAGE=URL]; $(if $(STUDIES),studies in studies/: \
+	$(subst $(eval) ,$(comma) ,$(STUDIES)),no study in studies/ yet: make sweep-quick DATA=fashion_mnist runs one offline)))
+comma := ,
+STORAGE ?= sqlite:///studies/$(study).db
+ARTIFACTS ?= studies/$(study)/artifacts
 PORT ?= 8080
 
 .PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy-measure deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
@@ -25,25 +31,25 @@ models: ## measure the paper's Table 1 models beside its published sizes
 paper-sizes: ## measure every model row of the paper's Tables 1-3 beside its published size
 	$(PY) -m dse.models --tables 1 2 3
 
-sweep-quick: ## the quick width sweep on CIFAR-10 (DATA=fashion_mnist offline)
+sweep-quick: ## the quick width sweep on CIFAR-10, downloaded on first use (DATA=fashion_mnist offline)
 	$(PY) -m dse.sweep +space=width budget=quick data=$(or $(DATA),cifar10)
 
-tables: ## every trial and configuration, the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY into reports/<STUDY>/
-	$(PY) -m dse.report --study $(STUDY) --storage $(STORAGE) --format markdown csv latex
+tables: ## every trial and configuration, the paper's Tables 1-7, Figure 9 and a Pareto plot of STUDY=NAME into reports/NAME/
+	$(PY) -m dse.report --study $(study) --storage $(STORAGE) --format markdown csv latex
 
 dashboard: ## optuna-dashboard on STUDY's DB with its artifact store (PORT=8080); a missing study: one line
-	$(eval MISSING := $(shell $(PY) -W ignore -m dse.sweep --list $(STUDY) --storage '$(STORAGE)' 2>&1 >/dev/null))
+	$(eval MISSING := $(shell $(PY) -W ignore -m dse.sweep --list $(study) --storage '$(STORAGE)' 2>&1 >/dev/null))
 	$(if $(MISSING),$(error $(MISSING)))
 	$(dir $(PY))optuna-dashboard '$(STORAGE)' --artifact-dir $(ARTIFACTS) --port $(PORT)
 
 deploy-list: ## print STUDY's Pareto front (warns of latencies measured under load)
-	$(PY) -m dse.deploy list --study $(STUDY) --storage $(STORAGE)
+	$(PY) -m dse.deploy list --study $(study) --storage $(STORAGE)
 
 deploy-measure: ## re-measure the latency of STUDY's Pareto front in one sitting (on a quiet machine)
-	$(PY) -m dse.deploy measure --study $(STUDY) --storage $(STORAGE) --front
+	$(PY) -m dse.deploy measure --study $(study) --storage $(STORAGE) --front
 
 deploy: ## export STUDY's Pareto front as board bundles into bundles/<STUDY>/
-	$(PY) -m dse.deploy export --study $(STUDY) --storage $(STORAGE) --front
+	$(PY) -m dse.deploy export --study $(study) --storage $(STORAGE) --front
 
 deploy-sizes: ## ONNX fp32/int8 sizes and batch-1 latencies of the paper's 06-0.4x shape (untrained)
 	$(PY) -m dse.deploy measure "Shallow SqueezeNext-06-0.4x"

@@ -21,6 +21,7 @@ Why each internal is touched (Optuna 5 offers no public way to do these):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
 import os
@@ -43,6 +44,8 @@ __all__ = [
     "StudyError",
     "TrialLost",
     "sqlite_path",
+    "studies_in_folder",
+    "did_you_mean",
     "check_storage",
     "open_storage",
     "open_readonly",
@@ -110,10 +113,34 @@ def check_storage(url: str, *, must_exist: bool = False, writable: bool = False)
         engine.dispose()
 
 
+def studies_in_folder(folder: Path) -> list[str]:
+    """The studies whose SQLite DBs lie in `folder`, named by their files as `dse.study.default_storage` names them."""
+    return sorted(p.stem for p in folder.glob("*.db") if p.is_file()) if folder.is_dir() else []
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """'did you mean NAME?' for the closest of `names` (difflib), or ''."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"did you mean {close[0]}?" if close else ""
+
+
+def _no_db(url: str, path: Path, folder: Path) -> str:
+    """Why a study DB is missing, naming the studies its folder does hold and the closest one."""
+    found = studies_in_folder(folder)
+    if not folder.is_dir():
+        there = f"there is no folder {folder}/"
+    elif not found:
+        there = f"no study DB in {folder}/"
+    else:
+        hint = did_you_mean(path.stem, found)
+        there = f"studies in {folder}/: {', '.join(found)}" + (f"; {hint}" if hint else "")
+    return f"no study DB at {path} (storage {url!r}); {there}; run a sweep first or pass the right storage"
+
+
 def _check_sqlite(url: str, path: Path, *, must_exist: bool, writable: bool) -> None:
     folder = path.parent if path.parent != Path("") else Path(".")
     if must_exist and not path.is_file():
-        raise StudyError(f"no study DB at {path} (storage {url!r}); run a sweep first or pass the right storage")
+        raise StudyError(_no_db(url, path, folder))
     if path.exists() and not path.is_file() or folder.exists() and not folder.is_dir():
         raise StudyError(f"storage {url!r}: {path} is not a file in a folder")
     if writable:

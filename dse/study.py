@@ -16,7 +16,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from dse.config import OBJECTIVES, check_study_name
-from dse.storage import StudyError, check_storage, open_readonly, sqlite_path
+from dse.storage import StudyError, check_storage, did_you_mean, open_readonly, sqlite_path
 
 __all__ = [
     "OBJECTIVES",
@@ -34,6 +34,7 @@ __all__ = [
     "create_or_check_study",
     "load_study",
     "trials_frame",
+    "why_no_front",
 ]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that needs no retry
@@ -185,7 +186,9 @@ def load_study(name: str, storage: str) -> optuna.Study:
         raise StudyError(f"storage {storage!r} is not a readable Optuna study DB: {type(e).__name__}") from None
     if found is None:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
-        raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}")
+        hint = did_you_mean(name, names)
+        raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
+                         + (f"; {hint}" if hint else ""))
     return optuna.load_study(study_name=name, storage=rdb)
 
 
@@ -201,3 +204,27 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update(t.user_attrs)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def why_no_front(trials: pd.DataFrame) -> str:
+    """Why trials (a `trials_frame`, of one study or several) hold no COMPLETE trial, in one line, or '' when they
+    hold one: 'no trial yet', 'all 13 trials pruned: over budget (size 75.5 KB > 1 KB)' (each kind of reason once,
+    with the smallest model's figures), or how many are pruned, failed and still to run."""
+    states = trials["state"].value_counts() if len(trials) else pd.Series(dtype=int)
+    if states.get("COMPLETE", 0):
+        return ""
+    if not len(trials):
+        return "no trial yet"
+    pruned = trials[trials["state"] == "PRUNED"]
+    order = pruned.sort_values("size_mb", kind="stable") if "size_mb" in pruned else pruned
+    reasons = order["pruned_reason"] if "pruned_reason" in order else pd.Series(dtype=object)
+    kinds: dict[str, list[str]] = {}
+    for reason in reasons:
+        kind, _, detail = (reason if isinstance(reason, str) else "no reason recorded").partition(": ")
+        kinds.setdefault(kind, []).append(detail)
+    why = ", ".join(("" if len(kinds) == 1 else f"{len(details)} ") + kind + (f" ({details[0]})" if details[0] else "")
+                    for kind, details in kinds.items())
+    if len(pruned) == len(trials):
+        return f"all {len(trials)} trial{'s' if len(trials) > 1 else ''} pruned: {why}"
+    parts = [f"{n} {state.lower()}" for state, n in states.items()]
+    return f"no trial complete ({', '.join(parts)})" + (f"; pruned: {why}" if why else "")

@@ -625,7 +625,6 @@ def test_verify_checks_a_hand_made_archive_and_names_it_in_errors(tmp_path):
         verify_bundle(tmp_path / "garbage.tar.gz")
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, monkeypatch, capsys):
     (tmp_path / "studies").mkdir()
     for name in ("width-fashion_mnist-quick", "baselines-cifar10-quick"):
@@ -635,3 +634,17 @@ def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith("dse.deploy: error: no study DB at studies/width-fashion_mnist-quik.db")
     assert "studies in studies/: baselines-cifar10-quick, width-fashion_mnist-quick; did you mean width-fashion_mnist-quick?" in err
+
+
+def test_a_study_whose_trials_were_all_pruned_says_why_in_list_and_export(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = optuna.create_study(study_name="tiny", storage=url, directions=["maximize", "minimize", "minimize"])
+    for kb in (233.4, 75.5):
+        trial = study.ask()
+        trial.set_user_attr("size_mb", kb / 1e3)
+        trial.set_user_attr("pruned_reason", f"over budget: size {kb} KB > 1 KB")
+        study.tell(trial, state=TrialState.PRUNED)
+    for command in (["list"], ["export", "--pick", "smallest"]):
+        assert main([*command, "--study", "tiny", "--storage", url]) == 2
+        assert capsys.readouterr().err == ("dse.deploy: error: study 'tiny' has no COMPLETE trial, so no Pareto front: "
+                                           "all 2 trials pruned: over budget (size 75.5 KB > 1 KB)\n")

@@ -215,7 +215,7 @@ def test_a_study_with_no_finished_trials_gives_an_empty_valid_report(tmp_path, c
     folder = tmp_path / "out" / "empty"
     assert f"0 complete of {int(pruned)} trials" in capsys.readouterr().out
     index = (folder / "index.md").read_text()
-    assert "No finished trials yet" in index
+    assert "No complete trial" in index
     assert ("1 pruned trial(s); epochs saved (planned − run): 4 of 5" if pruned else "No pruned trials.") in index
     assert (folder / "table1.md").read_text().count("| not run ") == 9
     assert all((folder / png).read_bytes().startswith(PNG) for png in ("figure9.png", "pareto.png"))
@@ -441,7 +441,6 @@ def test_the_latency_note_says_which_trials_lack_their_architectures_figure(base
     assert "the latency each trial measured itself" in note and "older dse" not in note
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 @pytest.mark.parametrize("study, message", [
     ("width-fashion_mnist-quik", "no study DB at studies/width-fashion_mnist-quik.db (storage "
      "'sqlite:///studies/width-fashion_mnist-quik.db'); studies in studies/: baselines-cifar10-quick, "
@@ -458,8 +457,22 @@ def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, mo
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="needs dse.study change", strict=True)
 def test_an_unknown_study_in_a_db_names_the_closest(studies, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--study", "bsae", "--storage", studies["base"][1], "--out", str(tmp_path)])
     assert capsys.readouterr().err.strip().endswith("studies there: base; did you mean base?")
+
+
+def test_a_study_whose_trials_were_all_pruned_says_why_in_the_report(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = optuna.create_study(study_name="tiny", storage=url, directions=["maximize", "minimize", "minimize"])
+    for kb in (233.4, 75.5):
+        trial = study.ask()
+        trial.set_user_attr("size_mb", kb / 1e3)
+        trial.set_user_attr("pruned_reason", f"over budget: size {kb} KB > 1 KB")
+        study.tell(trial, state=TrialState.PRUNED)
+    main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "out")])
+    why = "all 2 trials pruned: over budget (size 75.5 KB > 1 KB)"
+    assert f"no complete trial: {why}" in capsys.readouterr().out
+    index = (tmp_path / "out" / "tiny" / "index.md").read_text()
+    assert f"**No complete trial**: {why}." in index and "run (or finish) the sweep" not in index

@@ -204,3 +204,13 @@ def test_tell_says_none_when_another_worker_finished_the_trial(tmp_path):
         tell(study, mine, values=[0.5], state=TrialState.COMPLETE)  # a value Optuna refuses, not a takeover
     frozen = tell(study, mine, state=TrialState.FAIL, reason="a reason")
     assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"] == "a reason"
+
+
+def test_a_missing_db_says_whether_its_folder_exists_or_holds_no_study(tmp_path):
+    with pytest.raises(StudyError, match=f"there is no folder {tmp_path}/none/; run a sweep first"):
+        check_storage(f"sqlite:///{tmp_path}/none/x.db", must_exist=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").touch()
+    with pytest.raises(StudyError, match=f"no study DB in {tmp_path}/empty/; run a sweep first"):
+        check_storage(f"sqlite:///{tmp_path}/empty/x.db", must_exist=True)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "empty" / "x.db").exists()

@@ -28,6 +28,7 @@ from dse.sweep import (
     Seams, compose, group_size, hold_run_dir, merge_overrides, plan_sweep, prepare_study, reap, run_folder,
     run_sweep, sweep_storage,
 )  # fmt: skip
+from dse.sweep.plan import check_budgets
 from dse.sweep.queue import fail_stale
 from conftest import free_port, write_cifar
 
@@ -563,6 +564,43 @@ def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_ro
     assert f"[worker 0] sweep.trials_per_gpu=auto: {size} on cpu (training images/s of Shallow SqueezeNext-06-0.125x" in line
     assert "1: " in line and "2: " in line
     assert group_size(_plan(data_root, tmp_path / "x.db", "sweep.trials_per_gpu=3"), {}) == 3
+
+
+def test_a_grid_over_its_size_budget_everywhere_is_refused_naming_the_smallest_model(data_root, tmp_path):
+    db = tmp_path / "x.db"
+    result = run_cli(tiny(data_root, db, "study.max_size_kb=1"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("dse.sweep: study.max_size_kb=1: every trial of space 'width' is over it; the smallest "
+                           "model of the space, Shallow SqueezeNext-06-0.125x, has ")
+    assert "latency of" not in result.stdout and not db.exists()  # refused before any measuring or writing
+
+
+def test_a_grid_partly_over_its_budgets_says_how_many_before_it_starts(data_root, tmp_path):
+    def plan(budget: str):
+        args = merge_overrides(tiny(data_root, tmp_path / "x.db"), ["space.grid={model.width:[0.125,0.4]}", budget])
+        return plan_sweep(compose(args), args)
+
+    assert check_budgets(plan("study.max_size_kb=150")) == (
+        "budget: 2 of 4 trials are over it (2 over study.max_size_kb=150); they are pruned without training")
+    timed = plan("study.max_latency_ms=1")  # the latency budget: checked once the grid's latencies are measured
+    small, large = timed.archs
+    assert check_budgets(timed) == ""
+    assert check_budgets(timed, {small: 0.5, large: 3.0}) == (
+        "budget: 2 of 4 trials are over it (2 over study.max_latency_ms=1); they are pruned without training")
+    with pytest.raises(ValueError, match="study.max_latency_ms=1: every trial of space 'width' is over it; the fastest "
+                                         "architecture of the space, Shallow SqueezeNext-06-0.125x, has 1.500 ms"):
+        check_budgets(timed, {small: 1.5, large: 3.0})
+
+
+def test_a_grid_over_its_latency_budget_everywhere_is_refused_before_the_study_is_written(data_root, tmp_path):
+    db = tmp_path / "x.db"
+    result = run_cli(tiny(data_root, db, "study.max_latency_ms=0.000001"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "latency of the 2 architecture(s)" in result.stdout  # measured, then refused before any training
+    assert result.stderr.strip().startswith("dse.sweep: study.max_latency_ms=1e-06: every trial of space 'width' is "
+                                            "over it; the fastest architecture of the space, Shallow SqueezeNext-06-0.")
+    assert not db.exists()  # so a rerun with a larger budget is no study "defined otherwise"
 
 
 # ---------------------------------------------------------------- reproducibility: no clock changes a number

@@ -6,6 +6,7 @@ per-epoch intermediate values, a quiet Ctrl-C (exit code 130) and a restart that
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from optuna.trial import TrialState
 
 from conftest import write_fashion_mnist
 from dse.latency import figures
-from dse.sweep.progress import CURVES_CHART, describe, duration, fraction_done, list_studies
+from dse.sweep.plan import workers_and_threads
+from dse.sweep.progress import CURVES_CHART, describe, duration, fraction_done, list_studies, summary, watching
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,3 +182,103 @@ def test_progress_weighs_points_by_cost_and_counts_running_epochs():
     assert describe({"model.width": 0.9, "model.activation": "relu", "train": "adam", "train.lr": 0.00312, "seed": 1}) \
         == "W=0.9 relu adam lr=0.00312 seed 1"
     assert [duration(s) for s in (45, 190, 7500)] == ["45 s", "3 min 10 s", "2 h 05 min"]
+
+
+def _pruned_study(storage: str | None = None) -> optuna.Study:
+    """A study whose two trials were both pruned over the size budget, the smaller one last."""
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=["maximize", "minimize", "minimize"])
+    for kb in (233.4, 75.5):
+        trial = study.ask()
+        trial.set_user_attr("size_mb", kb / 1e3)
+        trial.set_user_attr("pruned_reason", f"over budget: size {kb} KB > 1 KB")
+        study.tell(trial, state=TrialState.PRUNED)
+    return study
+
+
+def _running_study() -> optuna.Study:
+    """One trial finished, one at epoch 2 of 3, one queued."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.enqueue_trial({"model.width": 0.5, "seed": 0})
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    running = study.ask()
+    running.set_user_attr("epochs_planned", 3)
+    running.set_user_attr("curves", [{}, {}])
+    return study
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_off_a_terminal_progress_is_plain_lines_that_count_trials_and_epochs():
+    stream = io.StringIO()
+    with watching(_running_study(), costs=None, n_trials=13, stream=stream, every=0.05):
+        time.sleep(0.3)
+    text = stream.getvalue()
+    assert "\r" not in text and "%" not in text
+    assert text.splitlines()[0] == "sweep: 1/13 trials, epoch 2/3 of trial 1"
+    assert len(set(text.splitlines())) == len(text.splitlines())  # a line when the status changes, not every read
+
+
+def test_on_a_terminal_the_bar_counts_trials_not_a_percentage():
+    stream = _Terminal()
+    with watching(_running_study(), costs=None, n_trials=13, stream=stream, every=0.05):
+        time.sleep(0.3)
+    assert "\r" in stream.getvalue() and "1/13 trials, epoch 2/3 of trial 1" in stream.getvalue()
+    assert "%" not in stream.getvalue()
+
+
+def test_a_sweep_whose_trials_were_all_pruned_says_why_and_suggests_no_deploy():
+    end = summary(_pruned_study(), "sqlite:///studies/tiny.db", "done in 3 s: 0 complete, 2 pruned, 0 failed")
+    assert "no Pareto front, nothing to deploy: all 2 trials pruned: over budget (size 75.5 KB > 1 KB)" in end
+    assert "python -m dse.report --study tiny" in end and "make dashboard STUDY=tiny" in end
+    assert "dse.deploy" not in end
+
+
+def test_worker_and_thread_defaults_read_the_cpus_this_process_may_use():
+    assert workers_and_threads(0, 0, {0}) == (1, 1)
+    assert workers_and_threads(0, 0, {0, 1, 2, 3}) == (4, 1)
+    assert workers_and_threads(2, 0, {0, 1, 2, 3}) == (2, 2)
+    assert workers_and_threads(0, 0, {0, 1, 2, 3}, gpus=1) == (1, 4)
+    assert workers_and_threads(3, 5, {0}) == (3, 5)
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed")
+    code = ("from dse.sweep import compose, draft_plan; a = ['+space=width']; p = draft_plan(compose(a), a); "
+            "print(p.workers, p.threads)")
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1"]
+
+
+def test_list_on_a_fresh_clone_suggests_a_sweep_that_runs_offline(tmp_path, monkeypatch, capsys):
+    (tmp_path / "studies").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert list_studies(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no studies in studies/ yet; run a sweep:\n")
+    assert "python -m dse.sweep +space=width budget=quick data=fashion_mnist   # offline" in out
+    assert "python -m dse.sweep +space=width budget=quick     " in out  # CIFAR-10 as well, said to download
+
+
+def test_make_tasks_that_read_a_study_say_how_to_pick_one(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), *args, "PY=echo"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    result = make("tables")
+    assert result.returncode == 2
+    assert "pick a study: make tables STUDY=NAME [STORAGE=URL]; no study in studies/ yet: make sweep-quick " \
+           "DATA=fashion_mnist runs one offline" in result.stderr
+    (tmp_path / "studies").mkdir()
+    for name in ("width-fashion_mnist-quick", "dropout-fashion_mnist-quick"):
+        (tmp_path / "studies" / f"{name}.db").touch()
+    result = make("deploy-list")
+    assert "studies in studies/: dropout-fashion_mnist-quick, width-fashion_mnist-quick" in result.stderr
+    (tmp_path / "studies" / "dropout-fashion_mnist-quick.db").unlink()
+    result = make("deploy-list")  # the only study is the default
+    assert result.stdout.split()[:5] == ["-m", "dse.deploy", "list", "--study", "width-fashion_mnist-quick"]

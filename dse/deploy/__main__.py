@@ -15,7 +15,7 @@ from dse.deploy.export import export_front, export_trial
 from dse.deploy.onnx import ExportSettings, measure_shape
 from dse.deploy.verify import verify_bundle
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
-from dse.study import StudyError, default_storage, load_study
+from dse.study import StudyError, default_storage, load_study, trials_frame, why_no_front
 
 FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
 
@@ -30,7 +30,13 @@ def _filters(args) -> dict:
 
 
 def _front(study: optuna.Study, args):
-    return filter_front(front_frame(study), **_filters(args))
+    """The study's front within the filters; a study without a COMPLETE trial is refused, saying why it has none."""
+    front = front_frame(study)
+    if front.empty:
+        why = why_no_front(trials_frame(study))
+        then = ("" if why.startswith("all ") else "; run or finish its sweep first")
+        raise DeployError(f"study {study.study_name!r} has no COMPLETE trial, so no Pareto front: {why}{then}")
+    return filter_front(front, **_filters(args))
 
 
 def cmd_list(args) -> int:

@@ -7,7 +7,7 @@ import sys
 
 from dse.report.frame import load_studies
 from dse.report.write import FORMATS, write_report
-from dse.study import StudyError
+from dse.study import StudyError, why_no_front
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     except (StudyError, ValueError, OSError) as e:
         print(f"dse.report: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    complete = int((data.trials["state"] == "COMPLETE").sum())
+    complete = int((data.trials["state"] == "COMPLETE").sum()) if len(data.trials) else 0
     print(f"report of {data.name} ({complete} complete of {len(data.trials)} trials) in {folder}/: "
           f"index.md (every trial first), trials, configs and table1-7 ({', '.join(args.formats)}), figure9.png, pareto.png")
+    if not complete:
+        print(f"no complete trial: {why_no_front(data.trials)}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ error bars are drawn, and promised, only where several seeds ran."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +24,7 @@ from dse.paper import load_paper
 from dse.report.results import label, varying
 from dse.report.tables import DATASETS, PAPER_TABLES
 
-__all__ = ["PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]
+__all__ = ["EMPTY", "PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]
 
 # Figure 9's panels: (title, the paper's panel, registry families, the paper's baseline models first).
 PANELS = (
@@ -32,6 +33,7 @@ PANELS = (
     ("Shallow SqueezeNext", "c", ("shallow_squeezenext",), ("Shallow SqueezeNext-14-1.5x",)),
 )
 DPI = 110
+EMPTY = "no finished trials yet: run (or finish) the sweep, then regenerate"  # what a figure of no trial says
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, not 2x10^-1
 
 
@@ -81,22 +83,22 @@ def _curves(done: pd.DataFrame, group: dict) -> pd.DataFrame:
     return frame.assign(train_acc=100 * frame["train_acc"], val_acc=100 * frame["val_acc"])
 
 
-def _nothing(path: Path, title: str) -> None:
+def _nothing(path: Path, title: str, why: str) -> None:
     fig = Figure(figsize=(7, 2.5), layout="constrained")
     ax = fig.subplots()
     ax.set_axis_off()
-    ax.text(0.5, 0.5, "no finished trials yet: run (or finish) the sweep, then regenerate", ha="center", va="center")
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(why, 80)), ha="center", va="center")
     fig.suptitle(title)
     fig.savefig(path, dpi=DPI)
 
 
-def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path) -> list[str]:
+def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path, *, empty: str = EMPTY) -> list[str]:
     """Write Figure 9 to `path`: one panel per model family the studies ran (mean over seeds, band = min to
-    max where several seeds ran); return what each panel shows."""
+    max where several seeds ran), or the line `empty` where they have none; return what each panel shows."""
     title = "Figure 9: training and validation accuracy per epoch"
     picked = [(t, g, k) for t, g, k in pick_figure9(groups) if not _curves(done, g).empty]
     if not picked:
-        _nothing(path, title)
+        _nothing(path, title, empty)
         return []
     title += f"\n({_band([g['n'] for _, g, _ in picked])})"
     swept = varying(groups.to_dict("records"))
@@ -206,14 +208,15 @@ def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
     return [], [order[best[0]]]
 
 
-def plot_pareto(groups: pd.DataFrame, path: Path) -> list[str]:
+def plot_pareto(groups: pd.DataFrame, path: Path, *, empty: str = EMPTY) -> list[str]:
     """Write the Pareto plot to `path`: validation accuracy vs fp32 size, one panel per dataset, colour = batch-1
     latency, the (accuracy, size) front drawn, every point labelled, points non-dominated in all three objectives ringed,
     the paper's published points overlaid where it has them. A panel whose models all have one size plots
-    accuracy against the swept knobs instead. Return the front's labels."""
+    accuracy against the swept knobs instead; the line `empty` where there is nothing to plot. Return the front's
+    labels."""
     title = "Accuracy vs model size: our experiments"
     if groups.empty:
-        _nothing(path, title)
+        _nothing(path, title, empty)
         return []
     datasets = sorted(set(groups["dataset"]), key=lambda d: (d != "cifar10", d))
     fig = Figure(figsize=(2 + 7 * len(datasets), 6.2), layout="constrained")

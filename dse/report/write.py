@@ -18,6 +18,7 @@ from dse.report.frame import MEASURED_ALONE, StudyData, aggregate, completed
 from dse.report.plots import plot_figure9, plot_pareto
 from dse.report.results import configs_table, shown_configs, shown_trials, trials_table
 from dse.report.tables import DATASETS, PAPER_TABLES, compare, deployments, devices, formatted, notes, title
+from dse.study import why_no_front
 
 __all__ = ["FORMATS", "write_report"]
 
@@ -48,8 +49,9 @@ def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence
             write_line(folder, f"table{table}", title(table), other, lines, formats)
         else:
             write_table(folder, f"table{table}", title(table), lines, formatted(lines, table), notes(lines, table), formats)
-    figure9 = plot_figure9(done, groups, folder / "figure9.png")
-    front = plot_pareto(groups, folder / "pareto.png")
+    empty = f"no complete trial: {why_no_front(data.trials)}"
+    figure9 = plot_figure9(done, groups, folder / "figure9.png", empty=empty)
+    front = plot_pareto(groups, folder / "pareto.png", empty=empty)
     (folder / "index.md").write_text(index(data, done, ours, tables, formats, figure9, front))
     return folder
 
@@ -245,8 +247,11 @@ def index(data: StudyData, done: pd.DataFrame, ours: dict[str, pd.DataFrame], ta
     out = [f"# Report: {data.name}", "",
            "Regenerated from the study DB(s) alone by `python -m dse.report`; the same DBs give the same report.", ""]
     if done.empty:
-        out += ["**No finished trials yet**: the tables list the paper's rows with none of ours ('not run') and the "
-                "figures say so. Run (or finish) the sweep, then regenerate.", ""]
+        why = why_no_front(data.trials)
+        then = ("the pruned trials and why are listed below" if why.startswith("all ")
+                else "run (or finish) the sweep, then regenerate")
+        out += [f"**No complete trial**: {why}. The tables list the paper's rows with none of ours ('not run') and the "
+                f"figures say so; {then}.", ""]
     out += _ours(data, ours, formats)
     out += ["## Studies", "", _studies_table(data), "", "## The paper's tables", ""]
     out += _paper_tables(tables, done, formats)

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import optuna
 import torch
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 from dse.config import SpaceConfig, StudyConfig, SweepConfig, to_object
 from dse.data import Splits, load_data
 from dse.identity import architecture
-from dse.measure import count_macs
-from dse.models import build_model
+from dse.latency import build
+from dse.measure import count_macs, state_dict_bytes
+from dse.models import ModelConfig, build_model, paper_name
 from dse.storage import check_storage
 from dse.study import check_workdir, default_storage, study_workdir
 from dse.sweep.compose import (
@@ -25,8 +27,8 @@ from dse.sweep.compose import (
     quote, trial_identity, trial_overrides, typed,
 )  # fmt: skip
 
-__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "draft_plan", "plan_sweep", "training_cost",
-           "definition", "make_sampler", "make_pruner"]
+__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "usable_cpus", "workers_and_threads", "draft_plan",
+           "plan_sweep", "training_cost", "check_budgets", "definition", "make_sampler", "make_pruner"]
 
 GRID, SAMPLED = "grid", "sampled"  # a plan's modes: a queue of every grid trial, or trials TPE/NSGA-II sample
 
@@ -54,6 +56,7 @@ class Plan:
     cost: list[float] = field(default_factory=list)  # each grid trial's training MACs: queued largest first
     definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
     archs: dict[str, dict] = field(default_factory=dict)  # the grid's inference graphs: latency key -> spec
+    arch_of: list[str] = field(default_factory=list)  # each grid trial's key in `archs`
 
     def overrides(self, params: dict) -> list[str]:
         """A trial's Hydra overrides: space < point extras < command line < study < the trial's knobs."""
@@ -99,6 +102,22 @@ def _cell_label(params: dict) -> str:
     return params.get("point") or ", ".join(f"{k}={v}" for k, v in params.items() if k != "seed")
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (`taskset`, cgroup cpusets), not every core of the machine."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def workers_and_threads(workers: int, threads: int, cpus: set[int], gpus: int = 0) -> tuple[int, int]:
+    """`sweep.workers` and `sweep.threads`, their 0 (auto) resolved: a worker per GPU, else per usable CPU, and the
+    usable CPUs shared out among the workers."""
+    cores = max(1, len(cpus))
+    workers = workers or gpus or cores
+    return workers, threads or max(1, cores // workers)
+
+
 def draft_plan(cfg: DictConfig, cli: list[str]) -> Plan:
     """The Plan as far as the config alone decides it, reading no data and writing nothing: the space and its mode
     (grid or sampled), every grid trial's params and the space's total, the study's name, storage and workdir,
@@ -117,14 +136,13 @@ def draft_plan(cfg: DictConfig, cli: list[str]) -> Plan:
         check_workdir(workdir)
     fixed = [f"study.name={quote(study.name)}", f"study.storage={quote(storage)}"]
     _check_cli(space, cli, merge_overrides(static, cli, fixed))
-    cores = os.cpu_count() or 1
-    workers = sweep.workers or (torch.cuda.device_count() or cores)
+    workers, threads = workers_and_threads(sweep.workers, sweep.threads, usable_cpus(), torch.cuda.device_count())
     mode = GRID if space.sampler == "grid" else SAMPLED
     grid = grid_params(space, seeds) if mode == GRID else []
     return Plan(
         study_name=study.name, storage=storage, workdir=str(workdir),
         static=static, cli=cli, fixed=fixed, space=asdict(space), study=asdict(study), workers=workers,
-        threads=sweep.threads or max(1, cores // workers), progress=sweep.progress, group_size=sweep.group_size,
+        threads=threads, progress=sweep.progress, group_size=sweep.group_size,
         mode=mode, total=len(grid) if mode == GRID else space.n_trials, grid=grid, seeds=seeds,
     )  # fmt: skip
 
@@ -149,9 +167,46 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
         _check_data(setup, loaded[data_key(setup.data)], study)
     if plan.mode == GRID:
         plan.cost = [training_cost(s, loaded[data_key(s.data)]) for s in setups.values() for _ in plan.seeds]
-        plan.archs = dict(_architecture(s, loaded[data_key(s.data)]) for s in setups.values())
+        keys = [_architecture(s, loaded[data_key(s.data)]) for s in setups.values()]
+        plan.archs = dict(keys)
+        plan.arch_of = [key for key, _ in keys for _ in plan.seeds]
+        check_budgets(plan)
     plan.definition = definition(space, plan.seeds, study, setups)
     return plan
+
+
+def check_budgets(plan: Plan, latency_ms: Mapping[str, float] | None = None) -> str:
+    """A grid's trials against the study's budgets before any is trained: fp32 `state_dict` size (every
+    architecture built once, weights do not change it) and, given the measured `latency_ms` by architecture key,
+    latency. A grid whose every trial is over a budget is refused (ValueError naming the smallest figure the space
+    has); else one line saying how many trials are over (pruned without training), or '' when none is."""
+    study = plan.study_cfg
+    if plan.mode != GRID or not plan.arch_of or not (study.max_size_kb or study.max_latency_ms and latency_ms):
+        return ""
+    budgets = []  # (setting, limit, unit, figure by architecture key)
+    if study.max_size_kb:
+        sizes = {k: state_dict_bytes(build(spec)[0]) / 1e3 for k, spec in plan.archs.items()}
+        budgets.append(("max_size_kb", study.max_size_kb, "KB", "smallest model", sizes))
+    if study.max_latency_ms and latency_ms:
+        budgets.append(("max_latency_ms", study.max_latency_ms, "ms", "fastest architecture", latency_ms))
+    over = [False] * len(plan.arch_of)
+    counts = []
+    for setting, limit, unit, best, figure in budgets:
+        key = min(plan.arch_of, key=lambda k: figure[k])
+        if figure[key] > limit:
+            name = paper_name(ModelConfig(**plan.archs[key]["model"]))
+            raise ValueError(
+                f"study.{setting}={limit:g}: every trial of space {plan.space['name']!r} is over it; the {best} of the "
+                f"space, {name}, has {figure[key]:.{1 if unit == 'KB' else 3}f} {unit}; raise study.{setting} or "
+                "sweep a space of smaller models"
+            )
+        mine = [figure[k] > limit for k in plan.arch_of]
+        over = [a or b for a, b in zip(over, mine)]
+        counts.append(f"{sum(mine)} over study.{setting}={limit:g}" if any(mine) else "")
+    if not any(over):
+        return ""
+    return (f"budget: {sum(over)} of {len(over)} trials are over it ({', '.join(c for c in counts if c)}); they are "
+            "pruned without training")
 
 
 def training_cost(setup: TrialSetup, splits: Splits) -> float:

@@ -5,6 +5,7 @@ studies under studies/ (`--list`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TextIO
 
 import optuna
 import pandas as pd
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dse.front import front_frame
 from dse.storage import open_readonly
-from dse.study import FINISHED, STUDIES, StudyError, default_storage, load_study
+from dse.study import FINISHED, STUDIES, StudyError, default_storage, load_study, trials_frame, why_no_front
 from dse.sweep.plan import params_key
 from dse.sweep.queue import INTERRUPTED
 
@@ -32,6 +33,12 @@ __all__ = ["CURVES_CHART", "describe", "params_of", "trial_line", "fraction_done
 CURVES_CHART = "validation-accuracy-per-epoch"  # its id among the study's optuna-dashboard charts
 # How the sweep's params are named in its lines (the report's column names); others show as key=value.
 SHORT = {"model.width": "W", "model.blocks": "R", "model.dropout": "p", "train.lr": "lr"}
+# What `--list` suggests on a fresh clone: a sweep that runs offline, and the paper's dataset, which downloads.
+FIRST_SWEEPS = (
+    "  python -m dse.sweep +space=width budget=quick data=fashion_mnist   # offline: Fashion-MNIST from Debian's "
+    "dataset-fashion-mnist package or data/fashion_mnist/\n"
+    "  python -m dse.sweep +space=width budget=quick                      # CIFAR-10, downloaded into data/"
+)
 BARE = ("point", "model", "model.activation", "train", "data")  # values that name themselves: 'relu', 'adam'
 
 
@@ -102,51 +109,91 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> str:
+def _status(trials: Sequence[FrozenTrial], total: int, shown: int = 3) -> tuple[float, str]:
+    """Trials done (running ones by their share of epochs) and the line that says so: '3/13 trials, epoch 2/3 of
+    trial 4 (W=0.9)'."""
     finished = sum(t.state in FINISHED for t in trials)
-    running = [t for t in trials if t.state == TrialState.RUNNING]
+    running = sorted((t for t in trials if t.state == TrialState.RUNNING), key=lambda t: t.number)
     what = []
-    for t in sorted(running, key=lambda t: t.number)[:shown]:
-        planned = t.user_attrs.get("epochs_planned")
-        epochs = f"epoch {len(t.user_attrs.get('curves') or [])}/{planned}" if planned else "starting"
+    for t in running[:shown]:
+        planned, epochs = t.user_attrs.get("epochs_planned"), len(t.user_attrs.get("curves") or [])
         swept = describe({k: v for k, v in params_of(t).items() if k != "seed"})
-        what.append(" ".join(p for p in (f"#{t.number}", swept, epochs) if p))
-    more = f" +{len(running) - shown}" if len(running) > shown else ""
-    return f"{finished}/{total} trials done" + (f"; running {', '.join(what)}{more}" if running else "")
+        at = f"epoch {epochs}/{planned} of trial {t.number}" if planned else f"trial {t.number} starting"
+        what.append(at + (f" ({swept})" if swept else ""))
+    more = f" +{len(running) - shown} running" if len(running) > shown else ""
+    return finished + sum(_done_part(t) for t in running), ", ".join([f"{finished}/{total} trials", *what]) + more
+
+
+class _Bar:
+    """On a terminal: a bar rewritten in place, the trial lines above it."""
+
+    def __init__(self, stream: TextIO, total: int):
+        self.bar = tqdm(total=total, file=stream, bar_format="sweep |{bar:20}| {desc}", mininterval=0.5,
+                        dynamic_ncols=True)
+
+    def show(self, done: float, text: str, final: bool = False) -> None:
+        self.bar.set_description_str(text, refresh=False)
+        self.bar.update(done - self.bar.n)  # prints the line (at most every mininterval)
+
+    def line(self, text: str) -> None:
+        tqdm.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Lines:
+    """Into a log file or a pipe: plain lines, never a carriage return; the status when it changed, at most every
+    `every` seconds (and at the end)."""
+
+    def __init__(self, stream: TextIO, every: float = 30.0):
+        self.stream, self.every, self.last, self.at = stream, every, "", -math.inf
+
+    def show(self, done: float, text: str, final: bool = False) -> None:
+        if text != self.last and (final or time.monotonic() - self.at >= self.every):
+            print(f"sweep: {text}", file=self.stream, flush=True)
+            self.last, self.at = text, time.monotonic()
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 @contextmanager
 def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: int, enabled: bool = True,
-             every: float = 2.0) -> Iterator[None]:
-    """A progress bar while the block runs: the share of the sweep's work done (epochs of running trials
-    included, grid points weighed by their training cost), the trials running with their epoch, and the time
-    left at the rate of this run; above it, a `trial_line` per trial that ends. It reads the study every `every`
-    seconds from a thread, so workers in other processes (or this one) show alike, and only this process writes
-    to the terminal (lines from several processes would tear the bar)."""
+             every: float = 2.0, stream: TextIO | None = None) -> Iterator[None]:
+    """Where the sweep stands while the block runs: trials done of the space's, the epoch each running trial is at,
+    and the time left at the rate of this run (grid points weighed by their training cost); a `trial_line` per trial
+    that ends. On a terminal (`stream`, default stderr) a bar rewritten in place with the lines above it; else plain
+    lines (a log file gets no carriage returns). It reads the study every `every` seconds from a thread, so workers
+    in other processes (or this one) show alike, and only this process writes the status (lines from several
+    processes would tear the bar)."""
     if not enabled:
         yield
         return
+    stream = sys.stderr if stream is None else stream
     total = len(costs) if costs else n_trials
-    bar = tqdm(total=1000, bar_format="sweep {percentage:3.0f}%|{bar:20}| {desc}",
-               mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    display = _Bar(stream, total) if stream.isatty() else _Lines(stream)
     started, stop = time.monotonic(), threading.Event()
     trials = study.get_trials(deepcopy=False)
     first, shown = fraction_done(trials, costs, n_trials), {t.number for t in trials if _ended(t)}
 
-    def update(lines: bool = True) -> None:
+    def update(lines: bool = True, final: bool = False) -> None:
         trials = study.get_trials(deepcopy=False)
         ended = [t for t in trials if _ended(t) and t.number not in shown]
         for t in ended if lines else []:
             shown.add(t.number)
             if t.user_attrs.get("fail_reason") != INTERRUPTED:
-                tqdm.write(trial_line(t))
+                display.line(trial_line(t))
         if ended and lines:
             save_curves_chart(study, trials)
-        done = fraction_done(trials, costs, n_trials)
+        done, text = _status(trials, total)
+        work = fraction_done(trials, costs, n_trials)
         elapsed = time.monotonic() - started
-        left = f"about {duration((1 - done) * elapsed / (done - first))} left" if done > first and done < 1 else ""
-        bar.set_description_str(" | ".join(p for p in (_status(trials, total), left) if p), refresh=False)
-        bar.update(round(1000 * done) - bar.n)  # prints the line (at most every mininterval)
+        left = f"about {duration((1 - work) * elapsed / (work - first))} left" if first < work < 1 else ""
+        display.show(done, " | ".join(p for p in (text, left) if p), final)
 
     def loop() -> None:
         pause = every
@@ -154,7 +201,7 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
             start = time.monotonic()
             try:
                 update()
-            except Exception:  # a busy or unreachable storage: the workers' own retries decide; the bar waits
+            except Exception:  # a busy or unreachable storage: the workers' own retries decide; the status waits
                 pass
             pause = max(every, 10 * (time.monotonic() - start))  # a large study is read less often
 
@@ -168,9 +215,9 @@ def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: i
         stop.set()
         thread.join()
         try:
-            update(lines=finished)  # no lines for the trials an interrupted sweep failed
+            update(lines=finished, final=True)  # no lines for the trials an interrupted sweep failed
         finally:
-            bar.close()
+            display.close()
 
 
 def _ended(trial: FrozenTrial) -> bool:
@@ -215,21 +262,26 @@ def start_line(study: optuna.Study, storage: str, total: int, workers: int, thre
             f"{workers} worker(s) x {threads} thread(s)")
 
 
-def _commands(name: str, storage: str) -> list[str]:
+def _commands(name: str, storage: str, front: bool = True) -> list[str]:
+    """The next commands: the report, deploy (only with a front: without one it has nothing to list) and the
+    dashboard."""
     where = "" if storage == default_storage(name) else f" --storage {shlex.quote(storage)}"
     dashboard = (f"make dashboard STUDY={name}" if not where
                  else f"make dashboard STUDY={name} STORAGE={shlex.quote(storage)}")
-    return [
-        f"  python -m dse.report --study {name}{where}        # every trial, tables and figures into reports/{name}/",
+    deploy = [
         f"  python -m dse.deploy list --study {name}{where}   # the Pareto front, with filters",
         f"  python -m dse.deploy export --study {name}{where} --pick most-accurate   # a bundle for the board",
-        f"  {dashboard}   # optuna-dashboard: curves, params, the front",
+    ]
+    return [
+        f"  python -m dse.report --study {name}{where}        # every trial, tables and figures into reports/{name}/",
+        *(deploy if front else []),
+        f"  {dashboard}   # optuna-dashboard: curves, params" + (", the front" if front else ""),
     ]
 
 
 def summary(study: optuna.Study, storage: str, counts: str) -> str:
     """The end of a sweep: its `counts` line (the sweep's tally), the front as a short table (with what each
-    trial swept), the next commands."""
+    trial swept) or why there is none (`why_no_front`), the next commands that work on what the study holds."""
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state for t in trials)
     finished = {params_key(params_of(t)) for t in trials if t.state in FINISHED}
@@ -248,7 +300,9 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
                   f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False, disable_numparse=True)]
         if front["under_load"].any():
             lines.append("† latency measured under load (other processes kept the cores busy)")
-    lines += ["next:", *_commands(study.study_name, storage)]
+    else:
+        lines.append(f"no Pareto front, nothing to deploy: {why_no_front(trials_frame(study))}")
+    lines += ["next:", *_commands(study.study_name, storage, front=bool(len(front)))]
     return "\n".join(lines)
 
 
@@ -286,7 +340,7 @@ def list_studies(argv: Sequence[str]) -> int:
         print(f"dse.sweep: {' '.join(str(e).split())}{hint}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"no studies in {STUDIES}/ yet; run a sweep: python -m dse.sweep +space=width budget=quick")
+        print(f"no studies in {STUDIES}/ yet; run a sweep:\n{FIRST_SWEEPS}")
         return 0
     print(pd.DataFrame(rows).to_markdown(index=False))
     return 0

@@ -1,6 +1,6 @@
-"""Running a planned sweep: prepare the study (create or check it, queue what is missing), measure the grid's
-latencies, run the workers (this process, or spawned ones that are reaped when they die; Ctrl-C passed on) under
-a progress bar, and sum up."""
+"""Running a planned sweep: measure the grid's latencies and check its budgets, prepare the study (create or check
+it, queue what is missing), run the workers (this process, or spawned ones that are reaped when they die; Ctrl-C
+passed on) under a progress bar, and sum up."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from tqdm.auto import tqdm
 
 import dse
 from dse.config import register_schemas
-from dse.latency import build, ensure
-from dse.storage import live_trial, storage_lock, transient
-from dse.study import claim_workdir, create_or_check_study
-from dse.sweep.plan import Plan, make_sampler
+from dse.latency import ATTR, build, ensure, figures
+from dse.storage import StudyError, live_trial, storage_lock, transient
+from dse.study import claim_workdir, create_or_check_study, load_study
+from dse.sweep.plan import Plan, check_budgets, make_sampler
 from dse.sweep.progress import duration, save_curves_chart, start_line, summary, watching
 from dse.sweep.queue import Outcome, enqueue_missing, fail_stale, fail_trial, next_step, sweep_storage, tally
 from dse.sweep.worker import Seams, work
 
-__all__ = ["prepare_study", "run_sweep", "measure_grid_latency", "reap", "interrupted"]
+__all__ = ["prepare_study", "run_sweep", "measure_grid_latency", "keep_figures", "reap", "interrupted"]
 
 
 def prepare_study(plan: Plan, *, seams: Seams = Seams()) -> tuple[optuna.Study, int]:
@@ -46,21 +46,26 @@ def prepare_study(plan: Plan, *, seams: Seams = Seams()) -> tuple[optuna.Study, 
 
 
 def run_sweep(plan: Plan, *, seams: Seams = Seams()) -> Outcome:
-    """Prepare the study, measure the grid's latencies, run the workers with a progress bar, print a summary
+    """Measure the grid's latencies and check its budgets (a grid whose every trial is over one is refused
+    before anything is written), prepare the study, run the workers with a progress bar, print a summary
     (counts, the front, the next commands); return the outcome. `seams` reach a sweep of one worker, which
     runs in this process."""
     if seams != Seams() and plan.workers != 1:
         raise ValueError(f"seams reach the worker in this process only; plan.workers={plan.workers} must be 1")
+    measured = measure_grid_latency(plan)
+    budget = check_budgets(plan, {k: f["ms"] for k, f in measured.items()})
     study, _ = prepare_study(plan, seams=seams)
+    keep_figures(study, measured)
     claim_workdir(Path(plan.workdir))
     print(start_line(study, plan.storage, plan.total, plan.workers, plan.threads), flush=True)
+    if budget:
+        print(budget, flush=True)
     started = time.perf_counter()
     if next_step(study, plan) == "done":
         print("nothing to do: every trial of the space is finished", flush=True)
         outcome = tally(study, plan)
         print(summary(study, plan.storage, outcome.counts()), flush=True)
         return outcome
-    measure_grid_latency(study, plan)
     died: list[str] = []
     with watching(study, costs=plan.costs(), n_trials=plan.total, enabled=plan.progress):
         if plan.workers == 1:
@@ -78,17 +83,40 @@ def run_sweep(plan: Plan, *, seams: Seams = Seams()) -> Outcome:
     return outcome
 
 
-def measure_grid_latency(study: optuna.Study, plan: Plan) -> None:
-    """Before any training: the latency of every architecture of the grid the study has no figure of, in one
-    sitting in this process (interleaved, so they compare), training of other sweeps on this machine paused."""
+def measure_grid_latency(plan: Plan) -> dict[str, dict]:
+    """Before any training and before anything is written: the latency figure of every architecture of the grid
+    (key -> figure), those the study holds read, the others measured in one sitting in this process (interleaved,
+    so they compare), training of other sweeps on this machine paused. They are measured into a study in memory:
+    `keep_figures` stores them once the study is created or checked, so a grid refused for its latency budget
+    leaves no study behind (one defined with that budget would refuse the next run's)."""
     if not plan.archs:
-        return
+        return {}
+    scratch = optuna.create_study(study_name=plan.study_name)  # in memory
+    for key, figure in _held_figures(plan).items():
+        scratch.set_user_attr(ATTR + key, figure)
     how = "before training, in one sitting by the sweep's main process, training on this machine paused"
-    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how)
-    loaded = sum(f["under_load"] for f in figures.values())
-    ms = [f["ms"] for f in figures.values()]
-    print(f"latency of the {len(figures)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"
+    measured = ensure(scratch, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how)
+    loaded = sum(f["under_load"] for f in measured.values())
+    ms = [f["ms"] for f in measured.values()]
+    print(f"latency of the {len(measured)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"
           + (f"; {loaded} measured under load (other processes kept the cores busy)" if loaded else ""), flush=True)
+    return measured
+
+
+def _held_figures(plan: Plan) -> dict[str, dict]:
+    """The latency figures the study holds already; none when it does not exist yet."""
+    try:
+        return figures(load_study(plan.study_name, plan.storage).user_attrs)
+    except StudyError:
+        return {}
+
+
+def keep_figures(study: optuna.Study, measured: dict[str, dict]) -> None:
+    """Store on the study the figures it lacks (those `measure_grid_latency` measured)."""
+    held = figures(study.user_attrs)
+    for key, figure in measured.items():
+        if key not in held:
+            study.set_user_attr(ATTR + key, figure)
 
 
 def interrupted(signum, frame) -> None:
