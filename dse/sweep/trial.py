@@ -10,6 +10,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,9 +66,10 @@ def worker_id() -> str:
 
 
 def worker_settings(setup: TrialSetup, plan: Plan) -> TrialSetup:
-    """The trainer's settings this worker decides (they change no result): its threads, a bar for one worker."""
+    """The trainer's settings this worker decides (they change no result): its threads, a bar for one worker on a
+    terminal (a log file gets no carriage returns)."""
     setup.train.threads = plan.threads
-    setup.train.progress = setup.train.progress and plan.progress and plan.workers == 1
+    setup.train.progress = setup.train.progress and plan.progress and plan.workers == 1 and sys.stderr.isatty()
     return setup
 
 
