@@ -671,3 +671,12 @@ def test_a_study_whose_space_file_changed_under_the_same_name_is_refused(data_ro
     space.write_text(OWN_SPACE.replace("[0.125, 0.2]", "[0.125, 0.3]"))
     with pytest.raises(StudyError, match=r"study 'own-cifar10-quick' .* was defined otherwise .*Nothing was written"):
         prepare_study(plan_sweep(compose(args), args))
+
+
+def test_config_dir_adds_a_config_folder_as_hydra_s_flag_does(data_root, tmp_path):
+    (tmp_path / "myconf" / "space").mkdir(parents=True)
+    (tmp_path / "myconf" / "space" / "own.yaml").write_text(OWN_SPACE)
+    args = [*_without_space(tiny(data_root, tmp_path / "x.db")), "+space=own", "space.grid={model.widht:[0.2]}"]
+    result = run_cli(["--config-dir", str(tmp_path / "myconf"), *args])  # found, then refused for its grid's key
+    assert result.returncode != 0 and result.stderr.startswith("dse.sweep: space 'own': grid key model.widht:")
+    assert not (tmp_path / "x.db").exists()
