@@ -94,6 +94,7 @@ def test_portable_overrides_compose_alike_from_any_folder_and_environment(folder
         (["data=cifar11"], "data=cifar11: Could not find 'data/cifar11'; did you mean cifar10? (data: cifar10, "),
         (["model.widht=0.5"], "model.widht=0.5: model has no key 'widht'; did you mean width?"),
         (["train.lrr=0.1"], "train.lrr=0.1: train has no key 'lrr'; did you mean lr?"),
+        (["+model.widht=0.5"], "+model.widht=0.5: model has no key 'widht'; did you mean width?"),  # not added
         (["trian.lr=0.1"], "trian.lr=0.1: no key or config group 'trian'; did you mean train?"),
         (["study.pruning.bse=2"], "study.pruning.bse=2: study.pruning has no key 'bse'; did you mean base?"),
         (["train.lr=abc"], "train.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
@@ -124,3 +125,11 @@ def test_a_key_is_a_schema_key_a_config_group_or_inside_a_free_dict():
     assert key_problem("model.width") is None and key_problem("train") is None and key_problem("budget") is None
     assert key_problem("train.optimizer_kwargs.momentum") is None
     assert key_problem("model.widht") == "model has no key 'widht'; did you mean width?"
+
+
+def test_an_error_in_a_space_file_names_the_file_and_the_closest_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(SPACE.replace("grid:", "gird:"))
+    with pytest.raises(ValueError) as e:
+        compose([f"+space={path}"])
+    assert str(e.value) == f"+space='{path}': space has no key 'gird'; did you mean grid?"

@@ -236,8 +236,14 @@ def key_problem(key: str, overrides: list[str] = ()) -> str | None:
     return None
 
 
+def _found(pattern: str, text: str) -> str | None:
+    match = re.search(pattern, text)
+    return next((g for g in match.groups() if g), None) if match else None
+
+
 def _explain(error: Exception, overrides: list[str]) -> str:
-    """Hydra's composition error as one line: the override, what is wrong, the closest valid names."""
+    """Hydra's composition error as one line: the override (or the config file) at fault, what is wrong, the
+    closest valid names."""
     text, cause = str(error), error.__cause__
     missing = re.search(r"Could not find '(.+)/([^/']+)'", text)
     if missing:
@@ -245,13 +251,14 @@ def _explain(error: Exception, overrides: list[str]) -> str:
         given = next((o for o in overrides if override_key(o) == group), f"{group}={name}")
         options = group_options(group, overrides)
         return f"{given}: Could not find '{group}/{name}'{_close(name, options)} ({group}: {', '.join(options)})"
-    named = re.search(r"override (?:'([^']+)'|(\S+?)=)", text)
-    key = (named.group(1) or named.group(2)) if named else getattr(cause, "full_key", None) or ""
-    given = next((o for o in overrides if override_key(o) == key), key)
-    full_key = getattr(cause, "full_key", None)
+    full_key = getattr(cause, "full_key", None) or _found(r"full_key: (\S+)", text)
     problem = key_problem(full_key, overrides) if full_key else None
-    if problem is None:
-        problem = str(cause or error).splitlines()[0]
+    if problem is None:  # not a key: the error's own first line (after Hydra's "In 'x': ... raised" header)
+        lines = str(cause or error).splitlines()
+        problem = lines[1] if len(lines) > 1 and lines[0].endswith("while composing config:") else lines[0]
+    # The override at fault, or the override that picked the config file at fault (`In 'space/mine': ...`).
+    key = _found(r"override (?:'([^']+)'|[+~]*([\w.]+))", text) or _found(r"^In '([^'/]+)/", text)
+    given = next((o for o in overrides if key and override_key(o) == key), key)
     return f"{given}: {problem}" if given else problem
 
 
@@ -298,6 +305,9 @@ def compose(overrides: list[str]) -> DictConfig:
     given, whole = [], []
     for override in overrides:
         _parse(override)
+        problem = key_problem(override_key(override), overrides)
+        if problem:  # before Hydra, which would add an unknown key after a `+` and advise one otherwise
+            raise ValueError(f"{override}: {problem}")
         path = _space_file(override)
         if override_key(override) in _WHOLE:
             whole.append(override)
