@@ -176,11 +176,26 @@ class SpaceConfig:
             raise ValueError(f"space {self.name!r}: sampler={self.sampler!r} needs `search` and n_trials >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"space {self.name!r}: seeds={self.seeds} must list at least one seed, each once")
-        for key, values in self.grid.items():
+        self.check_grid(self.name, self.grid)
+        self.check_search(self.name, self.search)
+
+    @staticmethod
+    def check_grid(name: str, grid: Any) -> None:
+        """A grid maps each key to a non-empty list of finite values; raises ValueError naming the bad entry."""
+        if not isinstance(grid, dict):
+            raise ValueError(f"space {name!r}: grid={grid!r} must map keys to lists, e.g. {{model.width: [0.2, 0.4]}}")
+        for key, values in grid.items():
             if not isinstance(values, list) or not values or not all(map(finite, values)):
-                raise ValueError(f"space {self.name!r}: grid {key}={values!r} must be a non-empty list of finite values")
-        for key, dist in self.search.items():
-            _check_distribution(self.name, key, dist)
+                raise ValueError(f"space {name!r}: grid {key}={values!r} must be a non-empty list of finite values")
+
+    @staticmethod
+    def check_search(name: str, search: Any) -> None:
+        """A TPE/NSGA-II search maps each key to a distribution; raises ValueError naming the bad entry."""
+        if not isinstance(search, dict):
+            example = "{model.width: {low: 0.2, high: 2}}"
+            raise ValueError(f"space {name!r}: search={search!r} must map keys to distributions, e.g. {example}")
+        for key, dist in search.items():
+            _check_distribution(name, key, dist)
 
 
 def finite(value: Any) -> bool:

@@ -694,3 +694,120 @@ def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(t
     assert _curves(killed) == _curves(whole) and len(_curves(whole)) == 4
     resumed = [t.user_attrs["resumed_from"] for t in killed.get_trials() if t.state == TrialState.COMPLETE]
     assert all(r >= 1 for r in resumed) and [t.state for t in killed.get_trials()].count(TrialState.FAIL) == 4
+
+
+# ---------------------------------------------------------------- spaces of one's own, errors of one line
+
+OWN_SPACE = """\
+defaults:
+  - schema
+  - _self_
+name: own
+seeds: [0]
+overrides: [model=shallow_squeezenext, "model.blocks=[1,1,1,1]"]
+grid:
+  model.width: [0.125, 0.2]
+"""
+
+
+def _without_space(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(("+space=", "space.grid=", "space.seeds="))]
+
+
+@pytest.mark.parametrize("how", ["searchpath", "path"])
+def test_a_space_file_outside_the_checkout_runs_with_two_workers(data_root, tmp_path, how):
+    (tmp_path / "myconf" / "space").mkdir(parents=True)
+    (tmp_path / "myconf" / "space" / "own.yaml").write_text(OWN_SPACE)
+    db = tmp_path / "own.db"
+    by = {"searchpath": ["+space=own", "hydra.searchpath=[file://myconf]"], "path": ["+space=myconf/space/own.yaml"]}
+    space = by[how]
+    args = [*_without_space(tiny(data_root, db, "sweep.workers=2")), *space]
+    # From the user's folder (relative paths), with this checkout's dse: the workers must find the space too.
+    result = subprocess.run([sys.executable, "-m", "dse.sweep", *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(db, "own-cifar10-quick")
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 2
+    assert sorted(t.params["model.width"] for t in done) == [0.125, 0.2]
+    assert len({t.user_attrs["worker"] for t in done}) >= 1
+    study = optuna.load_study(study_name="own-cifar10-quick", storage=f"sqlite:///{db}")
+    assert study.user_attrs["definition"]["space"]["grid"] == {"model.width": [0.125, 0.2]}
+
+
+def test_an_activation_by_width_grid_from_the_command_line_runs_and_its_trials_carry_both_params(tmp_path):
+    from sweeps import run_tiny_sweep
+
+    grid = "space.grid={model.activation:[elu,relu],model.width:[0.125,0.2]}"
+    storage, name = run_tiny_sweep(tmp_path, "+space=activation", grid, "space.seeds=[0]", name="actwidth")
+    done = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 4
+    assert sorted((t.params["model.activation"], t.params["model.width"]) for t in done) == [
+        ("elu", 0.125), ("elu", 0.2), ("relu", 0.125), ("relu", 0.2)]  # fmt: skip
+    assert all(set(t.params) == {"model.activation", "model.width", "seed"} for t in done)  # the file's grid replaced
+    for t in done:
+        assert t.user_attrs["activation"] == t.params["model.activation"]
+        assert t.user_attrs["width"] == t.params["model.width"]
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("space.grid={model.widht:[0.2]}", "dse.sweep: space 'width': grid key model.widht: model has no key 'widht'; "
+                                           "did you mean width?"),
+        ("space.grid={model.width:[]}", "dse.sweep: space 'width': grid model.width=[] must be a non-empty list"),
+        ("space.grid={model.width:0.2}", "dse.sweep: space 'width': grid model.width=0.2 must be a non-empty list"),
+    ],
+)
+def test_a_bad_grid_is_refused_with_one_line_before_the_db_is_touched(data_root, tmp_path, grid, message):
+    db = tmp_path / "x.db"
+    result = run_cli([*tiny(data_root, db), grid])
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+space=widht", "dse.sweep: +space=widht: Could not find 'space/widht'; did you mean width?"),
+        ("data=cifar11", "dse.sweep: data=cifar11: Could not find 'data/cifar11'; did you mean cifar10?"),
+        ("model.widht=0.5", "dse.sweep: model.widht=0.5: model has no key 'widht'; did you mean width?"),
+        ("train.lrr=0.1", "dse.sweep: train.lrr=0.1: train has no key 'lrr'; did you mean lr?"),
+    ],
+)
+def test_an_unknown_name_is_one_line_with_the_closest(data_root, tmp_path, override, message):
+    overrides = tiny(data_root, tmp_path / "x.db")
+    overrides = [o for o in overrides if not (override.startswith("+space") and o.startswith("+space"))]
+    result = run_cli([*overrides, override])
+    assert result.returncode != 0
+    assert 1 <= len(result.stderr.splitlines()) <= 2 and result.stderr.startswith(message), result.stderr
+    assert "schema" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_hydra_s_own_flags_still_reach_hydra():
+    result = run_cli(["+space=width", "budget=quick", "--cfg", "job"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "name: width" in result.stdout and "epochs: 3" in result.stdout
+
+
+def test_a_study_whose_space_file_changed_under_the_same_name_is_refused(data_root, tmp_path):
+    space = tmp_path / "spaces" / "own.yaml"
+    space.parent.mkdir()
+    space.write_text(OWN_SPACE)
+    db = tmp_path / "own.db"
+    args = [*_without_space(tiny(data_root, db)), f"+space={space}"]
+    prepare_study(plan_sweep(compose(args), args))
+    prepare_study(plan_sweep(compose(args), args))  # the same file again: the same study
+    space.write_text(OWN_SPACE.replace("[0.125, 0.2]", "[0.125, 0.3]"))
+    with pytest.raises(StudyError, match=r"study 'own-cifar10-quick' .* was defined otherwise .*Nothing was written"):
+        prepare_study(plan_sweep(compose(args), args))
+
+
+def test_config_dir_adds_a_config_folder_as_hydra_s_flag_does(data_root, tmp_path):
+    (tmp_path / "myconf" / "space").mkdir(parents=True)
+    (tmp_path / "myconf" / "space" / "own.yaml").write_text(OWN_SPACE)
+    args = [*_without_space(tiny(data_root, tmp_path / "x.db")), "+space=own", "space.grid={model.widht:[0.2]}"]
+    result = run_cli(["--config-dir", str(tmp_path / "myconf"), *args])  # found, then refused for its grid's key
+    assert result.returncode != 0 and result.stderr.startswith("dse.sweep: space 'own': grid key model.widht:")
+    assert not (tmp_path / "x.db").exists()

@@ -95,3 +95,41 @@ def test_the_definition_names_what_makes_trials_comparable():
     assert "n_trials" not in json.dumps(plain["space"])  # a sampled study may grow
     pareto = definition(space, [0], StudyConfig(pruner="pareto"), setups)
     assert pareto["pruning"] is not None and pareto["configs"] == plain["configs"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["+space=activation", "space.grid={model.widht:[0.2]}"],
+         "space 'activation': grid key model.widht: model has no key 'widht'; did you mean width?"),
+        (["+space=open", "space.search={trian.lr:{low:0.1,high:1}}"],
+         "space 'open': search key trian.lr: no key or config group 'trian'; did you mean train?"),
+    ],
+)
+def test_a_grid_or_search_over_an_unknown_key_is_refused_naming_the_closest(tmp_path, extra, message):
+    with pytest.raises(ValueError) as e:
+        _draft(tmp_path, *extra)
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_grid_over_any_key_from_the_command_line_plans_every_combination(tmp_path):
+    grid = "space.grid={model.activation:[elu,relu],model.width:[0.2,0.4,0.8,1.5]}"
+    plan = _draft(tmp_path, "+space=activation", grid)
+    assert plan.total == 8 and plan.choices("model.width") == [0.2, 0.4, 0.8, 1.5]
+    assert set(plan.grid[0]) == {"model.activation", "model.width", "seed"}
+    setup = typed(compose(plan.overrides(plan.grid[-1])))
+    assert (setup.model.activation, setup.model.width, setup.model.blocks) == ("relu", 1.5, [1, 1, 1, 1])
+
+
+def test_the_plan_carries_the_config_folders_its_workers_compose_with(tmp_path, monkeypatch):
+    (tmp_path / "mine" / "space").mkdir(parents=True)
+    space = "defaults: [schema, _self_]\nname: own\ngrid: {model.width: [0.3]}\n"
+    (tmp_path / "mine" / "space" / "own.yaml").write_text(space)
+    monkeypatch.setenv("DSE_CONFIG_PATH", str(tmp_path / "mine"))
+    plan = _draft(tmp_path, "+space=own")
+    assert plan.study_name == "own-cifar10-quick"
+    monkeypatch.delenv("DSE_CONFIG_PATH")  # a worker started elsewhere: the plan alone says where the space is
+    assert typed(compose(plan.overrides(plan.grid[0]))).model.width == 0.3
+    with pytest.raises(ValueError, match=r"no search space given; add \+space=NAME \(one of: .*own.*\) or \+space="):
+        _draft(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'mine'}]")

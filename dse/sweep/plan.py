@@ -23,8 +23,8 @@ from dse.models import ModelConfig, build_model, paper_name
 from dse.storage import check_storage
 from dse.study import check_workdir, default_storage, study_workdir
 from dse.sweep.compose import (
-    CONF_DIR, TrialSetup, compose, data_key, hydra_value, merge_overrides, override_key, param_value, point_label,
-    quote, trial_identity, trial_overrides, typed,
+    TrialSetup, compose, data_key, group_options, hydra_value, key_problem, merge_overrides, override_key, param_value,
+    point_label, portable, quote, trial_identity, trial_overrides, typed,
 )  # fmt: skip
 
 __all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "usable_cpus", "workers_and_threads", "draft_plan",
@@ -41,7 +41,7 @@ class Plan:
     storage: str
     workdir: str
     static: list[str]  # the space's own overrides that the command line does not set
-    cli: list[str]  # the command line's overrides
+    cli: list[str]  # the command line's overrides, portable: config folders and a space file's path absolute
     fixed: list[str]  # the resolved study name and storage, the same for every trial
     space: dict
     study: dict
@@ -121,11 +121,14 @@ def workers_and_threads(workers: int, threads: int, cpus: set[int], gpus: int = 
 def draft_plan(cfg: DictConfig, cli: list[str]) -> Plan:
     """The Plan as far as the config alone decides it, reading no data and writing nothing: the space and its mode
     (grid or sampled), every grid trial's params and the space's total, the study's name, storage and workdir,
-    the overrides every trial starts from, workers and threads. Refuses a command line that sets a swept key."""
+    the overrides every trial starts from, workers and threads. Refuses a command line that sets a swept key, and
+    a grid or search over a key no config has."""
+    cli = portable(cli)  # the workers compose from these in other processes
     if "space" not in cfg:
-        spaces = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
-        raise ValueError(f"no search space given; add +space=NAME, one of: {', '.join(spaces)}")
+        spaces = group_options("space", cli)
+        raise ValueError(f"no search space given; add +space=NAME (one of: {', '.join(spaces)}) or +space=PATH.yaml")
     space = to_object(SpaceConfig, cfg.space)
+    _check_keys(space, cli)
     study = to_object(StudyConfig, cfg.study)
     sweep = to_object(SweepConfig, cfg.sweep)
     seeds = space.seeds[: sweep.seeds] if sweep.seeds else space.seeds
@@ -229,6 +232,15 @@ def _swept(space: SpaceConfig) -> dict[str, str]:
     if space.points:
         keys.update(dict.fromkeys(("model", "model.blocks", "model.width"), "space.points=[...]"))
     return keys
+
+
+def _check_keys(space: SpaceConfig, cli: list[str]) -> None:
+    """Every key a grid or search varies is a config key or group (`model.width`, `train`)."""
+    for kind, keys in (("grid", space.grid), ("search", space.search)):
+        for key in keys:
+            problem = key_problem(key, cli)
+            if problem:
+                raise ValueError(f"space {space.name!r}: {kind} key {key}: {problem}")
 
 
 def _check_cli(space: SpaceConfig, cli: list[str], base: list[str]) -> None:
