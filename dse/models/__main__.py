@@ -82,7 +82,8 @@ def measure_rows(rows: list[dict], *, in_channels: int, size: int, threads: int,
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         prog="python -m dse.models",
         description="Measure models (params, fp32 state_dict size in MB = 10^6 bytes, int8 estimate, MACs, "
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the latency runs")
     parser.add_argument("--repeats", type=int, default=50, help="timed latency runs per model")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.list:
         print("\n".join(list_models()))
         return 0
