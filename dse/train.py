@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -130,7 +130,7 @@ class Failed:
     error: BaseException
 
 
-Outcome = Union[Finished, Stopped, Failed]
+Outcome = Finished | Stopped | Failed
 
 
 @dataclass

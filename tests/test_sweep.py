@@ -384,7 +384,7 @@ def test_a_claimed_trial_nobody_took_up_is_retried_after_the_grace_period(data_r
     plan = _plan(data_root, tmp_path / "orphan.db")  # grace_period=3
     storage = sweep_storage(plan)
     study = optuna.create_study(study_name=plan.study_name, storage=storage)
-    taken, orphan = study.ask(), study.ask()  # `orphan`: its claimer's reply was lost, or it died at once
+    taken, _orphan = study.ask(), study.ask()  # the orphan: its claimer's reply was lost, or it died at once
     taken.set_user_attr("worker", "elsewhere:1")
     fail_stale(study, storage, plan)
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2

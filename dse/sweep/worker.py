@@ -67,8 +67,8 @@ def group_ready(ready: list[ReadyTrial]) -> list[list[ReadyTrial]]:
     share a group: the second trains in a later group and resumes the first's checkpoint, as it would alone."""
     groups: list[list[ReadyTrial]] = []
     for r in ready:
-        fits = lambda g: fuse_key(g[0]) == fuse_key(r) and all(o.folder != r.folder for o in g)
-        group = next((g for g in groups if fits(g)), None)
+        key = fuse_key(r)
+        group = next((g for g in groups if fuse_key(g[0]) == key and all(o.folder != r.folder for o in g)), None)
         if group is None:
             groups.append([r])
         else:
