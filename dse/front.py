@@ -10,11 +10,12 @@ import optuna
 import pandas as pd
 
 from dse.latency import with_latency
+from dse.metrics import METRICS, sign
 from dse.study import OBJECTIVES, trials_frame
 
 __all__ = ["DIRECTIONS", "non_dominated", "front_mask", "front_frame"]
 
-DIRECTIONS = {"val_acc": -1, "size_mb": 1, "latency_ms": 1}  # -1: maximised
+DIRECTIONS = {name: sign(name) for name in METRICS}  # -1: maximised
 
 
 def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:

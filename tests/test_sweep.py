@@ -198,7 +198,7 @@ def test_over_budget_model_is_pruned_before_training_without_warnings(tmp_path, 
     small, large = by_width[0.125], by_width[0.4]
     assert small.state == TrialState.COMPLETE and small.constraints["size_kb"] < 0
     assert large.state == TrialState.PRUNED and "curves" not in large.user_attrs
-    assert large.user_attrs["pruned_reason"].startswith("over budget: size 233.")
+    assert large.user_attrs["pruned_reason"].startswith("over budget: size_kb 233.")
     assert large.constraints["size_kb"] == pytest.approx(large.user_attrs["size_bytes"] / 1e3 - 150)
 
 

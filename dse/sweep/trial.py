@@ -11,7 +11,7 @@ import platform
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,6 +27,7 @@ from dse.data import Splits, load_data
 from dse.identity import architecture
 from dse.latency import ensure
 from dse.measure import ModelProfile, profile
+from dse.metrics import METRICS
 from dse.models import build_model, paper_name
 from dse.pruning import History, decide, histories, rungs
 from dse.storage import report_value
@@ -54,6 +55,7 @@ class ReadyTrial:
     latency_ms: float  # the architecture's figure (dse.latency), not the trial's own
     folder: Path
     started: float
+    known: dict = field(default_factory=dict)  # the metrics its architecture decides, by name (dse.metrics)
 
 
 def worker_id() -> str:
@@ -141,22 +143,21 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> ReadyTrial:
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
         "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "int8_mb": prof.int8_mb, **latency, "overrides": overrides, "provenance": _provenance(setup.resolved),
+        "size_kb": prof.size_bytes / 1e3, "int8_mb": prof.int8_mb, **latency, "overrides": overrides, "provenance": _provenance(setup.resolved),
     })  # fmt: skip
-    return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started)
+    known = {"size_mb": prof.size_mb, "size_kb": prof.size_bytes / 1e3,
+             **{k: v for k, v in latency.items() if k in METRICS}}  # fmt: skip
+    return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started, known)
 
 
 def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
     """Set the trial's budget constraints (Optuna's: <= 0 is feasible; set before training, so that a pruned trial
     has them too); the reason it is over budget, recorded as its `pruned_reason`, or None."""
-    cfg, trial = plan.study_cfg, ready.trial
-    limits = [(ready.prof.size_bytes / 1e3, cfg.max_size_kb, "size", "KB"),
-              (ready.latency_ms, cfg.max_latency_ms, "latency", "ms")]
-    for value, limit, what, unit in limits:
-        if limit:
-            trial.set_constraint(f"{what}_{unit.lower()}", value - limit)
-    over = [f"{what} {value:.1f} {unit} > {limit:g} {unit}"
-            for value, limit, what, unit in limits if limit and value > limit]
+    limits, trial = plan.study_cfg.before_training(), ready.trial
+    for name, limit in limits.items():
+        trial.set_constraint(name, ready.known[name] - limit)
+    over = [f"{name} {ready.known[name]:.4g} > {limit:g} {METRICS[name].unit}"
+            for name, limit in limits.items() if ready.known[name] > limit]
     if not over:
         return None
     reason = "over budget: " + ", ".join(over)
@@ -229,8 +230,10 @@ def epoch_reporter(ready: ReadyTrial, plan: Plan, check: Callable[[], None],
         report_value(trial, record.epoch, record.val_acc)
         if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
             others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-            me = History(trial.number, ready.prof.size_mb, ready.latency_ms, {record.epoch: record.val_acc})
-            decision = decide(me, record.epoch, histories(others), study_cfg.pruning)  # the shared study's evidence
+            size, latency = study_cfg.target.size, study_cfg.target.latency  # the costs of what ships
+            me = History(trial.number, ready.known[size], ready.known[latency], {record.epoch: record.val_acc})
+            evidence = histories(others, size_key=size, latency_key=latency)  # the shared study's
+            decision = decide(me, record.epoch, evidence, study_cfg.pruning)
             if decision is not None:
                 return _pruned(trial, decision.epoch, decision.accuracy, decision.dominated_by, decision.reason())
         elif study_cfg.pruner not in ("none", "pareto") and trial.should_prune():
@@ -259,7 +262,7 @@ def record_result(ready: ReadyTrial, result: TrainResult, plan: Plan, train_star
     })  # fmt: skip
     _upload(trial, plan, ready.folder, curves)
     trial.set_user_attr("trial_seconds", time.perf_counter() - ready.started)
-    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": ready.prof.size_mb, "latency_ms": ready.latency_ms}
+    metrics = {**ready.known, "val_acc": result.epochs[-1].val_acc, "test_acc": result.test_acc}
     return [metrics[m] for m in plan.study_cfg.objectives]
 
 
