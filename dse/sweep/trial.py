@@ -24,6 +24,7 @@ import dse
 from dse import identity
 from dse.config import SpaceConfig
 from dse.data import Splits, load_data
+from dse.deployed import evaluate_deployed
 from dse.identity import architecture
 from dse.latency import ensure
 from dse.measure import ModelProfile, profile
@@ -260,13 +261,19 @@ def record_result(ready: ReadyTrial, result: TrainResult, plan: Plan, train_star
         "memory_format": result.memory_format, "train_seconds": train_seconds,
         "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })  # fmt: skip
-    _upload(trial, plan, ready.folder, curves)
+    # As it ships: the evaluated model (its weight average when on) in ONNX, fp32 and int8, through ONNX Runtime.
+    deployed = evaluate_deployed(ready.model, ready.splits, ready.folder, threads=plan.threads) \
+        if plan.study_cfg.deployed else None  # fmt: skip
+    _set_attrs(trial, deployed.attrs if deployed else {})
+    files = {"onnx": deployed.fp32, "int8": deployed.int8} if deployed else {}
+    _upload(trial, plan, ready.folder, curves, files)
     trial.set_user_attr("trial_seconds", time.perf_counter() - ready.started)
-    metrics = {**ready.known, "val_acc": result.epochs[-1].val_acc, "test_acc": result.test_acc}
+    metrics = {**ready.known, "val_acc": result.epochs[-1].val_acc, "test_acc": result.test_acc,
+               **(deployed.attrs if deployed else {})}
     return [metrics[m] for m in plan.study_cfg.objectives]
 
 
-def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict]) -> None:
+def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict], files: dict[str, Path]) -> None:
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
     store_dir = Path(plan.workdir) / "artifacts"
@@ -277,3 +284,7 @@ def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict]) 
     for path, mimetype in ((run_dir / "checkpoint.pt", "application/octet-stream"), (curves_path, "application/json")):
         artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype=mimetype)
         trial.set_user_attr(f"artifact_{path.stem}", artifact_id)
+    for name, path in files.items():  # the ONNX files: `dse.deploy export` ships these very files
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                      mimetype="application/octet-stream")
+        trial.set_user_attr(f"artifact_{name}", artifact_id)

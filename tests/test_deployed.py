@@ -1,0 +1,66 @@
+"""Every trial as it ships: a sweep exports each COMPLETE trial to ONNX (fp32, int8) through the code path of
+`dse.deploy export`, evaluates both in ONNX Runtime, keeps the files as artifacts, and deploy ships those very files."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dse.deploy.__main__ import main
+from dse.deployed import sha256
+from dse.metrics import DEPLOYED
+from sweeps import run_tiny_sweep
+
+QUICK = ["--runs", "5", "--warmup", "1"]
+RECORDED = ("val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "onnx_kb", "int8_kb")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("deployed")
+    storage, name = run_tiny_sweep(root, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]",
+                                   name="shipped")
+    return {"root": root, "storage": storage, "name": name,
+            "study": optuna.load_study(study_name=name, storage=storage)}
+
+
+def test_every_complete_trial_carries_the_deployed_metrics_and_its_onnx_files(swept):
+    done = swept["study"].get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    store = optuna.artifacts.FileSystemArtifactStore(str(swept["root"] / "shipped" / "artifacts"))
+    for t in done:
+        attrs = t.user_attrs
+        assert all(0 <= attrs[m] <= 1 for m in RECORDED if m.endswith(("_onnx", "_int8")))
+        assert attrs["onnx_kb"] > 0 and attrs["int8_kb"] > 0
+        for what in ("onnx", "int8"):
+            path = swept["root"] / f"{what}-{t.number}.onnx"
+            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                               artifact_id=attrs[f"artifact_{what}"])
+            assert sha256(path) == attrs[f"{what}_sha256"]
+            assert path.stat().st_size / 1e3 == attrs[f"{what}_kb"]
+    assert set(RECORDED) <= set(DEPLOYED)
+
+
+def test_deploy_export_ships_the_sweep_s_files_byte_for_byte_with_the_same_accuracies(swept):
+    study = swept["study"]
+    trial = study.get_trials(states=(TrialState.COMPLETE,))[0]
+    out = swept["root"] / "bundle"
+    assert main(["export", "--study", swept["name"], "--storage", swept["storage"], "--trial", str(trial.number),
+                 "--out", str(out), *QUICK]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["files"]["model.onnx"] == trial.user_attrs["onnx_sha256"]
+    assert meta["files"]["model.int8.onnx"] == trial.user_attrs["int8_sha256"]
+    assert meta["metrics"]["onnx_from_sweep"] is True and meta["metrics"]["onnx_max_abs_diff"] < 1e-4
+    assert meta["metrics"]["fp32_acc"] == trial.user_attrs["test_acc_onnx"]
+    assert meta["metrics"]["int8_acc"] == trial.user_attrs["test_acc_int8"]
+
+
+def test_the_knob_turns_it_off(tmp_path):
+    storage, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.125]}", "space.seeds=[0]",
+                                   "study.deployed=false", name="off")
+    (trial,) = optuna.load_study(study_name=name, storage=storage).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert not {*RECORDED, "artifact_onnx", "artifact_int8"} & set(trial.user_attrs)
