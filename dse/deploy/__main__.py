@@ -152,7 +152,7 @@ def measure_front(args) -> int:
     specs = {k: json.loads(k) for k in keys}
     figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
                      "python -m dse.deploy measure --front: one sitting, training on this machine paused",
-                     remeasure=True, threads=args.threads)
+                     remeasure=True, ort=True, threads=args.threads)
     loaded = sum(f["under_load"] for f in figures.values())
     print(f"re-measured {len(figures)} architecture(s) of the front in one sitting"
           + (f"; {loaded} under load (other processes kept the cores busy): rerun on a quiet machine" if loaded else ""))

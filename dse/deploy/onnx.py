@@ -20,7 +20,7 @@ from dse.measure import median_iqr, time_calls
 from dse.models import build_model, config_from_name, paper_name
 from dse.onnx import (
     CALIBRATION_IMAGES, CALIBRATION_SEED, INPUT, INT8_SKIP, OPSET, OUTPUT, calibration_batches, compact_names,
-    export_onnx, export_pair, normalized_batches, ort_logits, quantize_int8,
+    as_trained, export_onnx, export_pair, normalized_batches, ort_logits, quantize_int8, random_calibration,
 )  # fmt: skip
 
 __all__ = [
@@ -128,19 +128,13 @@ def measure_shape(name: str, *, num_classes: int = 10, in_channels: int = 3, siz
     settings = settings or ExportSettings()
     cfg = config_from_name(name)
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=num_classes, in_channels=in_channels).eval()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-            for tensor, (low, high) in ((bn.weight, (0.5, 1.5)), (bn.bias, (-0.1, 0.1)),
-                                        (bn.running_mean, (-0.1, 0.1)), (bn.running_var, (0.5, 1.5))):
-                if tensor is not None:
-                    tensor.uniform_(low, high)
+    model = as_trained(build_model(cfg, num_classes=num_classes, in_channels=in_channels).eval())
     shape = (in_channels, size, size)
     stats = ((0.5,) * in_channels, (0.25,) * in_channels)
-    images = torch.randint(0, 256, (settings.calibration_images, *shape), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(settings.seed))
+    images = torch.randint(0, 256, (1, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(settings.seed))
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8 = export_pair(model, Path(tmp), shape, list(normalized_batches(images, stats, 32)))
+        calibration = random_calibration(shape, settings.calibration_images, settings.seed)
+        fp32, int8 = export_pair(model, Path(tmp), shape, calibration)
         one = runtime.normalize(images[:1].numpy(), *stats)
         row = {"model": paper_name(cfg), "params": sum(p.numel() for p in model.parameters())}
         for precision, path in (("fp32", fp32), ("int8", int8)):

@@ -84,7 +84,8 @@ def measure_grid_latency(study: optuna.Study, plan: Plan) -> None:
     if not plan.archs:
         return
     how = "before training, in one sitting by the sweep's main process, training on this machine paused"
-    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how)
+    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how,
+                     ort=plan.study_cfg.deployed)  # ONNX Runtime fp32 and int8 too
     loaded = sum(f["under_load"] for f in figures.values())
     ms = [f["ms"] for f in figures.values()]
     print(f"latency of the {len(figures)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"

@@ -26,7 +26,7 @@ from dse.config import SpaceConfig
 from dse.data import Splits, load_data
 from dse.deployed import evaluate_deployed
 from dse.identity import architecture
-from dse.latency import ensure
+from dse.latency import ensure, trial_attrs
 from dse.measure import ModelProfile, profile
 from dse.metrics import METRICS
 from dse.models import build_model, paper_name
@@ -136,7 +136,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict) -> ReadyTrial:
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
-    latency = _latency(trial, setup, splits, model)
+    latency = _latency(trial, setup, splits, model, plan.study_cfg.deployed)
     full = setup.full
     _set_attrs(trial, {
         "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
@@ -177,14 +177,13 @@ def _suggest(trial: optuna.Trial, space: SpaceConfig) -> dict:
     return params
 
 
-def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module) -> dict:
+def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module, deployed: bool) -> dict:
     """The trial's latency attributes: its architecture's figure in the study, measured now (training on this
     machine paused) if no trial of that architecture was measured before."""
     key, _ = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
     how = "by a worker at the first trial of the architecture, training on this machine paused"
-    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how)[key]
-    return {"latency_ms": figure["ms"], "latency_iqr_ms": figure["iqr_ms"], "latency_threads": figure["threads"],
-            "latency_under_load": figure["under_load"], "latency_key": key}
+    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how, ort=deployed)[key]
+    return {**trial_attrs(figure), "latency_key": key}
 
 
 def _provenance(resolved: dict) -> dict:
