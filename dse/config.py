@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +33,7 @@ __all__ = [
     "changes_result",
     "check_study_name",
     "finite",
+    "load_target",
     "register_schemas",
     "to_object",
 ]
@@ -339,6 +342,19 @@ class SweepConfig:
     def group_size(self) -> int | None:
         """`trials_per_gpu` as a number; None for auto."""
         return None if self.trials_per_gpu == "auto" else int(self.trials_per_gpu)
+
+
+TARGETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "target"
+
+
+def load_target(name: str) -> TargetConfig:
+    """A target of `conf/target/` by name (the report's and deploy's `--target`); an unknown one lists them."""
+    names = sorted(p.stem for p in TARGETS_DIR.glob("*.yaml"))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise ValueError(f"target {name!r} is unknown; allowed: {', '.join(names)}"
+                         + (f"; did you mean {close[0]}?" if close else ""))
+    return to_object(TargetConfig, OmegaConf.load(TARGETS_DIR / f"{name}.yaml"))
 
 
 def to_object(schema: type, node: DictConfig | dict | None) -> Any:

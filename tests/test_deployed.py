@@ -64,3 +64,36 @@ def test_the_knob_turns_it_off(tmp_path):
     (trial,) = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE
     assert not {*RECORDED, "artifact_onnx", "artifact_int8"} & set(trial.user_attrs)
+
+
+def test_trials_carry_their_architecture_s_onnx_runtime_latencies(swept):
+    for t in swept["study"].get_trials(states=(TrialState.COMPLETE,)):
+        for name in ("onnx", "int8"):
+            assert t.user_attrs[f"latency_{name}_ms"] > 0 and t.user_attrs[f"latency_{name}_iqr_ms"] >= 0
+            assert t.user_attrs[f"latency_{name}_clock"] in ("wall", "thread cpu time")
+
+
+def test_deploy_list_draws_the_front_of_any_target(swept, capsys):
+    args = ["list", "--study", swept["name"], "--storage", swept["storage"], "--format", "csv"]
+    assert main([*args, "--target", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "(val_acc_int8, int8_kb, latency_int8_ms)" in out and "val_acc_int8_%" in out and "latency_onnx_ms" in out
+    assert main([*args, "--target", "int9"]) == 2
+    assert "target 'int9' is unknown; allowed: int8, onnx, paper" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", [["target=int8"], ["study.objectives=[val_acc_int8,int8_kb,latency_int8_ms]"]])
+def test_a_sweep_on_the_int8_figures_optimises_and_fronts_them(tmp_path, how):
+    from dse.front import front_frame
+
+    storage, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]",
+                                   *how, name="int8")
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.metric_names == ["val_acc_int8", "int8_kb", "latency_int8_ms"]
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    for t in done:
+        assert t.values == [t.user_attrs["val_acc_int8"], t.user_attrs["int8_kb"], t.user_attrs["latency_int8_ms"]]
+    front = front_frame(study)
+    ours = [(t.user_attrs["val_acc_int8"], t.user_attrs["int8_kb"], t.user_attrs["latency_int8_ms"]) for t in done]
+    dominated = [any(o != p and o[0] >= p[0] and o[1] <= p[1] and o[2] <= p[2] for o in ours) for p in ours]
+    assert sorted(front["trial"]) == sorted(t.number for t, d in zip(done, dominated) if not d)
