@@ -97,3 +97,22 @@ def test_a_sweep_on_the_int8_figures_optimises_and_fronts_them(tmp_path, how):
     ours = [(t.user_attrs["val_acc_int8"], t.user_attrs["int8_kb"], t.user_attrs["latency_int8_ms"]) for t in done]
     dominated = [any(o != p and o[0] >= p[0] and o[1] <= p[1] and o[2] <= p[2] for o in ours) for p in ours]
     assert sorted(front["trial"]) == sorted(t.number for t, d in zip(done, dominated) if not d)
+
+
+def test_the_report_shows_the_deployed_figures_and_marks_any_target_s_front(swept, tmp_path):
+    import pandas as pd
+
+    from dse.front import front_frame
+    from dse.report.__main__ import main as report
+
+    report(["--study", swept["name"], "--storage", swept["storage"], "--out", str(tmp_path), "--format", "csv",
+            "--target", "int8"])
+    trials = pd.read_csv(tmp_path / swept["name"] / "trials.csv")
+    for t in swept["study"].get_trials(states=(TrialState.COMPLETE,)):
+        row = trials[trials["trial"] == t.number].iloc[0]
+        assert row["val_acc_int8"] == pytest.approx(100 * t.user_attrs["val_acc_int8"])
+        assert row["int8_kb"] == pytest.approx(t.user_attrs["int8_kb"])
+        assert row["latency_onnx_ms"] == pytest.approx(t.user_attrs["latency_onnx_ms"])
+    int8 = set(front_frame(swept["study"], ["val_acc_int8", "int8_kb", "latency_int8_ms"])["trial"])
+    assert set(trials.loc[trials["front"], "trial"]) == int8
+    assert (tmp_path / swept["name"] / "pareto.png").stat().st_size > 0
