@@ -98,7 +98,7 @@ def test_two_workers_finish_every_trial_once(swept):
     study = optuna.load_study(study_name="width-cifar10-quick", storage=f"sqlite:///{db}")
     assert study.metric_names == list(OBJECTIVES)
     artifacts = db.with_suffix("") / "artifacts"
-    assert len(list(artifacts.iterdir())) == 8  # a checkpoint and the curves per trial
+    assert len(list(artifacts.iterdir())) == 16  # a checkpoint, the curves, the fp32 and the int8 ONNX file per trial
 
 
 def test_rerun_trains_nothing_new(swept, data_root):
