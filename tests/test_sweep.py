@@ -217,7 +217,7 @@ def test_dashboard_serves_the_study(swept):
         assert detail["objective_names"] == list(OBJECTIVES)
         assert len(detail["trials"]) == 4
         assert {t["state"] for t in detail["trials"]} == {"Complete"}
-        assert all(len(t["artifacts"]) == 2 for t in detail["trials"])
+        assert all(len(t["artifacts"]) == 4 for t in detail["trials"])  # checkpoint, curves, fp32 and int8 ONNX
         for plot in PLOTS:  # rendered by the server with plotly (HTTP 500 without it)
             figure = _get_json(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}/plot/{plot}")
             assert figure["data"], plot
