@@ -73,9 +73,9 @@ def our_notes(trials: pd.DataFrame) -> list[str]:
         f"one sitting with `python -m dse.deploy measure --study {_one(trials['study'], 'STUDY')} --front`.",
         "★: on the Pareto front of the study's objectives (validation accuracy up, size and latency down) among the "
         "complete trials; in the configurations table, among the configurations of a dataset (mean validation accuracy).",
-        "As deployed (what the board runs; — for trials of an older dse): ONNX/int8 val %, test %: the fp32 and int8 "
+        "As deployed (what the board runs; — where a trial recorded none): ONNX/int8 val %, test %: the fp32 and int8 "
         "ONNX files in ONNX Runtime; ONNX KB, int8 KB: those files in 10^3 bytes; ORT ms, ORT int8 ms: their batch-1 "
-        "ONNX Runtime latency, one intra-op thread, once per architecture (docs/deploy.md).",
+        "ONNX Runtime latency, one intra-op thread, once per architecture (the deploy docs say more).",
     ]
 
 
