@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dse.metrics import ARCHITECTURE, METRICS, PAPER, check_metric
 from dse.models import ModelConfig
 from dse.optim import SCHEDULES, optimizer_kwargs
 from dse.pruning import PruningConfig
@@ -25,10 +28,12 @@ __all__ = [
     "SpaceConfig",
     "StudyConfig",
     "SweepConfig",
+    "TargetConfig",
     "TrainConfig",
     "changes_result",
     "check_study_name",
     "finite",
+    "load_target",
     "register_schemas",
     "to_object",
 ]
@@ -36,8 +41,8 @@ __all__ = [
 SAMPLERS = ("grid", "tpe", "nsga2")
 PRUNERS = ("none", "pareto", "median", "hyperband", "successive_halving")
 OPTUNA_PRUNERS = PRUNERS[2:]  # Optuna's own: single-objective studies only
-# The sweep's objectives, in order: metric name -> direction. Accuracies are fractions in [0, 1].
-OBJECTIVES = {"val_acc": "maximize", "size_mb": "minimize", "latency_ms": "minimize"}
+# The paper's objectives, in order: metric name -> direction (every metric: dse.metrics). Accuracies are fractions.
+OBJECTIVES = {m: METRICS[m].direction for m in PAPER}
 DATASET_NAMES = ("cifar10", "cifar100", "fashion_mnist")  # dse.data reads each
 LAYOUTS = ("channels_last", "contiguous")  # memory formats the trainer can train in
 # Field metadata of a setting that changes where or how fast a run computes, never what it computes: left out of
@@ -232,15 +237,38 @@ def _check_distribution(space: str, key: str, dist: Any) -> None:
 
 
 @dataclass
+class TargetConfig:
+    """What ships, as three metric names (`conf/target/*.yaml`): the accuracy, size and latency that the default
+    objectives, the pareto pruner's size and latency, and the report's and deploy's fronts read."""
+
+    name: str = "paper"
+    accuracy: str = "val_acc"
+    size: str = "size_mb"
+    latency: str = "latency_ms"
+
+    def __post_init__(self) -> None:
+        for role in ("accuracy", "size", "latency"):
+            check_metric(getattr(self, role), f"target {self.name!r} {role}")
+
+    @property
+    def objectives(self) -> list[str]:
+        return [self.accuracy, self.size, self.latency]
+
+
+@dataclass
 class StudyConfig:
     """Where trials land (`conf/study/*.yaml`). `storage=None` is SQLite at `studies/<name>.db`."""
 
     name: str = "study"
     storage: str | None = None  # any SQLAlchemy URL, e.g. postgresql://user@host/db
     workdir: str | None = None  # checkpoints and artifacts; default studies/<name>/ (share it across machines)
-    max_size_kb: float | None = None  # over-budget models are pruned before any training
-    max_latency_ms: float | None = None
-    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))  # optimised, in this order
+    max_size_kb: float | None = None  # over-budget models are pruned before any training (budgets: size_kb)
+    max_latency_ms: float | None = None  # the paper's shorthand of budgets: {latency_ms: ...}
+    budgets: Any = None  # a dict (Any: a command line sets it whole): metric name -> upper limit, e.g. {int8_kb: 100}
+    target: TargetConfig = field(default_factory=TargetConfig)
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))  # any 1-3 metric names, in this order
+    # export every trial to ONNX (fp32, int8), evaluate both in ONNX Runtime, time each architecture there
+    deployed: bool = field(default=True, metadata=RUNTIME)
     pruner: str = "none"
     pruning: PruningConfig = field(default_factory=PruningConfig)
     heartbeat_interval: int = 60  # seconds; a trial silent for grace_period is failed and retried
@@ -253,16 +281,30 @@ class StudyConfig:
         check_study_name(self.name)
         if self.pruner not in PRUNERS:
             raise ValueError(f"study pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
-        bad = [m for m in self.objectives if m not in OBJECTIVES]
-        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise ValueError(f"study objectives={self.objectives} must be distinct names from {', '.join(OBJECTIVES)}")
+        for m in self.objectives:
+            check_metric(m, "study objectives")
+        if not 1 <= len(self.objectives) <= 3 or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"study objectives={self.objectives} must be 1 to 3 distinct metric names")
+        costs = [n for n, m in METRICS.items() if m.direction == "minimize"]
+        if not isinstance(self.budgets, (dict, type(None))):
+            raise ValueError(f"study budgets={self.budgets!r} must be a mapping of metric name to limit, e.g. {{int8_kb: 100}}")
+        self.budgets = dict(self.budgets or {})
+        for m, limit in self.budgets.items():
+            check_metric(m, "study budgets (upper limits)", costs)
+            if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
+                raise ValueError(f"study budgets {m}={limit!r} must be a number > 0")
+        accuracies = [n for n, m in METRICS.items() if m.direction == "maximize"]
+        if self.pruner == "pareto" and not set(accuracies) & set(self.objectives):
+            raise ValueError(f"study pruner='pareto' needs an accuracy among the objectives ({', '.join(accuracies)})")
+        if not self.deployed:
+            needs = [m for m in (*self.objectives, *self.budgets) if METRICS[m].deployed]
+            if needs:
+                raise ValueError(f"study deployed=false records no {', '.join(needs)}; drop them or set deployed=true")
         if self.pruner in OPTUNA_PRUNERS and len(self.objectives) > 1:
             raise ValueError(
                 f"study pruner={self.pruner!r} works on single-objective studies only (e.g. study.objectives=[val_acc]); "
                 "multi-objective studies take pruner=pareto or none"
             )
-        if self.pruner == "pareto" and "val_acc" not in self.objectives:
-            raise ValueError("study pruner='pareto' needs val_acc among the objectives")
         for key in ("max_size_kb", "max_latency_ms"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -276,6 +318,19 @@ class StudyConfig:
             raise ValueError(
                 f"study max_retry={self.max_retry} and storage_retry_seconds={self.storage_retry_seconds} must be >= 0"
             )
+
+
+    def limits(self) -> dict[str, float]:
+        """Every budget by metric name: `budgets` with the shorthands `max_size_kb` (size_kb) and `max_latency_ms`."""
+        out = dict(self.budgets)
+        for key, metric in (("max_size_kb", "size_kb"), ("max_latency_ms", "latency_ms")):
+            if getattr(self, key) is not None:
+                out[metric] = min(getattr(self, key), out.get(metric, math.inf))
+        return out
+
+    def before_training(self) -> dict[str, float]:
+        """The budgets the architecture alone decides: checked before any training."""
+        return {m: v for m, v in self.limits().items() if METRICS[m].known == ARCHITECTURE}
 
 
 @dataclass
@@ -302,6 +357,19 @@ class SweepConfig:
     def group_size(self) -> int | None:
         """`trials_per_gpu` as a number; None for auto."""
         return None if self.trials_per_gpu == "auto" else int(self.trials_per_gpu)
+
+
+TARGETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "target"
+
+
+def load_target(name: str) -> TargetConfig:
+    """A target of `conf/target/` by name (the report's and deploy's `--target`); an unknown one lists them."""
+    names = sorted(p.stem for p in TARGETS_DIR.glob("*.yaml"))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise ValueError(f"target {name!r} is unknown; allowed: {', '.join(names)}"
+                         + (f"; did you mean {close[0]}?" if close else ""))
+    return to_object(TargetConfig, OmegaConf.load(TARGETS_DIR / f"{name}.yaml"))
 
 
 def to_object(schema: type, node: DictConfig | dict | None) -> Any:

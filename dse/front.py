@@ -10,11 +10,12 @@ import optuna
 import pandas as pd
 
 from dse.latency import with_latency
+from dse.metrics import METRICS, sign
 from dse.study import OBJECTIVES, trials_frame
 
-__all__ = ["DIRECTIONS", "non_dominated", "front_mask", "front_frame"]
+__all__ = ["DEPLOYED_COLUMNS", "DIRECTIONS", "non_dominated", "front_mask", "front_frame"]
 
-DIRECTIONS = {"val_acc": -1, "size_mb": 1, "latency_ms": 1}  # -1: maximised
+DIRECTIONS = {name: sign(name) for name in METRICS}  # -1: maximised
 
 
 def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
@@ -38,16 +39,22 @@ def front_mask(frame: pd.DataFrame, objectives: Sequence[str], columns: dict[str
     return pd.Series([i in keep for i in range(len(frame))], index=frame.index, dtype=bool)
 
 
-def front_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per Pareto-optimal COMPLETE trial in the study's objectives, smallest first: validation and test
-    accuracy (fractions), fp32 state_dict size and int8 estimate in KB (10^3 bytes), the PyTorch batch-1 CPU
-    latency of its architecture with its spread and whether it was measured under load, params, MACs, and the
-    bundle exported from it, if any. Latency is read from the study's per-architecture figures (the latest
-    `measure --front` included), so the front is computed here rather than from the trials' stored values."""
-    names = study.metric_names or list(OBJECTIVES)
+# The deployed figures a front row shows where its trial recorded them (NaN for a trial of an older dse).
+DEPLOYED_COLUMNS = ("val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "onnx_kb", "int8_kb",
+                    "latency_onnx_ms", "latency_onnx_iqr_ms", "latency_int8_ms", "latency_int8_iqr_ms")
+
+
+def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per Pareto-optimal COMPLETE trial in `objectives` (default: the study's), smallest first: validation
+    and test accuracy (fractions), fp32 state_dict size and int8 estimate in KB (10^3 bytes), the PyTorch batch-1
+    CPU latency of its architecture with its spread and whether it was measured under load, params, MACs, the
+    deployed figures (ONNX Runtime accuracies of the fp32 and int8 files, their sizes, the architecture's ORT
+    latencies) and the bundle exported from it, if any. Latency is read from the study's per-architecture figures
+    (the latest `measure --front` included), so the front is computed here rather than from the trials' values."""
+    names = list(objectives or study.metric_names or list(OBJECTIVES))
     deployed = {k.removeprefix("deploy:"): v for k, v in study.user_attrs.items() if k.startswith("deploy:")}
     trials = trials_frame(study).assign(study=study.study_name)
-    for column in ("state", "val_acc", "latency_key", "latency_ms", "latency_iqr_ms", "curves"):
+    for column in ("state", "val_acc", "latency_key", "latency_ms", "latency_iqr_ms", "curves", *DEPLOYED_COLUMNS):
         if column not in trials:
             trials[column] = None
     done = with_latency(trials, {study.study_name: study.user_attrs})
@@ -58,13 +65,14 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
         rows.append({
             "trial": int(r["number"]), "model": _text(r.get("paper_name")), "val_acc": accuracy,
             "test_acc": _num(r.get("test_acc")), "size_kb": _num(r.get("size_mb")) * 1e3,
-            "int8_kb": _num(r.get("int8_mb")) * 1e3, "latency_ms": _num(r["latency_ms"]),
+            "int8_est_kb": _num(r.get("int8_mb")) * 1e3, "latency_ms": _num(r["latency_ms"]),
             "latency_iqr_ms": _num(r["latency_iqr_ms"]), "under_load": r["latency_under_load"] is True,
+            **{c: _num(r.get(c)) for c in DEPLOYED_COLUMNS},
             "params": r.get("params"), "mmacs": _num(r.get("macs")) / 1e6,
             "bundle": deployed.get(str(int(r["number"])), {}).get("bundle", ""),
         })  # fmt: skip
-    columns = ["trial", "model", "val_acc", "test_acc", "size_kb", "int8_kb", "latency_ms", "latency_iqr_ms",
-               "under_load", "params", "mmacs", "bundle"]
+    columns = ["trial", "model", "val_acc", "test_acc", "size_kb", "int8_est_kb", "latency_ms", "latency_iqr_ms",
+               "under_load", *DEPLOYED_COLUMNS, "params", "mmacs", "bundle"]
     frame = pd.DataFrame(rows, columns=columns)
     on_front = front_mask(frame.assign(size_mb=frame["size_kb"] / 1e3), names)
     return frame[on_front].sort_values(["size_kb", "trial"], ignore_index=True)

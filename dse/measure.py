@@ -1,8 +1,8 @@
 """Measure any nn.Module the way the paper and a deployment engineer need: params, sizes, MACs, latency.
 
 Latency has one method, `time_calls` then `median_iqr`: `measure_latency` applies it to a model, the rounds of
-`measure_latencies` keep the fastest of each round's `time_calls`, and `dse.deploy.onnx` times ONNX Runtime
-sessions with it. (A bundle's own `bench_latency.py` ships without dse, so it carries its copy.)"""
+`measure_calls` (PyTorch models: `measure_latencies`; ONNX Runtime sessions: `dse.latency`) keep the fastest of each
+round on the wall clock and on the thread's CPU time, and `dse.deploy.onnx` times ONNX Runtime sessions with it. (A bundle's own `bench_latency.py` ships without dse, so it carries its copy.)"""
 
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ __all__ = [
     "median_iqr",
     "measure_latency",
     "measure_latencies",
+    "measure_calls",
 ]
 
 # A sitting is "under load" when other processes kept more than this share of the machine's cores busy.
 UNDER_LOAD = 0.25
+# A wall-clock figure is kept while it exceeds the thread's CPU time by at most this share (the clocks agree).
+AGREE = 0.15
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,14 @@ def profile(
 
 @dataclass(frozen=True)
 class Latency:
-    """Batch-1 CPU latency of one model from one sitting of `measure_latencies`. Each round times a few runs in
-    a row and keeps the fastest (a run the scheduler did not interrupt); `ms` is the median of those round
-    figures over the last `window` rounds, `iqr_ms` their interquartile range (the drift between rounds)."""
+    """Batch-1 CPU latency of one model from one sitting of `measure_calls`. Each round times a few runs in a row
+    and keeps the fastest (a run the scheduler did not interrupt); `ms` is the median of those round figures over
+    the last `window` rounds, `iqr_ms` their interquartile range (the drift between rounds).
+
+    Each run is timed twice: on the wall clock and on the CPU time of the thread that runs it (PyTorch with one
+    thread and ONNX Runtime with one intra-op thread compute on the calling thread). `ms` is the wall figure when
+    the two agree (`clock` "wall"); when the wall figure exceeds the CPU figure by more than AGREE, other processes
+    took the core meanwhile, and `ms` is the CPU figure (`clock` "thread cpu time")."""
 
     ms: float
     iqr_ms: float
@@ -194,6 +202,9 @@ class Latency:
     other_cores: float | None  # cores other processes kept busy on average (None: not measurable here)
     cpus: int  # the cores this process may run on
     under_load: bool  # other_cores > UNDER_LOAD x cpus
+    wall_ms: float | None = None  # the two clocks' figures (None: a figure of an older dse, wall only)
+    cpu_ms: float | None = None
+    clock: str = "wall"  # which of them `ms` is: "wall" | "thread cpu time"
 
     @property
     def spread(self) -> float:
@@ -238,7 +249,24 @@ def _machine_load(out: dict) -> Iterator[None]:
 
 
 def measure_latencies(
-    models: Mapping[str, tuple[nn.Module, Sequence[int]]],
+    models: Mapping[str, tuple[nn.Module, Sequence[int]]], *, threads: int = 1, **settings
+) -> dict[str, Latency]:
+    """Batch-1 CPU latency of several PyTorch models in one sitting (`measure_calls`): eval mode, no autograd,
+    NCHW fp32, `threads` threads. `models` maps a name to (model, input shape without the batch)."""
+    if threads < 1:
+        raise ValueError(f"{threads=} must be >= 1")
+    inputs = {name: torch.randn(1, *shape) for name, (_, shape) in models.items()}
+    with ExitStack() as stack:
+        for model, _ in models.values():
+            stack.enter_context(_eval(model))
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(_threads(threads))
+        calls = {name: (lambda m=model, x=inputs[name]: m(x)) for name, (model, _) in models.items()}
+        return measure_calls(calls, threads=threads, **settings)
+
+
+def measure_calls(
+    calls: Mapping[str, Callable[[], Any]],
     *,
     threads: int = 1,
     warmup: int = 5,
@@ -247,40 +275,41 @@ def measure_latencies(
     max_rounds: int = 40,
     max_spread: float = 0.05,
     clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] = time.thread_time,
 ) -> dict[str, Latency]:
-    """Batch-1 CPU latency of several models in one sitting, so that they compare with each other. Rounds
-    interleave the models: each round times `runs` runs of each model in turn (after one untimed run) and keeps
-    the fastest. A model's figure is the median of its last `window` round figures; while their spread
-    (IQR / median) exceeds `max_spread` the model gets more rounds, up to `max_rounds`, so that drift or a
-    burst of load elsewhere passes. Eval mode, no autograd, NCHW fp32, `threads` threads. `models` maps a name
-    to (model, input shape without the batch); `clock` times the runs (seconds; the wall clock by default)."""
+    """Latency of several calls (one batch-1 inference each) in one sitting, so that they compare with each other.
+    Rounds interleave them: each round times `runs` runs of each call in turn (after one untimed run) and keeps the
+    fastest. A call's figure is the median of its last `window` round figures; while their spread (IQR / median)
+    exceeds `max_spread` the call gets more rounds, up to `max_rounds`, so that drift or a burst of load elsewhere
+    passes. `clock` (the wall clock) and `cpu_clock` (this thread's CPU time) time the runs, in seconds; `threads`
+    is recorded (set it yourself)."""
     if runs < 1 or window < 1 or max_rounds < window or warmup < 0 or threads < 1 or max_spread <= 0:
         raise ValueError(f"{runs=} and {window=} must be >= 1, {max_rounds=} >= window, {warmup=} >= 0, "
                          f"{threads=} >= 1, {max_spread=} > 0")
-    inputs = {name: torch.randn(1, *shape) for name, (_, shape) in models.items()}
-    best: dict[str, list[float]] = {name: [] for name in models}  # the fastest run of each round
+    best: dict[str, list[float]] = {name: [] for name in calls}  # the fastest wall-clock run of each round
+    cpu: dict[str, list[float]] = {name: [] for name in calls}  # and the fastest on the thread's CPU time
     load: dict = {}
-    with ExitStack() as stack:
-        for model, _ in models.values():
-            stack.enter_context(_eval(model))
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(_threads(threads))
-        stack.enter_context(_machine_load(load))
-        for name, (model, _) in models.items():
+    with _machine_load(load):
+        for call in calls.values():
             for _ in range(warmup):
-                model(inputs[name])
-        wide = list(models)
+                call()
+        wide = list(calls)
         while wide:
             for name in wide:
-                best[name].append(_fastest(models[name][0], inputs[name], runs, clock))
+                wall, used = _fastest(calls[name], runs, clock, cpu_clock)
+                best[name].append(wall)
+                cpu[name].append(used)
             wide = [n for n in wide if len(best[n]) < max_rounds and
                     (len(best[n]) < window or _spread(best[n][-window:]) > max_spread)]
     under = load["other_cores"] is not None and load["other_cores"] > UNDER_LOAD * load["cpus"]
     out = {}
-    for name, figures in best.items():
-        median, iqr = median_iqr(figures[-window:])
-        out[name] = Latency(median, iqr, min(window, len(figures)), len(figures), runs, threads,
-                            load["other_cores"], load["cpus"], under)
+    for name in calls:
+        wall, wall_iqr = median_iqr(best[name][-window:])
+        used, used_iqr = median_iqr(cpu[name][-window:])
+        agree = wall <= used * (1 + AGREE)
+        out[name] = Latency(wall if agree else used, wall_iqr if agree else used_iqr, min(window, len(best[name])),
+                            len(best[name]), runs, threads, load["other_cores"], load["cpus"], under, wall, used,
+                            "wall" if agree else "thread cpu time")
     return out
 
 
@@ -289,6 +318,15 @@ def _spread(values: list[float]) -> float:
     return iqr / median
 
 
-def _fastest(model: nn.Module, x: torch.Tensor, runs: int, clock: Callable[[], float]) -> float:
-    """The fastest of `runs` timed calls, in ms, after an untimed one (the previous model left the cache)."""
-    return min(time_calls(lambda: model(x), warmup=1, runs=runs, clock=clock))
+def _fastest(call: Callable[[], Any], runs: int, clock: Callable[[], float],
+             cpu_clock: Callable[[], float]) -> tuple[float, float]:  # fmt: skip
+    """The fastest of `runs` timed calls in ms, on the wall clock and on the thread's CPU time, after an untimed
+    one (the previous model left the cache)."""
+    call()
+    walls, cpus = [], []
+    for _ in range(runs):
+        wall, used = clock(), cpu_clock()
+        call()
+        cpus.append((cpu_clock() - used) * 1e3)
+        walls.append((clock() - wall) * 1e3)
+    return min(walls), min(cpus)

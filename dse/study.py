@@ -16,6 +16,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from dse.config import OBJECTIVES, check_study_name
+from dse.metrics import direction
 from dse.storage import StudyError, check_storage, did_you_mean, open_readonly, sqlite_path
 
 __all__ = [
@@ -125,7 +126,7 @@ def create_or_check_study(
     warning. Hold `storage_lock` around this call and the queueing that follows: a concurrent sweep
     then either creates the study first or finds it."""
     objectives = list(objectives or OBJECTIVES)
-    directions = [OBJECTIVES[m] for m in objectives]
+    directions = [direction(m) for m in objectives]
     summary = _existing(storage, name)
     if summary is None:
         try:

@@ -113,3 +113,45 @@ def test_a_sampled_space_measures_each_new_architecture_in_its_worker(tmp_path):
         figure = stored[t.user_attrs["latency_key"]]
         assert t.user_attrs["latency_ms"] == figure["ms"] == t.values[2]
         assert figure["how"].startswith("by a worker at the first trial of the architecture")
+
+
+def _direct_ort_ms(model, shape) -> float:
+    """A direct ONNX Runtime timing of the fp32 file, one intra-op thread, on the thread's CPU time (a loaded
+    test machine would blur the wall clock): median of 40 runs."""
+    import tempfile
+    from pathlib import Path
+
+    from dse.measure import median_iqr, time_calls
+    from dse.onnx import INPUT, as_trained, export_pair, random_calibration, session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, _ = export_pair(as_trained(model), Path(tmp), shape, random_calibration(shape, 8, 0))
+        sess, feed = session(fp32, 1), {INPUT: random_calibration(shape, 1, 1)[0]}
+        return median_iqr(time_calls(lambda: sess.run(None, feed), warmup=10, runs=40, clock=time.thread_time))[0]
+
+
+def test_elu_and_relu_get_onnx_runtime_latencies_in_the_ratio_onnx_runtime_gives_not_pytorch(tmp_path, locks):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    specs = dict(architecture(ModelConfig(name="shallow_squeezenext", activation=a), (3, 32, 32), 10)
+                 for a in ("elu", "relu"))  # fmt: skip
+    elu, relu = specs
+    got = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()}, "test", ort=True,
+                 runs=3, window=5, max_rounds=10, warmup=2)
+    for figure in got.values():
+        for name in ("onnx", "int8"):
+            assert figure[name]["clock"] in ("wall", "thread cpu time") and figure[f"{name}_kb"] > 0
+            assert figure[name]["ms"] in (figure[name]["wall_ms"], figure[name]["cpu_ms"])
+    ort_ratio = got[elu]["onnx"]["ms"] / got[relu]["onnx"]["ms"]
+    direct = _direct_ort_ms(*build(specs[elu])) / _direct_ort_ms(*build(specs[relu]))
+    torch_ratio = got[elu]["cpu_ms"] / got[relu]["cpu_ms"]  # PyTorch's, on the same clock
+    assert abs(ort_ratio / direct - 1) < 0.25, (ort_ratio, direct)
+    assert direct > 1.4 * torch_ratio, (direct, torch_ratio)  # ORT fuses Conv+ReLU, not Conv+ELU: PyTorch can't tell
+
+
+def test_old_figures_without_onnx_runtime_ones_are_completed_and_a_paper_study_measures_none(tmp_path, locks):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    k, spec = architecture(ModelConfig(name="shallow_squeezenext", width=0.125), (1, 28, 28), 10)
+    paper = ensure(study, {k: lambda: build(spec)}, "paper", **TINY)[k]
+    assert "onnx" not in paper and "int8" not in paper
+    both = ensure(study, {k: lambda: build(spec)}, "ort", ort=True, **TINY)[k]
+    assert both["onnx"]["ms"] > 0 and both["int8"]["ms"] > 0 and both["how"] == "ort"

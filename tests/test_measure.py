@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dse.measure import Latency, count_macs, int8_bytes, measure_latencies, measure_latency, profile
+from dse.measure import Latency, count_macs, int8_bytes, measure_calls, measure_latencies, measure_latency, profile
 from dse.models import create_model
 
 
@@ -76,7 +76,8 @@ class Sleeper(nn.Module):
 def test_rounds_interleave_and_a_wide_spread_gets_more_rounds():
     clock = [0.0]
     models = {"steady": (Sleeper(clock, 2.0), (1, 4, 4)), "noisy": (Sleeper(clock, 2.0, slow=12.0, noisy=10), (1, 4, 4))}
-    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5, clock=lambda: clock[0])
+    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5, clock=lambda: clock[0],
+                            cpu_clock=lambda: clock[0])
     steady, noisy = out["steady"], out["noisy"]
     assert isinstance(steady, Latency) and steady.rounds == steady.window == 5
     assert noisy.rounds >= 14  # the slow rounds 1, 3, ..., 9 left the window before it was steady
@@ -97,3 +98,18 @@ def test_a_larger_model_measures_slower_in_one_sitting():
 def test_bad_latency_sitting_arguments_are_refused():
     with pytest.raises(ValueError, match=r"max_rounds=2 >= window"):
         measure_latencies({"m": (tiny(), (3, 8, 8))}, window=3, max_rounds=2)
+
+
+def test_a_run_that_lost_the_core_is_timed_on_the_thread_s_cpu_time():
+    wall, cpu = [0.0], [0.0]
+
+    def call():  # 1 ms of work, 3 ms on the wall clock: another process held the core
+        cpu[0] += 1e-3
+        wall[0] += 3e-3
+
+    out = measure_calls({"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: wall[0],
+                        cpu_clock=lambda: cpu[0])["m"]
+    assert out.clock == "thread cpu time" and out.ms == pytest.approx(1.0) and out.wall_ms == pytest.approx(3.0)
+    calm = measure_calls({"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: cpu[0],
+                         cpu_clock=lambda: cpu[0])["m"]
+    assert calm.clock == "wall" and calm.ms == pytest.approx(1.0)

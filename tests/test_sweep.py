@@ -99,7 +99,7 @@ def test_two_workers_finish_every_trial_once(swept):
     study = optuna.load_study(study_name="width-cifar10-quick", storage=f"sqlite:///{db}")
     assert study.metric_names == list(OBJECTIVES)
     artifacts = db.with_suffix("") / "artifacts"
-    assert len(list(artifacts.iterdir())) == 8  # a checkpoint and the curves per trial
+    assert len(list(artifacts.iterdir())) == 16  # a checkpoint, the curves, the fp32 and the int8 ONNX file per trial
 
 
 def test_rerun_trains_nothing_new(swept, data_root):
@@ -199,7 +199,7 @@ def test_over_budget_model_is_pruned_before_training_without_warnings(tmp_path, 
     small, large = by_width[0.125], by_width[0.4]
     assert small.state == TrialState.COMPLETE and small.constraints["size_kb"] < 0
     assert large.state == TrialState.PRUNED and "curves" not in large.user_attrs
-    assert large.user_attrs["pruned_reason"].startswith("over budget: size 233.")
+    assert large.user_attrs["pruned_reason"].startswith("over budget: size_kb 233.")
     assert large.constraints["size_kb"] == pytest.approx(large.user_attrs["size_bytes"] / 1e3 - 150)
 
 
@@ -218,7 +218,7 @@ def test_dashboard_serves_the_study(swept):
         assert detail["objective_names"] == list(OBJECTIVES)
         assert len(detail["trials"]) == 4
         assert {t["state"] for t in detail["trials"]} == {"Complete"}
-        assert all(len(t["artifacts"]) == 2 for t in detail["trials"])
+        assert all(len(t["artifacts"]) == 4 for t in detail["trials"])  # checkpoint, curves, fp32 and int8 ONNX
         for plot in PLOTS:  # rendered by the server with plotly (HTTP 500 without it)
             figure = _get_json(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}/plot/{plot}")
             assert figure["data"], plot

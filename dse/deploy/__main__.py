@@ -15,6 +15,7 @@ from dse.deploy.export import export_front, export_trial
 from dse.deploy.onnx import ExportSettings, measure_shape
 from dse.deploy.verify import verify_bundle
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
+from dse.config import load_target
 from dse.study import StudyError, default_storage, load_study, trials_frame, why_no_front
 
 FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
@@ -29,9 +30,15 @@ def _filters(args) -> dict:
     return {k: getattr(args, k) for k in FILTERS if getattr(args, k) is not None}
 
 
+def _objectives(study: optuna.Study, args) -> list[str]:
+    """The front's objectives: those of `--target` (conf/target/), else the study's own."""
+    target = getattr(args, "target", None)
+    return load_target(target).objectives if target else list(study.metric_names or [])
+
+
 def _front(study: optuna.Study, args):
     """The study's front within the filters; a study without a COMPLETE trial is refused, saying why it has none."""
-    front = front_frame(study)
+    front = front_frame(study, _objectives(study, args) or None)
     if front.empty:
         why = why_no_front(trials_frame(study))
         then = ("" if why.startswith("all ") else "; run or finish its sweep first")
@@ -42,18 +49,22 @@ def _front(study: optuna.Study, args):
 def cmd_list(args) -> int:
     study, _ = _study(args)
     front = _front(study, args)
-    _print_front(study, front, args.format, ", ".join(f"{k}={v:g}" for k, v in _filters(args).items()))
+    _print_front(study, front, args.format, ", ".join(f"{k}={v:g}" for k, v in _filters(args).items()),
+                 _objectives(study, args))
     return 0
 
 
-def _print_front(study: optuna.Study, front, fmt: str = "markdown", limits: str = "") -> None:
+def _print_front(study: optuna.Study, front, fmt: str = "markdown", limits: str = "",
+                 objectives: list[str] | None = None) -> None:
     """The front as a table, then what to trust of its latencies."""
-    shown = front.assign(val_acc=100 * front.val_acc, test_acc=100 * front.test_acc).rename(
-        columns={"val_acc": "val_acc_%", "test_acc": "test_acc_%"})
+    percent = [c for c in front.columns if c.startswith(("val_acc", "test_acc"))]
+    shown = front.assign(**{c: 100 * front[c] for c in percent}).rename(columns={c: f"{c}_%" for c in percent})
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    print(f"Pareto front of study {study.study_name!r} ({', '.join(study.metric_names or [])}): {len(front)} model(s) "
-          f"of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 state_dict in "
-          "10^3 bytes; latency_ms: PyTorch batch-1 CPU latency of the architecture, latency_iqr_ms its spread.")
+    print(f"Pareto front of study {study.study_name!r} ({', '.join(objectives or study.metric_names or [])}): "
+          f"{len(front)} model(s) of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 "
+          "state_dict in 10^3 bytes; latency_ms: PyTorch batch-1 CPU latency of the architecture, latency_iqr_ms its "
+          "spread; *_onnx, *_int8, onnx_kb, int8_kb, latency_onnx_ms, latency_int8_ms: the ONNX files that ship, in "
+          "ONNX Runtime (what the board runs; docs/deploy.md).")
     print(shown.to_csv(index=False) if fmt == "csv" else shown.to_markdown(index=False, floatfmt=".3f") + "\n", end="")
     for line in latency_warnings(study, front):
         print(line, file=sys.stderr)
@@ -158,7 +169,7 @@ def measure_front(args) -> int:
     specs = {k: json.loads(k) for k in keys}
     figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
                      "python -m dse.deploy measure --front: one sitting, training on this machine paused",
-                     remeasure=True, threads=args.threads)
+                     remeasure=True, ort=True, threads=args.threads)
     loaded = sum(f["under_load"] for f in figures.values())
     print(f"re-measured {len(figures)} architecture(s) of the front in one sitting"
           + (f"; {loaded} under load (other processes kept the cores busy): rerun on a quiet machine" if loaded else ""))
@@ -175,6 +186,8 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size-kb", type=float, help="largest fp32 state_dict size, in 10^3 bytes")
     p.add_argument("--max-latency-ms", type=float, help="largest batch-1 CPU latency the sweep measured")
     p.add_argument("--min-accuracy", type=float, help="smallest validation accuracy, a fraction (0.8 = 80 %%)")
+    p.add_argument("--target", help="draw the front of this target's objectives (conf/target/: paper, onnx, int8); "
+                   "default the study's own")
 
 
 def _add_timing(p: argparse.ArgumentParser) -> None:

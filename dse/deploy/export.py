@@ -14,7 +14,7 @@ import socket
 import string
 import tarfile
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +34,15 @@ from dse.data import DataConfig, Splits, load_data
 from dse.deploy.bundle import predict as runtime
 from dse.deploy.front import DeployError
 from dse.deploy.onnx import (
-    INPUT, INT8_SKIP, OUTPUT, ExportSettings, calibration_batches, compact_names, export_onnx, latency_how,
-    measure_latency, min_onnxruntime, onnx_versions, ort_logits, quantize_int8, torch_logits, weight_bytes,
+    INPUT, INT8_SKIP, OUTPUT, ExportSettings, calibration_batches, export_pair, latency_how, measure_latency,
+    min_onnxruntime, onnx_versions, ort_logits, torch_logits, weight_bytes,
 )  # fmt: skip
 from dse.models import ModelConfig, build_model, paper_name, resolve_config
 from dse.storage import open_storage
 from dse.study import study_workdir
 
 __all__ = ["build_bundle", "check_against_torch", "export_front", "export_trial", "find_trial", "load_trial_data",
-           "load_trial_model", "study_bundles", "write_index"]
+           "load_trial_model", "shipped_files", "study_bundles", "write_index"]
 
 FORMAT = "dse.deploy/1"
 TEMPLATES = Path(__file__).resolve().parent / "bundle"
@@ -80,18 +80,9 @@ def _config(trial: optuna.trial.FrozenTrial) -> dict:
 def load_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage: str, workdir: str | None,
                      num_classes: int, in_channels: int) -> tuple[nn.Module, ModelConfig]:
     """The trial's model with its checkpoint's weights, in eval mode, and its resolved config."""
-    store_dir = study_workdir(study.study_name, storage, workdir) / "artifacts"
-    if not store_dir.is_dir():
-        raise DeployError(f"no artifact store at {store_dir}: pass the study's --workdir (where its sweep wrote artifacts/)")
-    store = optuna.artifacts.FileSystemArtifactStore(str(store_dir))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.pt"
-        try:
-            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
-                                               artifact_id=trial.user_attrs["artifact_checkpoint"])
-        except Exception as e:  # the store raises several types for a missing or unreadable artifact
-            raise DeployError(f"checkpoint artifact of trial {trial.number} is not readable in {store_dir} "
-                              f"({type(e).__name__}: {e})") from None
+        _download(study, trial, "checkpoint", path, storage=storage, workdir=workdir)
         weights = load_model_state(path)
     cfg = ModelConfig(**_config(trial)["model"])
     model = build_model(cfg, num_classes=num_classes, in_channels=in_channels)
@@ -101,6 +92,38 @@ def load_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, st
         raise DeployError(f"the checkpoint of trial {trial.number} does not fit its config {paper_name(cfg)}: "
                           f"{str(e).splitlines()[0]}") from None
     return model.eval(), resolve_config(cfg)
+
+
+def _download(study: optuna.Study, trial: optuna.trial.FrozenTrial, what: str, path: Path, *, storage: str,
+              workdir: str | None) -> None:
+    """The trial's artifact `artifact_<what>` from the study's artifact store into `path`."""
+    store_dir = study_workdir(study.study_name, storage, workdir) / "artifacts"
+    if not store_dir.is_dir():
+        raise DeployError(f"no artifact store at {store_dir}: pass the study's --workdir (where its sweep wrote artifacts/)")
+    store = optuna.artifacts.FileSystemArtifactStore(str(store_dir))
+    try:
+        optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                           artifact_id=trial.user_attrs[f"artifact_{what}"])
+    except Exception as e:  # the store raises several types for a missing or unreadable artifact
+        raise DeployError(f"{what} artifact of trial {trial.number} is not readable in {store_dir} "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def shipped_files(study: optuna.Study, trial: optuna.trial.FrozenTrial, folder: Path, *, storage: str,
+                  workdir: str | None) -> dict[str, Path] | None:
+    """The ONNX files the sweep exported and evaluated for this trial (precision -> path in `folder`), checked
+    against their recorded sha256; None for a trial of an older dse or of a sweep with study.deployed=false."""
+    attrs = trial.user_attrs
+    if not all(f"artifact_{p}" in attrs for p in ("onnx", "int8")):
+        return None
+    out = {}
+    for precision, what in (("fp32", "onnx"), ("int8", "int8")):
+        out[precision] = path = folder / f"{what}.onnx"
+        _download(study, trial, what, path, storage=storage, workdir=workdir)
+        if runtime.sha256(str(path)) != attrs.get(f"{what}_sha256"):
+            raise DeployError(f"the {what} ONNX artifact of trial {trial.number} does not match its recorded sha256 "
+                              f"{attrs.get(f'{what}_sha256')}: the artifact store was changed")
+    return out
 
 
 def load_trial_data(trial: optuna.trial.FrozenTrial, data_root: str | None = None) -> Splits:
@@ -311,18 +334,19 @@ def describe(cfg: ModelConfig, splits: Splits, fp32: Path, int8: Path, settings:
 
 
 def build_bundle(folder: Path, model: nn.Module, cfg: ModelConfig, splits: Splits, settings: ExportSettings,
-                 *, header: dict) -> dict:
-    """Write every bundle file into the empty `folder` and return its meta.json content."""
-    fp32, int8 = folder / runtime.MODELS["fp32"], folder / runtime.MODELS["int8"]
-    export_onnx(model, fp32, tuple(splits.test_x.shape[1:]))
-    compact_names(fp32)
+                 *, header: dict, shipped: dict[str, Path] | None = None) -> dict:
+    """Write every bundle file into the empty `folder` and return its meta.json content. The ONNX files are
+    `shipped` (precision -> the file the sweep exported and evaluated, copied as they are) or exported now."""
+    if shipped:
+        fp32, int8 = (Path(shutil.copyfile(shipped[p], folder / runtime.MODELS[p])) for p in ("fp32", "int8"))
+    else:
+        calibration = calibration_batches(splits.train_x, splits.mean, splits.std, n=settings.calibration_images,
+                                          seed=settings.seed)
+        fp32, int8 = export_pair(model, folder, tuple(splits.test_x.shape[1:]), calibration)
     diff = check_against_torch(model, fp32, splits, settings)
-    calibration = calibration_batches(splits.train_x, splits.mean, splits.std, n=settings.calibration_images,
-                                      seed=settings.seed)
-    quantize_int8(fp32, int8, calibration)
-    compact_names(int8)
     metrics = measure_models(fp32, int8, splits, settings)
-    metrics.update(onnx_max_abs_diff=diff, onnx_check_images=min(settings.check_images, len(splits.test_x)))
+    metrics.update(onnx_max_abs_diff=diff, onnx_check_images=min(settings.check_images, len(splits.test_x)),
+                   onnx_from_sweep=bool(shipped))  # the files the sweep evaluated, or exported now
     write_torch_files(folder, model, cfg, splits)
     for name in RUNTIME_FILES:
         shutil.copyfile(TEMPLATES / name, folder / name)
@@ -372,9 +396,15 @@ def export_trial(
                                   num_classes=splits.num_classes, in_channels=splits.in_channels)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        shipped = shipped_files(study, trial, Path(tmp), storage=storage, workdir=workdir)
+        if shipped:  # int8 was calibrated as the sweep did: say so in meta.json
+            made = trial.user_attrs.get("deployed_calibration", {})
+            settings = replace(settings, calibration_images=made.get("images", settings.calibration_images),
+                               seed=made.get("seed", settings.seed))
         folder = Path(tmp) / out.name
         folder.mkdir()
-        meta = build_bundle(folder, model, cfg, splits, settings, header=_header(study, trial, storage, splits))
+        meta = build_bundle(folder, model, cfg, splits, settings, header=_header(study, trial, storage, splits),
+                            shipped=shipped)
         _replace(folder, out)
     _tar(out)
     m = meta["metrics"]

@@ -1,27 +1,27 @@
-"""ONNX files of a model: export, compact names, static int8, logits and batch-1 latency under ONNX Runtime."""
+"""Deploy's side of ONNX: export settings, versions, weight bytes, batch-1 latency under ONNX Runtime and a shape
+alone; export, int8 and logits are `dse.onnx`'s (the code path the sweep evaluates every trial with)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
-from onnxruntime.quantization import CalibrationDataReader
 
 from dse.data import batches
 from dse.deploy.bundle import predict as runtime
 from dse.deploy.front import DeployError
 from dse.measure import median_iqr, time_calls
 from dse.models import build_model, config_from_name, paper_name
+from dse.onnx import (
+    CALIBRATION_IMAGES, CALIBRATION_SEED, INPUT, INT8_SKIP, OPSET, OUTPUT, calibration_batches, compact_names,
+    as_trained, export_onnx, export_pair, normalized_batches, ort_logits, quantize_int8, random_calibration,
+)  # fmt: skip
 
 __all__ = [
     "INPUT",
@@ -32,6 +32,7 @@ __all__ = [
     "calibration_batches",
     "compact_names",
     "export_onnx",
+    "export_pair",
     "latency_how",
     "measure_latency",
     "measure_shape",
@@ -44,15 +45,10 @@ __all__ = [
     "weight_bytes",
 ]
 
-OPSET = 17
-INPUT, OUTPUT = "image", "logits"
 # The first ONNX Runtime release implementing an ONNX opset / IR version, from the version table of
 # https://onnxruntime.ai/docs/reference/compatibility.html. The bundle files themselves parse with Python 3.8.
 ORT_FOR_OPSET = {17: "1.12", 18: "1.14", 19: "1.15", 20: "1.17", 21: "1.18"}
 ORT_FOR_IR = {8: "1.10", 9: "1.15", 10: "1.18"}
-# Not quantized: the quantizer can only give a BatchNorm's scale one int8 range for all channels, and ORT
-# has no int8 BatchNorm kernel, so it would run in fp32 between extra Quantize/Dequantize pairs anyway.
-INT8_SKIP = ("BatchNormalization",)
 
 
 @dataclass
@@ -62,11 +58,11 @@ class ExportSettings:
     threads: int = 1  # ONNX Runtime intra-op threads for the latency runs
     warmup: int = 20
     runs: int = 200
-    calibration_images: int = 256  # training images the int8 ranges are calibrated on
+    calibration_images: int = CALIBRATION_IMAGES  # training images the int8 ranges are calibrated on
     check_images: int = 256  # test images on which ONNX Runtime's fp32 logits must match PyTorch's
     atol: float = 1e-4  # the largest allowed |ONNX Runtime - PyTorch| logit difference
     samples: int = 8  # test images shipped in samples/ for `predict.py --selftest`
-    seed: int = 0  # draws the calibration images
+    seed: int = CALIBRATION_SEED  # draws the calibration images
 
     def __post_init__(self) -> None:
         for name in ("threads", "runs", "calibration_images", "check_images", "samples", "atol"):
@@ -76,104 +72,11 @@ class ExportSettings:
             raise DeployError(f"warmup={self.warmup!r} must be >= 0")
 
 
-def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
-    """fp32 ONNX, opset OPSET, batch axis dynamic, with the TorchScript exporter: it needs no onnxscript
-    and writes opset 17 / IR 8 files that older ONNX Runtime builds for ARM still load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        torch.onnx.export(
-            model.eval(), (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )  # fmt: skip
-
-
-def compact_names(path: Path) -> None:
-    """Rewrite an ONNX file with short tensor names and no node names, doc strings or inferred shapes:
-    a QDQ graph otherwise spends more bytes on names than on int8 weights. Input and output keep theirs;
-    the named PyTorch weights are in weights.safetensors."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return  # subgraphs (If, Loop) refer to outer names: leave such a model as it is
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
-    names: dict[str, str] = {}
-
-    def short(name: str) -> str:
-        return name if not name or name in keep else names.setdefault(name, format(len(names), "x"))
-
-    for tensor in graph.initializer:
-        tensor.name = short(tensor.name)
-    for node in graph.node:
-        node.input[:] = [short(x) for x in node.input]
-        node.output[:] = [short(x) for x in node.output]
-        node.name = node.doc_string = ""
-    del graph.value_info[:]
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def normalized_batches(x: torch.Tensor, stats: tuple, size: int) -> Iterator[np.ndarray]:
-    """uint8 images in float32 batches of `size`, normalised with stats = (mean, std) by the bundle's code."""
-    mean, std = stats
-    for i in range(0, len(x), size):
-        yield runtime.normalize(x[i : i + size].numpy(), mean, std)
-
-
-def ort_logits(sess, x: torch.Tensor, mean, std, *, batch_size: int = 256) -> np.ndarray:
-    """ONNX Runtime logits of uint8 images, normalised by the bundle's own code."""
-    return np.concatenate([runtime.run(sess, b) for b in normalized_batches(x, (mean, std), batch_size)])
-
-
 @torch.no_grad()
 def torch_logits(model: nn.Module, x: torch.Tensor, mean, std, *, batch_size: int = 256) -> np.ndarray:
     """PyTorch logits of uint8 images, normalised by the training pipeline (dse.data)."""
     y = torch.zeros(len(x), dtype=torch.int64)
     return torch.cat([model(xb) for xb, _ in batches(x, y, batch_size, mean=mean, std=std)]).numpy()
-
-
-class _Calibration(CalibrationDataReader):
-    def __init__(self, batches_: list[np.ndarray]) -> None:
-        self._batches = iter(batches_)
-
-    def get_next(self) -> dict | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT: batch}
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantizer warns through the root logger about choices made on purpose here."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
-    """Static int8 quantization with ONNX Runtime: QDQ format, per-channel int8 weights, uint8 activations,
-    MinMax ranges over the calibration batches (normalised float32 N x C x H x W)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared))  # shape inference and graph clean-up, as ORT advises
-        ops = sorted({n.op_type for n in onnx.load(str(prepared)).graph.node} - set(INT8_SKIP))
-        quantize_static(
-            str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-            calibrate_method=CalibrationMethod.MinMax,
-        )  # fmt: skip
-
-
-def calibration_batches(x: torch.Tensor, mean, std, *, n: int, seed: int, batch_size: int = 32) -> list[np.ndarray]:
-    """`n` images drawn with `seed` from uint8 training images, normalised, in batches."""
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return list(normalized_batches(x[idx], (mean, std), batch_size))
 
 
 def weight_bytes(path: Path) -> int:
@@ -225,23 +128,13 @@ def measure_shape(name: str, *, num_classes: int = 10, in_channels: int = 3, siz
     settings = settings or ExportSettings()
     cfg = config_from_name(name)
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=num_classes, in_channels=in_channels).eval()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-            for tensor, (low, high) in ((bn.weight, (0.5, 1.5)), (bn.bias, (-0.1, 0.1)),
-                                        (bn.running_mean, (-0.1, 0.1)), (bn.running_var, (0.5, 1.5))):
-                if tensor is not None:
-                    tensor.uniform_(low, high)
+    model = as_trained(build_model(cfg, num_classes=num_classes, in_channels=in_channels).eval())
     shape = (in_channels, size, size)
     stats = ((0.5,) * in_channels, (0.25,) * in_channels)
-    images = torch.randint(0, 256, (settings.calibration_images, *shape), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(settings.seed))
+    images = torch.randint(0, 256, (1, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(settings.seed))
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8 = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
-        export_onnx(model, fp32, shape)
-        compact_names(fp32)
-        quantize_int8(fp32, int8, list(normalized_batches(images, stats, 32)))
-        compact_names(int8)
+        calibration = random_calibration(shape, settings.calibration_images, settings.seed)
+        fp32, int8 = export_pair(model, Path(tmp), shape, calibration)
         one = runtime.normalize(images[:1].numpy(), *stats)
         row = {"model": paper_name(cfg), "params": sum(p.numel() for p in model.parameters())}
         for precision, path in (("fp32", fp32), ("int8", int8)):

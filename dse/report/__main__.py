@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dse.config import load_target
 from dse.report.frame import load_studies
 from dse.report.write import FORMATS, write_report
 from dse.study import StudyError, why_no_front
@@ -23,14 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="reports", help="the folder the report folder goes in (default: reports)")
     parser.add_argument("--format", nargs="+", default=["markdown"], choices=list(FORMATS), dest="formats",
                         help="table formats to write (default: markdown); index.md and the PNGs are always written")
+    parser.add_argument("--target", help="mark and plot the front of this target's objectives (conf/target/: paper, "
+                        "onnx, int8) instead of each study's own")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        target = load_target(args.target) if args.target else None
         data = load_studies(args.study, args.storage)
-        folder = write_report(data, args.out, args.formats)
+        folder = write_report(data, args.out, args.formats, target)
     except (StudyError, ValueError, OSError) as e:
         print(f"dse.report: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,6 +13,7 @@ import pandas as pd
 import sqlalchemy
 
 from dse.latency import LATENCY, MEASURED_ALONE, with_latency
+from dse.metrics import DEPLOYED, METRICS
 from dse.models import parse_name
 from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
 
@@ -25,7 +26,7 @@ BUDGET = ("epochs", "lr", "train_images")
 ATTRS = (
     "paper_name", "family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer", "lr",
     "epochs_planned", "seed", "params", "macs", "size_mb", "int8_mb", "latency_ms", "test_acc", "s_per_epoch",
-    "curves", "split", "device", "provenance", "pruned_reason", "latency_key", "latency_iqr_ms",
+    "curves", "split", "device", "provenance", "pruned_reason", "latency_key", "latency_iqr_ms", *DEPLOYED,
 )
 
 
@@ -156,8 +157,14 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
             "latency_ms": g["latency_ms"].astype(float).mean(), "latency_iqr_ms": g["latency_iqr_ms"].astype(float).mean(),
             "latency_under_load": bool(g["latency_under_load"].eq(True).any()),
             "device": ", ".join(sorted(set(map(str, g["device"])))),
+            **{m: _mean(g[m]) * (100 if METRICS[m].unit == "fraction" else 1) for m in DEPLOYED},  # accuracies in %
         })
     columns = ["config", *CONFIG, "budget", *BUDGET, "model", "n", "seeds", "studies", "trials", "acc_mean", "acc_std",
                "val_mean", "val_std", "s_per_epoch_mean", "s_per_epoch_std", "size_mb", "int8_mb", "params", "macs",
-               "latency_ms", "latency_iqr_ms", "latency_under_load", "device"]
+               "latency_ms", "latency_iqr_ms", "latency_under_load", "device", *DEPLOYED]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _mean(values: pd.Series) -> float:
+    """The mean of the figures recorded (a trial of an older dse records no deployed figure: NaN)."""
+    return float(pd.to_numeric(values, errors="coerce").mean())

@@ -19,12 +19,14 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from dse.config import TargetConfig
 from dse.front import non_dominated
+from dse.metrics import METRICS
 from dse.paper import load_paper
 from dse.report.results import label, varying
 from dse.report.tables import DATASETS, PAPER_TABLES
 
-__all__ = ["EMPTY", "PANELS", "pick_figure9", "plot_figure9", "plot_pareto"]
+__all__ = ["EMPTY", "PANELS", "as_target", "pick_figure9", "plot_figure9", "plot_pareto"]
 
 # Figure 9's panels: (title, the paper's panel, registry families, the paper's baseline models first).
 PANELS = (
@@ -208,13 +210,27 @@ def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
     return [], [order[best[0]]]
 
 
-def plot_pareto(groups: pd.DataFrame, path: Path, *, empty: str = EMPTY) -> list[str]:
+def as_target(groups: pd.DataFrame, target: TargetConfig) -> pd.DataFrame:
+    """The configurations with the plot's columns (val_mean %, size_mb, latency_ms) holding a target's figures
+    (`conf/target/`): the Pareto plot of what ships as fp32 or int8 ONNX. No spread over seeds is drawn for them."""
+    size = groups[target.size].astype(float) / (1 if target.size == "size_mb" else 1e3)  # KB -> MB
+    accuracy = groups["val_mean"] if target.accuracy == "val_acc" else groups[target.accuracy]
+    return groups.assign(val_mean=accuracy, size_mb=size, latency_ms=groups[target.latency],
+                         val_std=groups["val_std"] if target.accuracy == "val_acc" else float("nan"))
+
+
+def plot_pareto(groups: pd.DataFrame, path: Path, target: TargetConfig | None = None, *, empty: str = EMPTY) -> list[str]:
     """Write the Pareto plot to `path`: validation accuracy vs fp32 size, one panel per dataset, colour = batch-1
     latency, the (accuracy, size) front drawn, every point labelled, points non-dominated in all three objectives ringed,
     the paper's published points overlaid where it has them. A panel whose models all have one size plots
-    accuracy against the swept knobs instead; the line `empty` where there is nothing to plot. Return the front's
-    labels."""
+    accuracy against the swept knobs instead; the line `empty` where there is nothing to plot. With a `target` other
+    than paper, its accuracy, size and latency are plotted instead (`as_target`), without the paper's points. Return
+    the front's labels."""
     title = "Accuracy vs model size: our experiments"
+    shipped = target is not None and target.objectives != TargetConfig().objectives
+    if shipped:
+        groups = as_target(groups, target)
+        title = f"{target.name} target: {', '.join(target.objectives)}"
     if groups.empty:
         _nothing(path, title, empty)
         return []
@@ -234,7 +250,7 @@ def plot_pareto(groups: pd.DataFrame, path: Path, *, empty: str = EMPTY) -> list
         stepped |= not one_size
         front_labels += [f"{DATASETS.get(dataset, dataset)}: {_named(ours.loc[i], swept)}" for i in front]
         paper = _paper_points(dataset)
-        if not one_size and not paper.empty:
+        if not one_size and not paper.empty and not shipped:
             ax.scatter(paper["size_mb"], paper["acc"], marker="x", color="0.55", s=30, zorder=2)
             paper_drawn = True
     several = groups["n"].max() > 1
@@ -249,10 +265,15 @@ def plot_pareto(groups: pd.DataFrame, path: Path, *, empty: str = EMPTY) -> list
     if paper_drawn:
         legend.insert(0, Line2D([], [], marker="x", linestyle="none", color="0.55", label="paper (published test accuracy)"))
         title = "Accuracy vs model size: our experiments and the paper's published points"
-    if not stepped:
+    if not stepped and not shipped:
         title = "Accuracy vs the swept knobs (every model of a dataset has one size)"
+    if shipped:
+        axes[0].set_ylabel(f"{target.accuracy} (%): {METRICS[target.accuracy].what}")
+        for ax in axes:
+            ax.set_xlabel(f"{target.size} in MB: {METRICS[target.size].what} (log scale)")
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=9)
-    bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes), label="batch-1 CPU latency (ms)")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes),
+                       label=f"{target.latency} (ms)" if shipped else "batch-1 CPU latency (ms)")
     bar.ax.yaxis.set_major_formatter(PLAIN)
     bar.ax.yaxis.set_minor_formatter(PLAIN)
     fig.suptitle(title)

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from dse.front import front_mask
+from dse.metrics import DEPLOYED, METRICS
 from dse.report.frame import StudyData, clean, val_acc
 
 __all__ = [
@@ -97,12 +98,12 @@ def trials_table(data: StudyData) -> pd.DataFrame:
             "size_mb": clean(row["size_mb"]), "int8_mb": clean(row["int8_mb"]),
             "latency_ms": clean(row["latency_ms"]), "latency_iqr_ms": clean(row["latency_iqr_ms"]),
             "latency_under_load": row["latency_under_load"], "latency_how": row["latency_how"],
-            "s_per_epoch": clean(row["s_per_epoch"]),
+            "s_per_epoch": clean(row["s_per_epoch"]), **_deployed(row),
             "front": False, "note": row["pruned_reason"] if isinstance(row["pruned_reason"], str) else "",
         })  # fmt: skip
     columns = ["study", "trial", "state", "model", *KNOBS, "seed", "epochs", "epochs_run", "val_acc", "test_acc",
-               "params", "mmacs", "size_mb", "int8_mb", "latency_ms", "latency_iqr_ms", "latency_under_load",
-               "latency_how", "s_per_epoch", "front", "note"]
+               "params", "mmacs", "size_mb", "size_kb", "int8_mb", "latency_ms", "latency_iqr_ms", "latency_under_load",
+               "latency_how", "s_per_epoch", *DEPLOYED, "front", "note"]
     frame = pd.DataFrame(rows, columns=columns)
     for study, objectives in data.objectives.items():
         done = frame[(frame["study"] == study) & (frame["state"] == "COMPLETE")]
@@ -110,6 +111,16 @@ def trials_table(data: StudyData) -> pd.DataFrame:
     order = ["study", "dataset", "params", *KNOBS, "seed", "trial"]
     records = sorted(frame.to_dict("records"), key=lambda r: _sort_key(r, order))
     return pd.DataFrame(records, columns=columns).astype({"front": bool})
+
+
+def _deployed(row: dict) -> dict:
+    """The deployed figures of a trial record (accuracies in %), NaN where it has none; and its size in KB."""
+    out = {}
+    for m in DEPLOYED:
+        value = clean(row.get(m))
+        out[m] = math.nan if value is None else 100 * value if METRICS[m].unit == "fraction" else value
+    size = clean(row.get("size_mb"))
+    return {**out, "size_kb": math.nan if size is None else 1e3 * size}
 
 
 def configs_table(groups: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
@@ -123,18 +134,19 @@ def configs_table(groups: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFra
             "epochs": g["epochs"], "train_images": g["train_images"], "n": g["n"], "seeds": " ".join(map(str, g["seeds"])),
             "trials": " ".join(f"{s}#{n}" for s, n in g["trials"]),
             "val_mean": g["val_mean"], "val_std": g["val_std"], "test_mean": g["acc_mean"], "test_std": g["acc_std"],
-            "params": g["params"], "mmacs": g["macs"] / 1e6, "size_mb": g["size_mb"], "int8_mb": g["int8_mb"],
+            "params": g["params"], "mmacs": g["macs"] / 1e6, "size_mb": g["size_mb"], "size_kb": 1e3 * g["size_mb"],
+            "int8_mb": g["int8_mb"],
             "latency_ms": g["latency_ms"], "latency_iqr_ms": g["latency_iqr_ms"],
             "latency_under_load": g["latency_under_load"], "s_per_epoch_mean": g["s_per_epoch_mean"],
-            "s_per_epoch_std": g["s_per_epoch_std"], "front": False,
+            "s_per_epoch_std": g["s_per_epoch_std"], **{m: g[m] for m in DEPLOYED}, "front": False,
         })  # fmt: skip
     columns = ["model", *KNOBS, "epochs", "train_images", "n", "seeds", "trials", "val_mean", "val_std", "test_mean",
-               "test_std", "params", "mmacs", "size_mb", "int8_mb", "latency_ms", "latency_iqr_ms", "latency_under_load",
-               "s_per_epoch_mean", "s_per_epoch_std", "front"]
+               "test_std", "params", "mmacs", "size_mb", "size_kb", "int8_mb", "latency_ms", "latency_iqr_ms", "latency_under_load",
+               "s_per_epoch_mean", "s_per_epoch_std", *DEPLOYED, "front"]
     frame = pd.DataFrame(rows, columns=columns)
     for dataset in set(frame["dataset"]):
         rows_of = frame[frame["dataset"] == dataset]
-        frame.loc[rows_of.index, "front"] = front_mask(rows_of, objectives, {"val_acc": "val_mean"})
+        frame.loc[rows_of.index, "front"] = front_mask(rows_of, objectives, {"val_acc": "val_mean", "test_acc": "test_mean"})
     order = ["dataset", "params", *KNOBS, "epochs"]
     records = sorted(frame.to_dict("records"), key=lambda r: _sort_key(r, order))
     return pd.DataFrame(records, columns=columns).astype({"front": bool})
@@ -185,9 +197,20 @@ def shown_trials(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         "val %": _fmt(r["val_acc"], ".2f"), "test %": _fmt(r["test_acc"], ".2f"), "params": _fmt(r["params"], ","),
         "MMACs": _fmt(r["mmacs"], ".2f"), "MB": _fmt(r["size_mb"], ".3f"), "int8 MB": _fmt(r["int8_mb"], ".3f"),
         "latency ms": _latency(r), "IQR ms": _fmt(r["latency_iqr_ms"], ".3f"), "s/epoch": _fmt(r["s_per_epoch"], ".2f"),
-        "front": "★" if r["front"] else "",
+        **_deployed_cells(r), "front": "★" if r["front"] else "",
     } for r in table.to_dict("records")]  # fmt: skip
     return _shown(rows, always=("trial", "val %", "test %", "params", "MB", "latency ms", "front"))
+
+
+# The deployed figures as the tables print them: ONNX Runtime on the fp32 and int8 files that ship.
+DEPLOYED_CELLS = {"ONNX val %": ("val_acc_onnx", ".2f"), "int8 val %": ("val_acc_int8", ".2f"),
+                  "ONNX test %": ("test_acc_onnx", ".2f"), "int8 test %": ("test_acc_int8", ".2f"),
+                  "ONNX KB": ("onnx_kb", ".1f"), "int8 KB": ("int8_kb", ".1f"),
+                  "ORT ms": ("latency_onnx_ms", ".3f"), "ORT int8 ms": ("latency_int8_ms", ".3f")}
+
+
+def _deployed_cells(r: dict) -> dict:
+    return {name: _fmt(r[column], spec) for name, (column, spec) in DEPLOYED_CELLS.items()}
 
 
 def shown_configs(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -197,7 +220,7 @@ def shown_configs(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         "val %": _pm(r["val_mean"], r["val_std"]), "test %": _pm(r["test_mean"], r["test_std"]),
         "params": _fmt(r["params"], ","), "MMACs": _fmt(r["mmacs"], ".2f"), "MB": _fmt(r["size_mb"], ".3f"),
         "int8 MB": _fmt(r["int8_mb"], ".3f"), "latency ms": _latency(r), "IQR ms": _fmt(r["latency_iqr_ms"], ".3f"),
-        "s/epoch": _pm(r["s_per_epoch_mean"], r["s_per_epoch_std"]), "front": "★" if r["front"] else "",
+        "s/epoch": _pm(r["s_per_epoch_mean"], r["s_per_epoch_std"]), **_deployed_cells(r), "front": "★" if r["front"] else "",
         "trials": r["trials"],
     } for r in table.to_dict("records")]  # fmt: skip
     return _shown(rows, always=("model", "n", "val %", "test %", "params", "MB", "latency ms", "front"))

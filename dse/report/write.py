@@ -8,11 +8,13 @@ import json
 import re
 import shlex
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
+from dse.config import TargetConfig
 from dse.paper import load_paper
 from dse.report.frame import MEASURED_ALONE, StudyData, aggregate, completed
 from dse.report.plots import plot_figure9, plot_pareto
@@ -25,8 +27,12 @@ __all__ = ["FORMATS", "write_report"]
 FORMATS = {"markdown": ".md", "csv": ".csv", "latex": ".tex"}
 
 
-def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence[str] = ("markdown",)) -> Path:
-    """Write `out/<study>/` (studies joined by '+') and return that folder."""
+def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence[str] = ("markdown",),
+                 target: TargetConfig | None = None) -> Path:
+    """Write `out/<study>/` (studies joined by '+') and return that folder. With a `target` (conf/target/), the
+    fronts (★ and the Pareto plot) are those of its objectives instead of each study's own."""
+    if target is not None:
+        data = replace(data, objectives={name: target.objectives for name in data.objectives})
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"formats={list(formats)}: allowed: {', '.join(FORMATS)}")
@@ -51,7 +57,7 @@ def write_report(data: StudyData, out: str | Path = "reports", formats: Sequence
             write_table(folder, f"table{table}", title(table), lines, formatted(lines, table), notes(lines, table), formats)
     empty = f"no complete trial: {why_no_front(data.trials)}"
     figure9 = plot_figure9(done, groups, folder / "figure9.png", empty=empty)
-    front = plot_pareto(groups, folder / "pareto.png", empty=empty)
+    front = plot_pareto(groups, folder / "pareto.png", target, empty=empty)
     (folder / "index.md").write_text(index(data, done, ours, tables, formats, figure9, front))
     return folder
 
@@ -69,6 +75,9 @@ def our_notes(trials: pd.DataFrame) -> list[str]:
         f"one sitting with `python -m dse.deploy measure --study {_one(trials['study'], 'STUDY')} --front`.",
         "★: on the Pareto front of the study's objectives (validation accuracy up, size and latency down) among the "
         "complete trials; in the configurations table, among the configurations of a dataset (mean validation accuracy).",
+        "As deployed (what the board runs; — where a trial recorded none): ONNX/int8 val %, test %: the fp32 and int8 "
+        "ONNX files in ONNX Runtime; ONNX KB, int8 KB: those files in 10^3 bytes; ORT ms, ORT int8 ms: their batch-1 "
+        "ONNX Runtime latency, one intra-op thread, once per architecture (the deploy docs say more).",
     ]
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dse.config import SpaceConfig, StudyConfig, SweepConfig, to_object
+from dse.config import SpaceConfig, StudyConfig, SweepConfig, TargetConfig, to_object
 from dse.data import Splits, load_data
 from dse.identity import architecture
 from dse.latency import build
@@ -328,6 +328,11 @@ def definition(space: SpaceConfig, seeds: list[int], study: StudyConfig, setups:
         "max_latency_ms": study.max_latency_ms,
         "configs": configs,
     }
+    # Set only where they differ from an older dse's (which had neither), so its studies still resume.
+    if study.budgets:
+        out["budgets"] = study.budgets
+    if study.pruner == "pareto" and study.target.objectives != TargetConfig().objectives:
+        out["pruning_target"] = asdict(study.target)
     return json.loads(json.dumps(out))
 
 

@@ -296,6 +296,12 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
             "KB": [f"{kb:.1f}" for kb in front["size_kb"]],
             "latency ms": [f"{ms:.3f}" + (" †" if u else "") for ms, u in zip(front["latency_ms"], front["under_load"])],
         })  # fmt: skip
+        if front["val_acc_int8"].notna().any():  # as deployed: the ONNX files in ONNX Runtime (fp32 / int8)
+            shown = shown.assign(**{
+                "ONNX val % fp32/int8": [f"{100 * a:.2f}/{100 * b:.2f}" for a, b in zip(front["val_acc_onnx"], front["val_acc_int8"])],
+                "ONNX KB fp32/int8": [f"{a:.1f}/{b:.1f}" for a, b in zip(front["onnx_kb"], front["int8_kb"])],
+                "ORT ms fp32/int8": [f"{a:.3f}/{b:.3f}" for a, b in zip(front["latency_onnx_ms"], front["latency_int8_ms"])],
+            })  # fmt: skip
         lines += [f"Pareto front ({', '.join(study.metric_names or [])}): {len(front)} of "
                   f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False, disable_numparse=True)]
         if front["under_load"].any():

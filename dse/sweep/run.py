@@ -95,7 +95,8 @@ def measure_grid_latency(plan: Plan) -> dict[str, dict]:
     for key, figure in _held_figures(plan).items():
         scratch.set_user_attr(ATTR + key, figure)
     how = "before training, in one sitting by the sweep's main process, training on this machine paused"
-    measured = ensure(scratch, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how)
+    measured = ensure(scratch, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how,
+                      ort=plan.study_cfg.deployed)  # ONNX Runtime fp32 and int8 too
     loaded = sum(f["under_load"] for f in measured.values())
     ms = [f["ms"] for f in measured.values()]
     print(f"latency of the {len(measured)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,9 +26,11 @@ from dse import identity, layouts
 from dse.autotune import choose_memory_format, faster_layout
 from dse.config import SpaceConfig
 from dse.data import Splits, load_data
+from dse.deployed import evaluate_deployed
 from dse.identity import architecture
-from dse.latency import ensure
+from dse.latency import ensure, trial_attrs
 from dse.measure import ModelProfile, profile
+from dse.metrics import METRICS
 from dse.models import build_model, paper_name
 from dse.pruning import History, decide, histories, rungs
 from dse.step import resolve_device
@@ -58,6 +60,7 @@ class ReadyTrial:
     folder: Path
     started: float
     numerics: layouts.Numerics  # the study's choice for its architecture on this device kind (dse.layouts)
+    known: dict = field(default_factory=dict)  # the metrics its architecture decides, by name (dse.metrics)
 
 
 def worker_id() -> str:
@@ -139,7 +142,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
-    latency = _latency(trial, setup, splits, model)
+    latency = _latency(trial, setup, splits, model, plan.study_cfg.deployed)
     numerics, choice = _numerics(trial, setup, splits, model, probe)
     full = setup.full
     _set_attrs(trial, {
@@ -148,24 +151,23 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
         "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
         "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
         "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides,
+        "size_kb": prof.size_bytes / 1e3, "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides,
         "provenance": _provenance(setup.resolved),
     })  # fmt: skip
+    known = {"size_mb": prof.size_mb, "size_kb": prof.size_bytes / 1e3,
+             **{k: v for k, v in latency.items() if k in METRICS}}  # fmt: skip
     return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started,
-                      choice)  # fmt: skip
+                      choice, known)  # fmt: skip
 
 
 def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
     """Set the trial's budget constraints (Optuna's: <= 0 is feasible; set before training, so that a pruned trial
     has them too); the reason it is over budget, recorded as its `pruned_reason`, or None."""
-    cfg, trial = plan.study_cfg, ready.trial
-    limits = [(ready.prof.size_bytes / 1e3, cfg.max_size_kb, "size", "KB"),
-              (ready.latency_ms, cfg.max_latency_ms, "latency", "ms")]
-    for value, limit, what, unit in limits:
-        if limit:
-            trial.set_constraint(f"{what}_{unit.lower()}", value - limit)
-    over = [f"{what} {value:.1f} {unit} > {limit:g} {unit}"
-            for value, limit, what, unit in limits if limit and value > limit]
+    limits, trial = plan.study_cfg.before_training(), ready.trial
+    for name, limit in limits.items():
+        trial.set_constraint(name, ready.known[name] - limit)
+    over = [f"{name} {ready.known[name]:.4g} > {limit:g} {METRICS[name].unit}"
+            for name, limit in limits.items() if ready.known[name] > limit]
     if not over:
         return None
     reason = "over budget: " + ", ".join(over)
@@ -184,14 +186,13 @@ def _suggest(trial: optuna.Trial, space: SpaceConfig) -> dict:
     return params
 
 
-def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module) -> dict:
+def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module, deployed: bool) -> dict:
     """The trial's latency attributes: its architecture's figure in the study, measured now (training on this
     machine paused) if no trial of that architecture was measured before."""
     key, _ = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
     how = "by a worker at the first trial of the architecture, training on this machine paused"
-    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how)[key]
-    return {"latency_ms": figure["ms"], "latency_iqr_ms": figure["iqr_ms"], "latency_threads": figure["threads"],
-            "latency_under_load": figure["under_load"], "latency_key": key}
+    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how, ort=deployed)[key]
+    return {**trial_attrs(figure), "latency_key": key}
 
 
 def _numerics(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module,
@@ -260,8 +261,10 @@ def epoch_reporter(ready: ReadyTrial, plan: Plan, check: Callable[[], None],
         report_value(trial, record.epoch, record.val_acc)
         if study_cfg.pruner == "pareto" and record.epoch in rung_epochs:
             others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-            me = History(trial.number, ready.prof.size_mb, ready.latency_ms, {record.epoch: record.val_acc})
-            decision = decide(me, record.epoch, histories(others), study_cfg.pruning)  # the shared study's evidence
+            size, latency = study_cfg.target.size, study_cfg.target.latency  # the costs of what ships
+            me = History(trial.number, ready.known[size], ready.known[latency], {record.epoch: record.val_acc})
+            evidence = histories(others, size_key=size, latency_key=latency)  # the shared study's
+            decision = decide(me, record.epoch, evidence, study_cfg.pruning)
             if decision is not None:
                 return _pruned(trial, decision.epoch, decision.accuracy, decision.dominated_by, decision.reason())
         elif study_cfg.pruner not in ("none", "pareto") and trial.should_prune():
@@ -288,13 +291,19 @@ def record_result(ready: ReadyTrial, result: TrainResult, plan: Plan, train_star
         "memory_format": result.memory_format, "cuda_graph": result.cuda_graph, "train_seconds": train_seconds,
         "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
     })  # fmt: skip
-    _upload(trial, plan, ready.folder, curves)
+    # As it ships: the evaluated model (its weight average when on) in ONNX, fp32 and int8, through ONNX Runtime.
+    deployed = evaluate_deployed(ready.model, ready.splits, ready.folder, threads=plan.threads) \
+        if plan.study_cfg.deployed else None  # fmt: skip
+    _set_attrs(trial, deployed.attrs if deployed else {})
+    files = {"onnx": deployed.fp32, "int8": deployed.int8} if deployed else {}
+    _upload(trial, plan, ready.folder, curves, files)
     trial.set_user_attr("trial_seconds", time.perf_counter() - ready.started)
-    metrics = {"val_acc": result.epochs[-1].val_acc, "size_mb": ready.prof.size_mb, "latency_ms": ready.latency_ms}
+    metrics = {**ready.known, "val_acc": result.epochs[-1].val_acc, "test_acc": result.test_acc,
+               **(deployed.attrs if deployed else {})}
     return [metrics[m] for m in plan.study_cfg.objectives]
 
 
-def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict]) -> None:
+def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict], files: dict[str, Path]) -> None:
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
     store_dir = Path(plan.workdir) / "artifacts"
@@ -305,3 +314,7 @@ def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict]) 
     for path, mimetype in ((run_dir / "checkpoint.pt", "application/octet-stream"), (curves_path, "application/json")):
         artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype=mimetype)
         trial.set_user_attr(f"artifact_{path.stem}", artifact_id)
+    for name, path in files.items():  # the ONNX files: `dse.deploy export` ships these very files
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                      mimetype="application/octet-stream")
+        trial.set_user_attr(f"artifact_{name}", artifact_id)
