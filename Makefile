@@ -19,8 +19,8 @@ help: ## list the tasks
 install: ## create .venv and install dse with its test extra
 	python3 -m venv .venv && .venv/bin/pip install -e '.[test]'
 
-test: ## run the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+test: ## lint, format check and the whole test suite (what CI runs)
+	$(dir $(PY))ruff check . && $(dir $(PY))ruff format --check . && $(PY) -m pytest -q
 
 test-fast: ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"

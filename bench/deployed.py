@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
+from dse.data import load_data
 from dse.deployed import evaluate_deployed
 from dse.latency import ort_latencies
 from dse.models import build_model
 from dse.sweep.compose import compose, typed
-from dse.data import load_data
 from dse.train import train
 
 MODEL = ["model=shallow_squeezenext", "model.blocks=[1,1,1,1]", "model.width=0.4"]  # Shallow SqueezeNext-06-0.4x
@@ -46,8 +46,16 @@ MODEL = ["model=shallow_squeezenext", "model.blocks=[1,1,1,1]", "model.width=0.4
 
 def trial(budget: str, epochs: int | None, data_root: str | None) -> dict:
     """Train one trial of `budget` (the first `epochs` epochs of it when given) and time the deployed work."""
-    overrides = [f"budget={budget}", "data=fashion_mnist", *MODEL, "train.threads=1", "train.progress=false",
-                 "train.memory_format=contiguous", "train.device=cpu", "+space=width"]  # a space names the study
+    overrides = [
+        f"budget={budget}",
+        "data=fashion_mnist",
+        *MODEL,
+        "train.threads=1",
+        "train.progress=false",
+        "train.memory_format=contiguous",
+        "train.device=cpu",
+        "+space=width",
+    ]  # a space names the study
     overrides += [f"data.root={data_root}"] if data_root else []
     setup = typed(compose(overrides))
     planned = setup.train.epochs
@@ -68,12 +76,22 @@ def trial(budget: str, epochs: int | None, data_root: str | None) -> dict:
     ort_latencies({"06-0.4x": (fresh, tuple(splits.train_x.shape[1:]))})
     latency_s = time.perf_counter() - started
     scale = planned / setup.train.epochs
-    return {"budget": budget, "epochs": f"{setup.train.epochs}/{planned}", "train_images": len(splits.train_x),
-            "val_images": len(splits.val_x), "test_images": len(splits.test_x), "train_s": trained * scale,
-            "scaled": scale != 1, "deployed_s": deployed_s, "export_s": deployed.attrs["deployed_seconds"]["export"],
-            "evaluate_s": deployed.attrs["deployed_seconds"]["evaluate"], "latency_s": latency_s,
-            "val_acc": result.epochs[-1].val_acc, "val_acc_onnx": deployed.attrs["val_acc_onnx"],
-            "val_acc_int8": deployed.attrs["val_acc_int8"]}
+    return {
+        "budget": budget,
+        "epochs": f"{setup.train.epochs}/{planned}",
+        "train_images": len(splits.train_x),
+        "val_images": len(splits.val_x),
+        "test_images": len(splits.test_x),
+        "train_s": trained * scale,
+        "scaled": scale != 1,
+        "deployed_s": deployed_s,
+        "export_s": deployed.attrs["deployed_seconds"]["export"],
+        "evaluate_s": deployed.attrs["deployed_seconds"]["evaluate"],
+        "latency_s": latency_s,
+        "val_acc": result.epochs[-1].val_acc,
+        "val_acc_onnx": deployed.attrs["val_acc_onnx"],
+        "val_acc_int8": deployed.attrs["val_acc_int8"],
+    }
 
 
 def main() -> None:
@@ -85,16 +103,20 @@ def main() -> None:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for budget, epochs in (("quick", None), ("short", args.short_epochs)):
         r = trial(budget, epochs, args.data_root)
-        print(f"budget={r['budget']}: {r['train_images']} train / {r['val_images']} val / {r['test_images']} test "
-              f"images, epochs {r['epochs']}; training {r['train_s']:.1f} s"
-              + (" (scaled from the epochs run)" if r["scaled"] else "")
-              + f"; deployed per trial {r['deployed_s']:.2f} s (export+int8 {r['export_s']:.2f} s, ORT evaluation "
-              f"{r['evaluate_s']:.2f} s) = {100 * r['deployed_s'] / r['train_s']:.2f} % of training; ORT latency per "
-              f"architecture {r['latency_s']:.2f} s (= {100 * r['latency_s'] / r['train_s']:.2f} % were it per trial); "
-              f"val_acc {r['val_acc']:.4f}, ONNX fp32 {r['val_acc_onnx']:.4f}, int8 {r['val_acc_int8']:.4f}",
-              flush=True)
-    print(f"bench wall {time.perf_counter() - wall0:.0f} s, CPU {time.process_time() - cpu0:.0f} s "
-          "(CPU below wall: other processes shared the cores)")
+        print(
+            f"budget={r['budget']}: {r['train_images']} train / {r['val_images']} val / {r['test_images']} test "
+            f"images, epochs {r['epochs']}; training {r['train_s']:.1f} s"
+            + (" (scaled from the epochs run)" if r["scaled"] else "")
+            + f"; deployed per trial {r['deployed_s']:.2f} s (export+int8 {r['export_s']:.2f} s, ORT evaluation "
+            f"{r['evaluate_s']:.2f} s) = {100 * r['deployed_s'] / r['train_s']:.2f} % of training; ORT latency per "
+            f"architecture {r['latency_s']:.2f} s (= {100 * r['latency_s'] / r['train_s']:.2f} % were it per trial); "
+            f"val_acc {r['val_acc']:.4f}, ONNX fp32 {r['val_acc_onnx']:.4f}, int8 {r['val_acc_int8']:.4f}",
+            flush=True,
+        )
+    print(
+        f"bench wall {time.perf_counter() - wall0:.0f} s, CPU {time.process_time() - cpu0:.0f} s "
+        "(CPU below wall: other processes shared the cores)"
+    )
 
 
 if __name__ == "__main__":

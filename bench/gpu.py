@@ -84,11 +84,18 @@ def generated(n_train: int, n_val: int, n_test: int, num_classes: int, device: t
         return torch.randint(0, num_classes, (n,), generator=g).to(device)
 
     return Splits(
-        name="generated", train_x=images(n_train), train_y=labels(n_train), val_x=images(n_val), val_y=labels(n_val),
-        test_x=images(n_test), test_y=labels(n_test), classes=[str(c) for c in range(num_classes)],
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        name="generated",
+        train_x=images(n_train),
+        train_y=labels(n_train),
+        val_x=images(n_val),
+        val_y=labels(n_val),
+        test_x=images(n_test),
+        test_y=labels(n_test),
+        classes=[str(c) for c in range(num_classes)],
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
         split={"dataset": "generated", "train": n_train, "val": n_val, "test": n_test},
-    )  # fmt: skip
+    )
 
 
 def base_config(device: torch.device, batch: int) -> TrainConfig:
@@ -106,8 +113,10 @@ def one_trial(name: str, splits: Splits, cfg: TrainConfig) -> tuple[float, str, 
 
 
 def part1_and_2(scale: Scale, device: torch.device, batch: int) -> dict:
-    print(f"\n1-2. one trial: s per {EPOCH:,}-image epoch (second epoch, training pass), and the user loop "
-          f"(8 DataLoader workers, fp32 NCHW)")  # fmt: skip
+    print(
+        f"\n1-2. one trial: s per {EPOCH:,}-image epoch (second epoch, training pass), and the user loop "
+        f"(8 DataLoader workers, fp32 NCHW)"
+    )
     print(f"{'model':<30}{'eager':>8}{'graph':>8}{'layout':>15}{'user img/s':>12}{'user s/ep':>10}{'graph/user':>11}")
     if user_loop is None:
         print(f"  (no user loop here: {NO_USER_LOOP})")
@@ -122,14 +131,19 @@ def part1_and_2(scale: Scale, device: torch.device, batch: int) -> dict:
             user = user_loop(name, splits.to("cpu"), scale.user_batches, device, workers=8, batch=batch)
         figures[name] = (eager, graph, user)
         note = "" if graphed else " (eager: no graph)"
-        print(f"{name:<30}{eager:>8.2f}{graph:>8.2f}{layout:>15}{user:>12.0f}{EPOCH / user:>10.2f}"
-              f"{EPOCH / graph / user:>11.2f}{note}", flush=True)  # fmt: skip
+        print(
+            f"{name:<30}{eager:>8.2f}{graph:>8.2f}{layout:>15}{user:>12.0f}{EPOCH / user:>10.2f}"
+            f"{EPOCH / graph / user:>11.2f}{note}",
+            flush=True,
+        )
     return figures
 
 
 def part3(scale: Scale, device: torch.device, batch: int) -> dict:
-    print(f"\n3. fused trials: aggregate training images/s per group size (`pick_group_size`, {scale.probe_steps} "
-          "timed steps), x = over one trial")  # fmt: skip
+    print(
+        f"\n3. fused trials: aggregate training images/s per group size (`pick_group_size`, {scale.probe_steps} "
+        "timed steps), x = over one trial"
+    )
     print(f"{'model':<30}" + "".join(f"{size:>14}" for size in scale.sizes) + f"{'auto':>6}")
     splits = generated(batch, batch, batch, 10, device)
     cfg = base_config(device, batch)
@@ -140,8 +154,10 @@ def part3(scale: Scale, device: torch.device, batch: int) -> dict:
         _, rates = pick_group_size(model, splits, cfg, sizes=scale.sizes, min_gain=-math.inf, steps=scale.probe_steps)
         auto = best_group_size(rates)
         figures[name] = rates
-        cells = "".join(f"{f'{rates[s]:.0f} ({rates[s] / rates[1]:.1f}x)':>14}" if s in rates else f"{'OOM':>14}"
-                        for s in scale.sizes)  # fmt: skip
+        cells = "".join(
+            f"{f'{rates[s]:.0f} ({rates[s] / rates[1]:.1f}x)':>14}" if s in rates else f"{'OOM':>14}"
+            for s in scale.sizes
+        )
         print(f"{name:<30}{cells}{auto:>6}", flush=True)
     return figures
 
@@ -166,9 +182,11 @@ def part4(scale: Scale, device: torch.device) -> float:
         data = (setup.data.name, setup.data.val_size, setup.data.subset)
         groups[(group_key(model, cfg), data)].append((setup, cfg))
     keys = list(groups)[: scale.classes]
-    print(f"\n4. the paper space: {len(trials)} trials in {len(groups)} groups of fusable trials"
-          f"{f' (tiny: the first {len(keys)})' if scale.classes else ''}: per group, its trials, the size auto "
-          "picks, s per real epoch (training + validation) at that size, and its hours")  # fmt: skip
+    print(
+        f"\n4. the paper space: {len(trials)} trials in {len(groups)} groups of fusable trials"
+        f"{f' (tiny: the first {len(keys)})' if scale.classes else ''}: per group, its trials, the size auto "
+        "picks, s per real epoch (training + validation) at that size, and its hours"
+    )
     total = 0.0
     for key in keys:
         hours, line = estimate(groups[key], scale, device)
@@ -197,8 +215,9 @@ def estimate(trials: list, scale: Scale, device: torch.device) -> tuple[float, s
     return hours, f"{line}  {optimizers}"
 
 
-def group_seconds(trials: list, num_classes: int, train_images: int, test_images: int, scale: Scale,
-                  device: torch.device) -> tuple[float, float]:  # fmt: skip
+def group_seconds(
+    trials: list, num_classes: int, train_images: int, test_images: int, scale: Scale, device: torch.device
+) -> tuple[float, float]:
     """(wall seconds of these trials trained as one group for all their epochs, seconds per real epoch) from two
     epochs of `train_group` on generated data: the second epoch's training pass and validation, scaled."""
     batch = trials[0][1].batch_size
@@ -251,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     scale, batch = (TINY, 32) if args.tiny else (Scale(), 128)
     started = time.perf_counter()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{gpu}, torch {torch.__version__} (CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
-          f"{', TINY: figures mean nothing' if args.tiny else ''}")  # fmt: skip
+    print(
+        f"{gpu}, torch {torch.__version__} (CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
+        f"{', TINY: figures mean nothing' if args.tiny else ''}"
+    )
     one = part1_and_2(scale, device, batch) if {1, 2} & set(args.parts) else {}
     fused = part3(scale, device, batch) if 3 in args.parts else {}
     paper_hours = part4(scale, device) if 4 in args.parts else None

@@ -55,13 +55,25 @@ def run(pruner: str, args: argparse.Namespace, folder: Path) -> optuna.Study:
             print(f"reusing {storage}")
             return study
     overrides = [
-        "+space=open", "data=fashion_mnist", f"data.subset={args.subset}", f"data.val_size={args.val_size}",
-        f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"space.n_trials={args.trials}",
-        "sweep.seeds=1", f"sweep.workers={args.workers}", f"sweep.threads={args.threads}", "sweep.progress=false",
-        f"study.name={name}", f"study.storage={storage}", f"study.pruner={pruner}", f"study.sampler_seed={args.seed}",
+        "+space=open",
+        "data=fashion_mnist",
+        f"data.subset={args.subset}",
+        f"data.val_size={args.val_size}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        f"space.n_trials={args.trials}",
+        "sweep.seeds=1",
+        f"sweep.workers={args.workers}",
+        f"sweep.threads={args.threads}",
+        "sweep.progress=false",
+        f"study.name={name}",
+        f"study.storage={storage}",
+        f"study.pruner={pruner}",
+        f"study.sampler_seed={args.seed}",
         f"hydra.run.dir={folder / 'hydra' / name}",  # Hydra's run folder too stays out of the checkout
         f"space.search={{model.width:{{low:{args.min_width},high:{args.max_width},log:true}}}}",
-        *(f"study.pruning.{k}" for k in knobs), *args.overrides,
+        *(f"study.pruning.{k}" for k in knobs),
+        *args.overrides,
     ]
     subprocess.run([sys.executable, "-m", "dse.sweep", *overrides], cwd=REPO, check=True)
     return optuna.load_study(study_name=name, storage=storage)
@@ -108,8 +120,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=3000, help="training images")
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="more than 1 makes the trial order, hence the configs each run gets, timing-dependent")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="more than 1 makes the trial order, hence the configs each run gets, timing-dependent",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-width", type=float, default=0.125)
@@ -118,8 +134,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-latency", type=float, default=20.0, help="reference point: ms")
     parser.add_argument("--keep", type=Path, default=None, help="keep the study DBs in this folder")
     parser.add_argument("--reuse", action="store_true", help="read a finished study found in --keep, do not re-run it")
-    parser.add_argument("--pruning", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="settings of the pareto pruner (study.pruning.KEY), e.g. eta=3")
+    parser.add_argument(
+        "--pruning",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings of the pareto pruner (study.pruning.KEY), e.g. eta=3",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both sweeps")
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**QUICK)
@@ -136,23 +157,31 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="dse-bench-pruning-"))
     folder.mkdir(parents=True, exist_ok=True)
     studies = {p: run(p, args, folder) for p in ("none", "pareto")}
-    costs = {config(t): (t.user_attrs["size_mb"], t.user_attrs["latency_ms"])
-             for t in studies["none"].get_trials(states=(TrialState.COMPLETE,))}  # fmt: skip
+    costs = {
+        config(t): (t.user_attrs["size_mb"], t.user_attrs["latency_ms"])
+        for t in studies["none"].get_trials(states=(TrialState.COMPLETE,))
+    }
     results = {p: summarize(study, ref, costs) for p, study in studies.items()}
     off, on = results["none"], results["pareto"]
-    print(f"\n{args.trials} trials of `open` on Fashion-MNIST ({args.subset} train / {args.val_size} val images, "
-          f"{args.epochs} epochs of batch {args.batch_size}, widths {args.min_width}-{args.max_width}, "
-          f"{args.workers} workers x {args.threads or 'auto'} threads, "
-          f"pruner settings: {' '.join(args.pruning) or 'defaults'}); "
-          f"HV reference (acc 0, {args.ref_size} MB, {args.ref_latency} ms)")
+    print(
+        f"\n{args.trials} trials of `open` on Fashion-MNIST ({args.subset} train / {args.val_size} val images, "
+        f"{args.epochs} epochs of batch {args.batch_size}, widths {args.min_width}-{args.max_width}, "
+        f"{args.workers} workers x {args.threads or 'auto'} threads, "
+        f"pruner settings: {' '.join(args.pruning) or 'defaults'}); "
+        f"HV reference (acc 0, {args.ref_size} MB, {args.ref_latency} ms)"
+    )
     print(f"same configs proposed in both runs: {'yes' if off['configs'] == on['configs'] else 'NO'}")
     print(f"{'pruner':8} {'epochs':>7} {'wall s':>8} {'complete':>9} {'pruned':>7} {'HV own':>9} {'HV shared':>10}")
     for name, r in results.items():
-        print(f"{name:8} {r['epochs']:7d} {r['wall_s']:8.1f} {r['complete']:9d} {r['pruned']:7d} "
-              f"{r['hypervolume']:9.4f} {r['hv_shared']:10.4f}")  # fmt: skip
-    print(f"pareto/none: epochs {ratio(on['epochs'], off['epochs'])}, wall time {ratio(on['wall_s'], off['wall_s'])}, "
-          f"hypervolume {ratio(on['hypervolume'], off['hypervolume'])} with each run's own latencies, "
-          f"{ratio(on['hv_shared'], off['hv_shared'])} with shared ones  (target: <= 50% epochs, >= 95% hypervolume)")
+        print(
+            f"{name:8} {r['epochs']:7d} {r['wall_s']:8.1f} {r['complete']:9d} {r['pruned']:7d} "
+            f"{r['hypervolume']:9.4f} {r['hv_shared']:10.4f}"
+        )
+    print(
+        f"pareto/none: epochs {ratio(on['epochs'], off['epochs'])}, wall time {ratio(on['wall_s'], off['wall_s'])}, "
+        f"hypervolume {ratio(on['hypervolume'], off['hypervolume'])} with each run's own latencies, "
+        f"{ratio(on['hv_shared'], off['hv_shared'])} with shared ones  (target: <= 50% epochs, >= 95% hypervolume)"
+    )
     cpu = sum(os.times()[:4])  # this process and the sweeps it ran
     print(f"study DBs: {folder}; whole benchmark: {time.perf_counter() - started:.0f} s wall, {cpu:.0f} s CPU")
 

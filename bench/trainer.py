@@ -131,10 +131,14 @@ def our_trainer(name: str, splits, cfg: TrainConfig) -> tuple[float, float, str]
 
 def user_loop(name: str, splits, steps: int, device: torch.device, *, workers: int = 2, batch: int = BATCH) -> float:
     """(c): images/s of a textbook loop: NCHW model, DataLoader with `workers` workers and PIL transforms."""
-    tf = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(splits.mean, splits.std),
-    ])  # fmt: skip
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(splits.mean, splits.std),
+        ]
+    )
     data = PILImages(splits.train_x[: steps * batch], splits.train_y[: steps * batch], tf)
     loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
     torch.manual_seed(0)
@@ -171,15 +175,19 @@ def geomean(values: list[float]) -> float:
 
 def compare(models: list[str], splits, steps: int, device: torch.device, repeats: int, epoch_note: str) -> None:
     cfg = recipe(epochs=2, progress=False, device=device.type)
-    print(f"\n{'model':<30}{'a: NHWC':>9}{'a: NCHW':>9}{'b: ours':>9}{'layout':>8}{'c: user':>9}{'b/a':>7}{'b/c':>7}"
-          f"{epoch_note:>12}")  # fmt: skip
+    print(
+        f"\n{'model':<30}{'a: NHWC':>9}{'a: NCHW':>9}{'b: ours':>9}{'layout':>8}{'c: user':>9}{'b/a':>7}{'b/c':>7}"
+        f"{epoch_note:>12}"
+    )
     ba, bc = [], []
     for name in models:
         a = {"channels_last": 0.0, "contiguous": 0.0}
         b = c = seconds = 0.0
         for _ in range(repeats):  # interleaved, best of each
             for layout in a:
-                a[layout] = max(a[layout], pure_compute(name, cfg, steps, device, channels_last=layout == "channels_last"))
+                a[layout] = max(
+                    a[layout], pure_compute(name, cfg, steps, device, channels_last=layout == "channels_last")
+                )
             rate, secs, layout = our_trainer(name, splits, cfg)
             b, seconds = max((b, seconds), (rate, secs))
             c = max(c, user_loop(name, splits, steps, device))
@@ -187,11 +195,15 @@ def compare(models: list[str], splits, steps: int, device: torch.device, repeats
         bc.append(b / c)
         extra = f"{seconds * 50_000 / len(splits.train_x):.2f}" if device.type == "cuda" else ""
         short = "NHWC" if layout == "channels_last" else "NCHW"
-        row = (f"{name:<30}{a['channels_last']:>9.0f}{a['contiguous']:>9.0f}{b:>9.0f}{short:>8}{c:>9.0f}"
-               f"{ba[-1]:>7.2f}{bc[-1]:>7.2f}{extra:>12}")  # fmt: skip
+        row = (
+            f"{name:<30}{a['channels_last']:>9.0f}{a['contiguous']:>9.0f}{b:>9.0f}{short:>8}{c:>9.0f}"
+            f"{ba[-1]:>7.2f}{bc[-1]:>7.2f}{extra:>12}"
+        )
         print(row, flush=True)
-    print(f"{'geometric mean':<30}{'':>44}{geomean(ba):>7.2f}{geomean(bc):>7.2f}   (images/s; targets b/a >= 0.95, "
-          f"b/c >= {'3' if device.type == 'cuda' else '1.3'})")  # fmt: skip
+    print(
+        f"{'geometric mean':<30}{'':>44}{geomean(ba):>7.2f}{geomean(bc):>7.2f}   (images/s; targets b/a >= 0.95, "
+        f"b/c >= {'3' if device.type == 'cuda' else '1.3'})"
+    )
 
 
 def fused_groups(splits, steps: int, repeats: int, sizes: tuple[int, ...] = (1, 2, 4)) -> None:
@@ -205,8 +217,9 @@ def fused_groups(splits, steps: int, repeats: int, sizes: tuple[int, ...] = (1, 
             for way in rates:
                 torch.manual_seed(0)
                 model = create_model("shallow_squeezenext", num_classes=10, blocks=[1, 1, 1, 1], width=width)
-                _, measured = pick_group_size(model, splits, cfg, sizes=sizes, min_gain=-1.0, steps=steps,
-                                              vmapped=way == "vmapped")  # fmt: skip
+                _, measured = pick_group_size(
+                    model, splits, cfg, sizes=sizes, min_gain=-1.0, steps=steps, vmapped=way == "vmapped"
+                )
                 rates[way] = {n: max(rates[way][n], measured[n]) for n in sizes}
         for way, rate in rates.items():
             cells = "".join(f"{f'{rate[n]:.0f} ({rate[n] / rate[1]:.2f})':>14}" for n in sizes)
@@ -230,8 +243,10 @@ def sweep_layouts(root: str, subset: int, repeats: int) -> None:
     """One worker with all cores vs one worker per core with one thread, on the same trials."""
     cores = os.cpu_count() or 1
     ctx = mp.get_context("spawn")
-    print(f"\nA quick width sweep: Shallow SqueezeNext-06, {cores} trials per width (2 epochs of {subset} images + "
-          "evaluation each), images/s of wall time")  # fmt: skip
+    print(
+        f"\nA quick width sweep: Shallow SqueezeNext-06, {cores} trials per width (2 epochs of {subset} images + "
+        "evaluation each), images/s of wall time"
+    )
     print(f"{'width':<8}{f'1 worker x {cores} threads':>24}{f'{cores} workers x 1 thread':>24}{'ratio':>8}")
     for width in SWEEP_WIDTHS:
         rates = [0.0, 0.0]
@@ -239,8 +254,9 @@ def sweep_layouts(root: str, subset: int, repeats: int) -> None:
             workers, threads = ((1, cores), (cores, 1))[layout]
             queue = ctx.Queue()
             barrier = ctx.Barrier(workers) if workers > 1 else None
-            trials = [ctx.Process(target=_trial, args=(root, width, s, threads, subset, barrier, queue))
-                      for s in range(cores)]  # fmt: skip
+            trials = [
+                ctx.Process(target=_trial, args=(root, width, s, threads, subset, barrier, queue)) for s in range(cores)
+            ]
             batches_of = [trials[i::workers] for i in range(workers)]
             results = []
             for round_ in zip(*batches_of):  # `workers` trials at a time
@@ -250,8 +266,10 @@ def sweep_layouts(root: str, subset: int, repeats: int) -> None:
                 for p in round_:
                     p.join()
             # Sequential trials: add their training times; parallel ones: span of the round.
-            wall = sum(max(r[1] for r in results[i : i + workers]) - min(r[0] for r in results[i : i + workers])
-                       for i in range(0, len(results), workers))  # fmt: skip
+            wall = sum(
+                max(r[1] for r in results[i : i + workers]) - min(r[0] for r in results[i : i + workers])
+                for i in range(0, len(results), workers)
+            )
             rates[layout] = max(rates[layout], sum(r[2] for r in results) / wall)
         print(f"{width:<8}{rates[0]:>24.0f}{rates[1]:>24.0f}{rates[1] / rates[0]:>8.2f}", flush=True)
 
@@ -263,8 +281,10 @@ def describe_machine() -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} threads, "
-          f"load average {' '.join(f'{v:.2f}' for v in load)}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} threads, "
+        f"load average {' '.join(f'{v:.2f}' for v in load)}"
+    )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
 
@@ -283,8 +303,10 @@ def main(argv: list[str] | None = None) -> None:
         write_cifar(Path(tmp), "cifar10", n_train=n + 256, n_test=256)
         splits = load_data(DataConfig(name="cifar10", root=tmp, val_size=256))
         precision = "bf16 autocast" if native_bf16(torch.device("cpu")) else "fp32"
-        print(f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, best of {args.repeats}, "
-              f"training images/s; a and b in {precision}, c in fp32")  # fmt: skip
+        print(
+            f"\nCPU, batch {BATCH}, {args.batches} timed batches per figure, best of {args.repeats}, "
+            f"training images/s; a and b in {precision}, c in fp32"
+        )
         compare(args.models, splits, args.batches, torch.device("cpu"), args.repeats, "")
         if not args.skip_fused:
             fused_groups(splits, args.batches, args.repeats)

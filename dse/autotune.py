@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -19,9 +19,15 @@ from dse.data import Splits, batches, member_batches
 from dse.step import StepMode, mixed_precision, resolve_device, step_mode, sync, time_steps
 
 __all__ = [
-    "AUTO_LAYOUT", "MEMORY_FORMATS", "auto_layout", "best_group_size", "choose_memory_format", "faster_layout",
-    "pick_group_size", "pick_memory_format",
-]  # fmt: skip
+    "AUTO_LAYOUT",
+    "MEMORY_FORMATS",
+    "auto_layout",
+    "best_group_size",
+    "choose_memory_format",
+    "faster_layout",
+    "pick_group_size",
+    "pick_memory_format",
+]
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # What `train.memory_format=auto` trains in, by device type, where no study stores a choice (dse.layouts). A rule,
@@ -40,8 +46,10 @@ def pick_memory_format(model: nn.Module, x: Tensor, y: Tensor, autocast, *, repe
     stored beside a study's choice), never what `auto` trains in. The model, its gradients and torch's RNG are left
     as they were.
     """
-    probes = {name: (copy.deepcopy(model).to(memory_format=fmt).train(), x.contiguous(memory_format=fmt))
-              for name, fmt in MEMORY_FORMATS.items()}  # fmt: skip
+    probes = {
+        name: (copy.deepcopy(model).to(memory_format=fmt).train(), x.contiguous(memory_format=fmt))
+        for name, fmt in MEMORY_FORMATS.items()
+    }
     best = dict.fromkeys(probes, math.inf)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         for i in range(repeats + 1):  # the first round warms up
@@ -63,8 +71,9 @@ def auto_layout(device: torch.device) -> str:
     return AUTO_LAYOUT.get(device.type, "contiguous")
 
 
-def choose_memory_format(cfg: TrainConfig, device: torch.device, *, saved: str | None = None,
-                         auto: str | None = None) -> str:  # fmt: skip
+def choose_memory_format(
+    cfg: TrainConfig, device: torch.device, *, saved: str | None = None, auto: str | None = None
+) -> str:
     """The layout a run trains in: `saved`, the one its checkpoint was written in (layouts round differently: a
     resumed run keeps it, whatever decided it, a timing by an older dse included); else a pinned
     `cfg.memory_format`; else, for `auto`, `auto` (a study's stored choice, `dse.layouts`) or `auto_layout`."""
@@ -80,8 +89,9 @@ def faster_layout(model: nn.Module, splits: Splits, cfg: TrainConfig, *, probe=p
     `model` as `cfg` says on its device, on the first training batch. Advice: it never decides what a run computes."""
     device = resolve_device(cfg.device)
     n = cfg.batch_size
-    x, y = next(batches(splits.train_x[:n].to(device), splits.train_y[:n].to(device), n, mean=splits.mean,
-                        std=splits.std))  # fmt: skip
+    x, y = next(
+        batches(splits.train_x[:n].to(device), splits.train_y[:n].to(device), n, mean=splits.mean, std=splits.std)
+    )
     return probe(copy.deepcopy(model).to(device), x, y, mixed_precision(cfg, device))
 
 
@@ -132,12 +142,23 @@ def best_group_size(rates: dict[int, float], min_gain: float = 0.1) -> int:
     return best
 
 
-def _group_rate(models: list[nn.Module], splits: Splits, cfg: TrainConfig, layout: str, mode: StepMode,
-                steps: int) -> float:  # fmt: skip
+def _group_rate(
+    models: list[nn.Module], splits: Splits, cfg: TrainConfig, layout: str, mode: StepMode, steps: int
+) -> float:
     """Aggregate training images/s of the models as one group on the first training batch."""
     learners = [mode.learner(m.to(memory_format=MEMORY_FORMATS[layout]), cfg) for m in models]
     n = cfg.batch_size
-    x, y = next(member_batches(splits.train_x[:n], splits.train_y[:n], n, mean=splits.mean, std=splits.std,
-                               seeds=[0] * len(models), epochs=[0] * len(models), augment=cfg.augment,
-                               channels_last=layout == "channels_last"))  # fmt: skip
+    x, y = next(
+        member_batches(
+            splits.train_x[:n],
+            splits.train_y[:n],
+            n,
+            mean=splits.mean,
+            std=splits.std,
+            seeds=[0] * len(models),
+            epochs=[0] * len(models),
+            augment=cfg.augment,
+            channels_last=layout == "channels_last",
+        )
+    )
     return len(models) * n * steps / time_steps(mode, learners, x, y, steps)

@@ -104,13 +104,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a saved optimizer state into one built for this run, keeping this run's lr object and its
     capturable/fused/foreach mode (a checkpoint written eagerly may resume in a CUDA graph, and back)."""
     runtime = ("lr", "capturable", "fused", "foreach")
-    groups = [{**saved, **{k: ours[k] for k in runtime if k in ours}} for saved, ours in
-              zip(state["param_groups"], optimizer.param_groups)]  # fmt: skip
+    groups = [
+        {**saved, **{k: ours[k] for k in runtime if k in ours}}
+        for saved, ours in zip(state["param_groups"], optimizer.param_groups)
+    ]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def checkpoint_state(epoch: int, model: nn.Module, average: nn.Module | None, optimizer: torch.optim.Optimizer,
-                     records: list[dict], run: dict, memory_format: str) -> dict:  # fmt: skip
+def checkpoint_state(
+    epoch: int,
+    model: nn.Module,
+    average: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    records: list[dict],
+    run: dict,
+    memory_format: str,
+) -> dict:
     """What a checkpoint holds after `epoch` finished epochs: "model" is the weights that are evaluated (and
     deployed), the average's when there is one, with the trained ones under "trained"; `records` are the epochs'
     records as dicts, `run` what a resumed run must agree on (`dse.identity.run_identity`). The learning rate,
@@ -132,8 +141,9 @@ def checkpoint_state(epoch: int, model: nn.Module, average: nn.Module | None, op
     }
 
 
-def restore_checkpoint(state: dict, path: str, model: nn.Module, average: nn.Module | None,
-                       optimizer: torch.optim.Optimizer, run: dict) -> tuple[int, list[dict]]:  # fmt: skip
+def restore_checkpoint(
+    state: dict, path: str, model: nn.Module, average: nn.Module | None, optimizer: torch.optim.Optimizer, run: dict
+) -> tuple[int, list[dict]]:
     """Load a checkpoint (`load_checkpoint`) into the run's model, average and optimizer; return its finished
     epochs and their records. Raises CheckpointError when it belongs to another run (naming what differs) or
     was written for another model."""

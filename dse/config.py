@@ -287,7 +287,9 @@ class StudyConfig:
             raise ValueError(f"study objectives={self.objectives} must be 1 to 3 distinct metric names")
         costs = [n for n, m in METRICS.items() if m.direction == "minimize"]
         if not isinstance(self.budgets, (dict, type(None))):
-            raise ValueError(f"study budgets={self.budgets!r} must be a mapping of metric name to limit, e.g. {{int8_kb: 100}}")
+            raise ValueError(
+                f"study budgets={self.budgets!r} must be a mapping of metric name to limit, e.g. {{int8_kb: 100}}"
+            )
         self.budgets = dict(self.budgets or {})
         for m, limit in self.budgets.items():
             check_metric(m, "study budgets (upper limits)", costs)
@@ -318,7 +320,6 @@ class StudyConfig:
             raise ValueError(
                 f"study max_retry={self.max_retry} and storage_retry_seconds={self.storage_retry_seconds} must be >= 0"
             )
-
 
     def limits(self) -> dict[str, float]:
         """Every budget by metric name: `budgets` with the shorthands `max_size_kb` (size_kb) and `max_latency_ms`."""
@@ -367,8 +368,10 @@ def load_target(name: str) -> TargetConfig:
     names = sorted(p.stem for p in TARGETS_DIR.glob("*.yaml"))
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
-        raise ValueError(f"target {name!r} is unknown; allowed: {', '.join(names)}"
-                         + (f"; did you mean {close[0]}?" if close else ""))
+        raise ValueError(
+            f"target {name!r} is unknown; allowed: {', '.join(names)}"
+            + (f"; did you mean {close[0]}?" if close else "")
+        )
     return to_object(TargetConfig, OmegaConf.load(TARGETS_DIR / f"{name}.yaml"))
 
 
@@ -388,7 +391,6 @@ def to_object(schema: type, node: DictConfig | dict | None) -> Any:
 def register_schemas() -> None:
     """Register every group's schema, so `defaults: [schema]` in a group file type-checks it."""
     from hydra.core.config_store import ConfigStore
-
 
     store = ConfigStore.instance()
     for group, schema in (

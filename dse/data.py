@@ -6,9 +6,9 @@ import gzip
 import hashlib
 import math
 import pickle
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,17 @@ __all__ = [
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # The IDX files carry no class names; these are the ones the dataset's README lists, in label order.
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 class DataError(RuntimeError):
@@ -141,16 +149,26 @@ def _read_cifar(cfg: DataConfig, *, folder: str, train: list[str], test: str, me
 
 def read_cifar10(cfg: DataConfig):
     return _read_cifar(
-        cfg, folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test="test_batch",
-        meta="batches.meta", label="labels", names="label_names",
-    )  # fmt: skip
+        cfg,
+        folder="cifar-10-batches-py",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test="test_batch",
+        meta="batches.meta",
+        label="labels",
+        names="label_names",
+    )
 
 
 def read_cifar100(cfg: DataConfig):
     return _read_cifar(
-        cfg, folder="cifar-100-python", train=["train"], test="test", meta="meta",
-        label="fine_labels", names="fine_label_names",
-    )  # fmt: skip
+        cfg,
+        folder="cifar-100-python",
+        train=["train"],
+        test="test",
+        meta="meta",
+        label="fine_labels",
+        names="fine_label_names",
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -172,8 +190,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 FASHION_FILES = [
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-]  # fmt: skip
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
 
 
 def _find_idx(folder: Path, name: str) -> Path | None:

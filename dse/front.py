@@ -4,7 +4,7 @@ front as a table (for the sweep's summary, the report and deploy)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import optuna
 import pandas as pd
@@ -40,8 +40,18 @@ def front_mask(frame: pd.DataFrame, objectives: Sequence[str], columns: dict[str
 
 
 # The deployed figures a front row shows where its trial recorded them (NaN for a trial of an older dse).
-DEPLOYED_COLUMNS = ("val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "onnx_kb", "int8_kb",
-                    "latency_onnx_ms", "latency_onnx_iqr_ms", "latency_int8_ms", "latency_int8_iqr_ms")
+DEPLOYED_COLUMNS = (
+    "val_acc_onnx",
+    "val_acc_int8",
+    "test_acc_onnx",
+    "test_acc_int8",
+    "onnx_kb",
+    "int8_kb",
+    "latency_onnx_ms",
+    "latency_onnx_iqr_ms",
+    "latency_int8_ms",
+    "latency_int8_iqr_ms",
+)
 
 
 def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) -> pd.DataFrame:
@@ -62,17 +72,38 @@ def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) ->
     for r in done[done["state"] == "COMPLETE"].to_dict("records"):
         curves = r["curves"] if isinstance(r["curves"], list) else []
         accuracy = r["val_acc"] if pd.notna(r["val_acc"]) else curves[-1]["val_acc"] if curves else math.nan
-        rows.append({
-            "trial": int(r["number"]), "model": _text(r.get("paper_name")), "val_acc": accuracy,
-            "test_acc": _num(r.get("test_acc")), "size_kb": _num(r.get("size_mb")) * 1e3,
-            "int8_est_kb": _num(r.get("int8_mb")) * 1e3, "latency_ms": _num(r["latency_ms"]),
-            "latency_iqr_ms": _num(r["latency_iqr_ms"]), "under_load": r["latency_under_load"] is True,
-            **{c: _num(r.get(c)) for c in DEPLOYED_COLUMNS},
-            "params": r.get("params"), "mmacs": _num(r.get("macs")) / 1e6,
-            "bundle": deployed.get(str(int(r["number"])), {}).get("bundle", ""),
-        })  # fmt: skip
-    columns = ["trial", "model", "val_acc", "test_acc", "size_kb", "int8_est_kb", "latency_ms", "latency_iqr_ms",
-               "under_load", *DEPLOYED_COLUMNS, "params", "mmacs", "bundle"]
+        rows.append(
+            {
+                "trial": int(r["number"]),
+                "model": _text(r.get("paper_name")),
+                "val_acc": accuracy,
+                "test_acc": _num(r.get("test_acc")),
+                "size_kb": _num(r.get("size_mb")) * 1e3,
+                "int8_est_kb": _num(r.get("int8_mb")) * 1e3,
+                "latency_ms": _num(r["latency_ms"]),
+                "latency_iqr_ms": _num(r["latency_iqr_ms"]),
+                "under_load": r["latency_under_load"] is True,
+                **{c: _num(r.get(c)) for c in DEPLOYED_COLUMNS},
+                "params": r.get("params"),
+                "mmacs": _num(r.get("macs")) / 1e6,
+                "bundle": deployed.get(str(int(r["number"])), {}).get("bundle", ""),
+            }
+        )
+    columns = [
+        "trial",
+        "model",
+        "val_acc",
+        "test_acc",
+        "size_kb",
+        "int8_est_kb",
+        "latency_ms",
+        "latency_iqr_ms",
+        "under_load",
+        *DEPLOYED_COLUMNS,
+        "params",
+        "mmacs",
+        "bundle",
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     on_front = front_mask(frame.assign(size_mb=frame["size_kb"] / 1e3), names)
     return frame[on_front].sort_values(["size_kb", "trial"], ignore_index=True)

@@ -4,7 +4,7 @@ member), seeded dropout."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,21 +16,45 @@ from dse.config import TrainConfig
 from dse.optim import NOT_CAPTURABLE
 
 __all__ = [
-    "GROUP_SETTINGS", "VMAP_DEVICES", "Forward", "SeededDropout", "check_group", "dropout_key", "fuse",
-    "fused_forward", "group_forward", "group_key", "seed_dropouts", "solo_forward", "unfuse", "unseed",
+    "GROUP_SETTINGS",
+    "VMAP_DEVICES",
+    "Forward",
+    "SeededDropout",
+    "check_group",
+    "dropout_key",
+    "fuse",
+    "fused_forward",
+    "group_forward",
+    "group_key",
+    "seed_dropouts",
+    "solo_forward",
+    "unfuse",
+    "unseed",
     "vmaps_on",
-]  # fmt: skip
+]
 
 # vmap runs adaptive_avg_pool2d of channels_last members one member at a time (no batching rule for its
 # as_strided_): correct, a few more small kernels per step; the warning would repeat every epoch.
-warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the "
-                        "batching rule for aten::as_strided_", category=UserWarning)  # fmt: skip
+warnings.filterwarnings(
+    "ignore",
+    message="There is a performance drop because we have not yet implemented the batching rule for aten::as_strided_",
+    category=UserWarning,
+)
 
 # Settings every member of a fused group shares: they fix the shape, device and mode of its training step.
 GROUP_SETTINGS = (
-    "batch_size", "augment", "crop", "tta", "device", "memory_format", "amp", "compile", "cuda_graph", "threads",
+    "batch_size",
+    "augment",
+    "crop",
+    "tta",
+    "device",
+    "memory_format",
+    "amp",
+    "compile",
+    "cuda_graph",
+    "threads",
     "eval_batch_size",
-)  # fmt: skip
+)
 # Devices where a group's members run as one vmapped model by default. Elsewhere (the CPU) each member's modules
 # run in turn on its slice of the stacked weights: vmap makes convolutions grouped ones, which oneDNN runs slower
 # per image than the members' own convolutions (CPU groups of 2-4 stepped 0.5-0.8x the images/s of one trial;
@@ -128,7 +152,6 @@ def dropout_key(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
 
 
-
 # ---------------------------------------------------------------------------------------------- stacking
 
 
@@ -137,8 +160,9 @@ def _stack(tensors: list[Tensor]) -> Tensor:
     first = tensors[0]
     if not (first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))):
         first = first.contiguous()
-    out = torch.empty_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype,
-                              device=first.device)  # fmt: skip
+    out = torch.empty_strided(
+        (len(tensors), *first.shape), (first.numel(), *first.stride()), dtype=first.dtype, device=first.device
+    )
     for slot, t in zip(out, tensors):
         slot.copy_(t)
     return out
@@ -196,10 +220,16 @@ def fused_forward(
     if not vmapped:
 
         def each(x: Tensor, shared: bool) -> Tensor:
-            return torch.stack([
-                call({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, x if shared else x[i])
-                for i in range(len(models))
-            ])  # fmt: skip
+            return torch.stack(
+                [
+                    call(
+                        {k: v[i] for k, v in params.items()},
+                        {k: v[i] for k, v in buffers.items()},
+                        x if shared else x[i],
+                    )
+                    for i in range(len(models))
+                ]
+            )
 
         return each, {**params, **buffers}
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, fields
-from typing import Any, Sequence
+from typing import Any
 
 from dse.config import DataConfig, TrainConfig, changes_result
 from dse.models import ModelConfig, resolve_config

@@ -11,9 +11,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import optuna
 import pandas as pd
@@ -30,8 +30,21 @@ try:
 except ImportError:  # not POSIX: measurements do not pause training (their load is still recorded)
     fcntl = None
 
-__all__ = ["ATTR", "LATENCY", "MEASURED_ALONE", "ORT", "architecture", "build", "figures", "with_latency", "ensure",
-           "ort_latencies", "trial_attrs", "pause_training", "training_turns"]
+__all__ = [
+    "ATTR",
+    "LATENCY",
+    "MEASURED_ALONE",
+    "ORT",
+    "architecture",
+    "build",
+    "figures",
+    "with_latency",
+    "ensure",
+    "ort_latencies",
+    "trial_attrs",
+    "pause_training",
+    "training_turns",
+]
 
 ATTR = "latency:"
 # How long a measurement waits for training workers to reach an epoch boundary before it measures anyway
@@ -39,10 +52,18 @@ ATTR = "latency:"
 PAUSE_WAIT_S = 600.0
 # How each trial's latency was measured, from its architecture's figure (older studies: the trial's own).
 LATENCY = ("latency_ms", "latency_iqr_ms", "latency_under_load", "latency_how")
-MEASURED_ALONE = "measured by the trial itself"  # latency_how of a trial whose study stores no figure of its architecture
+MEASURED_ALONE = (
+    "measured by the trial itself"  # latency_how of a trial whose study stores no figure of its architecture
+)
 # The ONNX Runtime figures (a figure's "onnx" and "int8" records) as trial attributes; None where a study has none.
-ORT = ("latency_onnx_ms", "latency_onnx_iqr_ms", "latency_onnx_clock", "latency_int8_ms", "latency_int8_iqr_ms",
-       "latency_int8_clock")
+ORT = (
+    "latency_onnx_ms",
+    "latency_onnx_iqr_ms",
+    "latency_onnx_clock",
+    "latency_int8_ms",
+    "latency_int8_iqr_ms",
+    "latency_int8_clock",
+)
 
 
 def build(spec: Mapping) -> tuple[nn.Module, tuple[int, ...]]:
@@ -66,8 +87,12 @@ def with_latency(trials: pd.DataFrame, attrs: dict[str, dict]) -> pd.DataFrame:
     for row in trials.to_dict("records"):
         figure = tables[row["study"]].get(row["latency_key"]) if isinstance(row["latency_key"], str) else None
         if figure is not None:
-            row.update(latency_ms=figure["ms"], latency_iqr_ms=figure["iqr_ms"],
-                       latency_under_load=figure["under_load"], latency_how=figure["how"])
+            row.update(
+                latency_ms=figure["ms"],
+                latency_iqr_ms=figure["iqr_ms"],
+                latency_under_load=figure["under_load"],
+                latency_how=figure["how"],
+            )
             row.update({k: v for k, v in trial_attrs(figure).items() if k in ORT})
         else:
             row.update(latency_under_load=None, latency_how=MEASURED_ALONE if _measured(row["latency_ms"]) else None)
@@ -79,13 +104,23 @@ def trial_attrs(figure: Mapping) -> dict:
     """An architecture's figure as a trial's attributes: the PyTorch latency, and where measured the ONNX Runtime
     latencies (`latency_onnx_ms`, `latency_int8_ms`, their IQR and clock) and the files' sizes (`onnx_kb`,
     `int8_kb`: a trained trial records its own files' instead)."""
-    out = {"latency_ms": figure["ms"], "latency_iqr_ms": figure["iqr_ms"], "latency_threads": figure["threads"],
-           "latency_under_load": figure["under_load"]}
+    out = {
+        "latency_ms": figure["ms"],
+        "latency_iqr_ms": figure["iqr_ms"],
+        "latency_threads": figure["threads"],
+        "latency_under_load": figure["under_load"],
+    }
     for name in ("onnx", "int8"):
         if name in figure:
             ort = figure[name]
-            out.update({f"latency_{name}_ms": ort["ms"], f"latency_{name}_iqr_ms": ort["iqr_ms"],
-                        f"latency_{name}_clock": ort["clock"], f"{name}_kb": figure[f"{name}_kb"]})
+            out.update(
+                {
+                    f"latency_{name}_ms": ort["ms"],
+                    f"latency_{name}_iqr_ms": ort["iqr_ms"],
+                    f"latency_{name}_clock": ort["clock"],
+                    f"{name}_kb": figure[f"{name}_kb"],
+                }
+            )
     return out
 
 
@@ -107,6 +142,7 @@ def ensure(
     holds, the others (all with `remeasure`; with `ort`, those without ONNX Runtime figures too) measured now with
     training on this machine paused, then stored on the study. `how` says who measured; `settings` go to
     `measure_latencies` (and, but for `threads`, to `ort_latencies`)."""
+
     def missing(have: dict) -> list[str]:
         return [k for k in models if remeasure or k not in have or (ort and "onnx" not in have[k])]
 
@@ -118,11 +154,14 @@ def ensure(
             on_ort = ort_latencies(built, **{k: v for k, v in settings.items() if k != "threads"}) if ort else {}
         for key, latency in measured.items():
             record = {
-                **have.get(key, {}), **latency.to_dict(), **on_ort.get(key, {}),
+                **have.get(key, {}),
+                **latency.to_dict(),
+                **on_ort.get(key, {}),
                 "how": how if paused else f"{how}; training did not pause within {PAUSE_WAIT_S:g} s",
-                "paused_training": paused, "host": socket.gethostname(),
-                "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }  # fmt: skip
+                "paused_training": paused,
+                "host": socket.gethostname(),
+                "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
             study.set_user_attr(ATTR + key, record)
     have = figures(study.user_attrs)
     return {k: have[k] for k in models}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime
 import platform
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
 
 import torch
 
@@ -75,8 +75,9 @@ def rule(cfg: TrainConfig, device: torch.device) -> Numerics:
     return Numerics(auto_layout(device), vmaps_on(device), device.type == "cuda" and cfg.cuda_graph)
 
 
-def ensure(study, kind: str, architecture: str, decide: Callable[[], Numerics], *,
-           advice: Callable[[], str] | None = None) -> tuple[str, Numerics]:  # fmt: skip
+def ensure(
+    study, kind: str, architecture: str, decide: Callable[[], Numerics], *, advice: Callable[[], str] | None = None
+) -> tuple[str, Numerics]:
     """(attribute key, choice) of an architecture on a device kind: the one the study stores (reruns, retries,
     resumes and other workers reuse it), else `decide()`'s, stored now with how and when it was decided and, as
     advice only, what `advice()` (a layout timing) says is faster. Two workers deciding at once store the same
@@ -90,10 +91,17 @@ def ensure(study, kind: str, architecture: str, decide: Callable[[], Numerics], 
         faster = advice() if advice is not None else None
     except Exception as e:  # noqa: BLE001 - advice that fails costs nothing: it changes no choice
         faster = f"not timed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    study.set_user_attr(key, {
-        **asdict(choice), "device_kind": kind, "architecture": architecture, "faster": faster,
-        "how": "rule (dse.layouts.rule), at the study's first trial of the architecture on this device kind",
-        "host": socket.gethostname(), "dse": dse.__version__,
-        "decided_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })  # fmt: skip
+    study.set_user_attr(
+        key,
+        {
+            **asdict(choice),
+            "device_kind": kind,
+            "architecture": architecture,
+            "faster": faster,
+            "how": "rule (dse.layouts.rule), at the study's first trial of the architecture on this device kind",
+            "host": socket.gethostname(),
+            "dse": dse.__version__,
+            "decided_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
     return key, choice

@@ -10,10 +10,11 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -165,7 +166,11 @@ def profile(
     size = state_dict_bytes(model)
     int8 = int8_bytes(model)
     macs, flops = count_macs(model, input_shape)
-    median, iqr = measure_latency(model, input_shape, threads=threads, warmup=warmup, repeats=repeats) if latency else (None, None)
+    median, iqr = (
+        measure_latency(model, input_shape, threads=threads, warmup=warmup, repeats=repeats)
+        if latency
+        else (None, None)
+    )
     return ModelProfile(
         params=sum(p.numel() for p in model.parameters()),
         size_bytes=size,
@@ -284,8 +289,10 @@ def measure_calls(
     passes. `clock` (the wall clock) and `cpu_clock` (this thread's CPU time) time the runs, in seconds; `threads`
     is recorded (set it yourself)."""
     if runs < 1 or window < 1 or max_rounds < window or warmup < 0 or threads < 1 or max_spread <= 0:
-        raise ValueError(f"{runs=} and {window=} must be >= 1, {max_rounds=} >= window, {warmup=} >= 0, "
-                         f"{threads=} >= 1, {max_spread=} > 0")
+        raise ValueError(
+            f"{runs=} and {window=} must be >= 1, {max_rounds=} >= window, {warmup=} >= 0, "
+            f"{threads=} >= 1, {max_spread=} > 0"
+        )
     best: dict[str, list[float]] = {name: [] for name in calls}  # the fastest wall-clock run of each round
     cpu: dict[str, list[float]] = {name: [] for name in calls}  # and the fastest on the thread's CPU time
     load: dict = {}
@@ -299,17 +306,31 @@ def measure_calls(
                 wall, used = _fastest(calls[name], runs, clock, cpu_clock)
                 best[name].append(wall)
                 cpu[name].append(used)
-            wide = [n for n in wide if len(best[n]) < max_rounds and
-                    (len(best[n]) < window or _spread(best[n][-window:]) > max_spread)]
+            wide = [
+                n
+                for n in wide
+                if len(best[n]) < max_rounds and (len(best[n]) < window or _spread(best[n][-window:]) > max_spread)
+            ]
     under = load["other_cores"] is not None and load["other_cores"] > UNDER_LOAD * load["cpus"]
     out = {}
     for name in calls:
         wall, wall_iqr = median_iqr(best[name][-window:])
         used, used_iqr = median_iqr(cpu[name][-window:])
         agree = wall <= used * (1 + AGREE)
-        out[name] = Latency(wall if agree else used, wall_iqr if agree else used_iqr, min(window, len(best[name])),
-                            len(best[name]), runs, threads, load["other_cores"], load["cpus"], under, wall, used,
-                            "wall" if agree else "thread cpu time")
+        out[name] = Latency(
+            wall if agree else used,
+            wall_iqr if agree else used_iqr,
+            min(window, len(best[name])),
+            len(best[name]),
+            runs,
+            threads,
+            load["other_cores"],
+            load["cpus"],
+            under,
+            wall,
+            used,
+            "wall" if agree else "thread cpu time",
+        )
     return out
 
 
@@ -318,8 +339,9 @@ def _spread(values: list[float]) -> float:
     return iqr / median
 
 
-def _fastest(call: Callable[[], Any], runs: int, clock: Callable[[], float],
-             cpu_clock: Callable[[], float]) -> tuple[float, float]:  # fmt: skip
+def _fastest(
+    call: Callable[[], Any], runs: int, clock: Callable[[], float], cpu_clock: Callable[[], float]
+) -> tuple[float, float]:
     """The fastest of `runs` timed calls in ms, on the wall clock and on the thread's CPU time, after an untimed
     one (the previous model left the cache)."""
     call()

@@ -4,8 +4,8 @@ decides it (so a budget on it is checked before training). Objectives, budgets a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 __all__ = ["ARCHITECTURE", "TRAINED", "Metric", "METRICS", "PAPER", "DEPLOYED", "check_metric", "direction", "sign"]
 
@@ -24,28 +24,72 @@ class Metric:
     deployed: bool = False  # needs the per-trial ONNX evaluation (study.deployed)
 
 
-METRICS = {m.name: m for m in (
-    Metric("val_acc", "maximize", "fraction", TRAINED, "PyTorch validation accuracy, evaluated as trained "
-           "(bf16 autocast on CPUs with AMX and on CUDA)"),
-    Metric("test_acc", "maximize", "fraction", TRAINED, "PyTorch test accuracy, evaluated as trained"),
-    Metric("size_mb", "minimize", "MB", ARCHITECTURE, "the fp32 state_dict file in 10^6 bytes (the paper's size)"),
-    Metric("size_kb", "minimize", "KB", ARCHITECTURE, "the fp32 state_dict file in 10^3 bytes"),
-    Metric("latency_ms", "minimize", "ms", ARCHITECTURE, "batch-1 PyTorch eager latency, one thread (the paper's)"),
-    Metric("val_acc_onnx", "maximize", "fraction", TRAINED, "validation accuracy of the fp32 ONNX file in ONNX Runtime",
-           True),
-    Metric("val_acc_int8", "maximize", "fraction", TRAINED, "validation accuracy of the int8 ONNX file in ONNX Runtime",
-           True),
-    Metric("test_acc_onnx", "maximize", "fraction", TRAINED, "test accuracy of the fp32 ONNX file in ONNX Runtime",
-           True),
-    Metric("test_acc_int8", "maximize", "fraction", TRAINED, "test accuracy of the int8 ONNX file in ONNX Runtime",
-           True),
-    Metric("onnx_kb", "minimize", "KB", ARCHITECTURE, "the fp32 ONNX file that ships, in 10^3 bytes", True),
-    Metric("int8_kb", "minimize", "KB", ARCHITECTURE, "the int8 (QDQ) ONNX file that ships, in 10^3 bytes", True),
-    Metric("latency_onnx_ms", "minimize", "ms", ARCHITECTURE, "batch-1 ONNX Runtime latency of the fp32 file, "
-           "one intra-op thread", True),
-    Metric("latency_int8_ms", "minimize", "ms", ARCHITECTURE, "batch-1 ONNX Runtime latency of the int8 file, "
-           "one intra-op thread", True),
-)}  # fmt: skip
+METRICS = {
+    m.name: m
+    for m in (
+        Metric(
+            "val_acc",
+            "maximize",
+            "fraction",
+            TRAINED,
+            "PyTorch validation accuracy, evaluated as trained (bf16 autocast on CPUs with AMX and on CUDA)",
+        ),
+        Metric("test_acc", "maximize", "fraction", TRAINED, "PyTorch test accuracy, evaluated as trained"),
+        Metric("size_mb", "minimize", "MB", ARCHITECTURE, "the fp32 state_dict file in 10^6 bytes (the paper's size)"),
+        Metric("size_kb", "minimize", "KB", ARCHITECTURE, "the fp32 state_dict file in 10^3 bytes"),
+        Metric("latency_ms", "minimize", "ms", ARCHITECTURE, "batch-1 PyTorch eager latency, one thread (the paper's)"),
+        Metric(
+            "val_acc_onnx",
+            "maximize",
+            "fraction",
+            TRAINED,
+            "validation accuracy of the fp32 ONNX file in ONNX Runtime",
+            True,
+        ),
+        Metric(
+            "val_acc_int8",
+            "maximize",
+            "fraction",
+            TRAINED,
+            "validation accuracy of the int8 ONNX file in ONNX Runtime",
+            True,
+        ),
+        Metric(
+            "test_acc_onnx",
+            "maximize",
+            "fraction",
+            TRAINED,
+            "test accuracy of the fp32 ONNX file in ONNX Runtime",
+            True,
+        ),
+        Metric(
+            "test_acc_int8",
+            "maximize",
+            "fraction",
+            TRAINED,
+            "test accuracy of the int8 ONNX file in ONNX Runtime",
+            True,
+        ),
+        Metric("onnx_kb", "minimize", "KB", ARCHITECTURE, "the fp32 ONNX file that ships, in 10^3 bytes", True),
+        Metric("int8_kb", "minimize", "KB", ARCHITECTURE, "the int8 (QDQ) ONNX file that ships, in 10^3 bytes", True),
+        Metric(
+            "latency_onnx_ms",
+            "minimize",
+            "ms",
+            ARCHITECTURE,
+            "batch-1 ONNX Runtime latency of the fp32 file, one intra-op thread",
+            True,
+        ),
+        Metric(
+            "latency_int8_ms",
+            "minimize",
+            "ms",
+            ARCHITECTURE,
+            "batch-1 ONNX Runtime latency of the int8 file, one intra-op thread",
+            True,
+        ),
+    )
+}
 PAPER = ("val_acc", "size_mb", "latency_ms")  # the paper's objectives (conf/target/paper.yaml)
 DEPLOYED = tuple(name for name, m in METRICS.items() if m.deployed)
 
@@ -63,7 +107,7 @@ def check_metric(name: str, what: str, allowed: Iterable[str] | None = None) -> 
 
 
 def direction(name: str) -> str:
-    """"maximize" or "minimize"."""
+    """ "maximize" or "minimize"."""
     return METRICS[check_metric(name, "direction")].direction
 
 

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -54,9 +54,15 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> N
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         torch.onnx.export(
-            model.eval(), (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )  # fmt: skip
+            model.eval(),
+            (torch.zeros(1, *input_shape),),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        )
 
 
 def compact_names(path: Path) -> None:
@@ -142,21 +148,29 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph clean-up, as ORT advises
         ops = sorted({n.op_type for n in onnx.load(str(prepared)).graph.node} - set(INT8_SKIP))
         quantize_static(
-            str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+            str(prepared),
+            str(out),
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=ops,
             calibrate_method=CalibrationMethod.MinMax,
-        )  # fmt: skip
+        )
 
 
-def calibration_batches(x: torch.Tensor, mean, std, *, n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED,
-                        batch_size: int = 32) -> list[np.ndarray]:  # fmt: skip
+def calibration_batches(
+    x: torch.Tensor, mean, std, *, n: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, batch_size: int = 32
+) -> list[np.ndarray]:
     """`n` images drawn with `seed` from uint8 training images, normalised, in batches."""
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return list(normalized_batches(x[idx], (mean, std), batch_size))
 
 
-def export_pair(model: nn.Module, folder: Path, input_shape: tuple[int, ...],
-                calibration: list[np.ndarray]) -> tuple[Path, Path]:  # fmt: skip
+def export_pair(
+    model: nn.Module, folder: Path, input_shape: tuple[int, ...], calibration: list[np.ndarray]
+) -> tuple[Path, Path]:
     """The fp32 and the int8 file of a model (on the CPU, fp32) in `folder` under their FILES names: export, compact
     names, quantize the fp32 file on the calibration batches, compact names. Return their paths."""
     fp32, int8 = folder / FILES["fp32"], folder / FILES["int8"]
@@ -172,8 +186,12 @@ def as_trained(model: nn.Module) -> nn.Module:
     """Draw a fresh model's BatchNorm weights and statistics at random, as training leaves them (in place): at
     their initial 1s and 0s the exporter stores equal tensors once and the file looks smaller than a trained one."""
     for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        for tensor, (low, high) in ((bn.weight, (0.5, 1.5)), (bn.bias, (-0.1, 0.1)),
-                                    (bn.running_mean, (-0.1, 0.1)), (bn.running_var, (0.5, 1.5))):
+        for tensor, (low, high) in (
+            (bn.weight, (0.5, 1.5)),
+            (bn.bias, (-0.1, 0.1)),
+            (bn.running_mean, (-0.1, 0.1)),
+            (bn.running_var, (0.5, 1.5)),
+        ):
             if tensor is not None:
                 tensor.uniform_(low, high)
     return model

@@ -17,7 +17,9 @@ __all__ = ["PAPER_FILE", "load_paper", "paper_table", "TABLES", "size_contradict
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
 TABLES = ("1", "2", "3", "4", "5", "6", "7")
 # 'Shallow SqueezeNext-06-0.4x-v1' -> family 'Shallow SqueezeNext', depth 06, width 0.4, version v1 ('Baseline ' dropped).
-_NAME = re.compile(r"^(?:Baseline )?(?P<family>.+?)-(?P<depth>\d{2})-(?P<width>\d+(?:\.\d+)?)x?(?:-(?P<version>v\d+))?$")
+_NAME = re.compile(
+    r"^(?:Baseline )?(?P<family>.+?)-(?P<depth>\d{2})-(?P<width>\d+(?:\.\d+)?)x?(?:-(?P<version>v\d+))?$"
+)
 
 
 @functools.cache
@@ -49,8 +51,17 @@ def _sized_rows() -> list[dict]:
             key = (table, row["model"], row["size_mb"], str(row.get("blocks")), row.get("optimizer"))
             if m and key not in seen:
                 seen.add(key)
-                rows.append({**row, "table": table, "dataset": paper["dataset"][table], "family": m["family"],
-                             "version": m["version"], "depth": m["depth"], "width": float(m["width"])})
+                rows.append(
+                    {
+                        **row,
+                        "table": table,
+                        "dataset": paper["dataset"][table],
+                        "family": m["family"],
+                        "version": m["version"],
+                        "depth": m["depth"],
+                        "width": float(m["width"]),
+                    }
+                )
     return rows
 
 
@@ -89,8 +100,10 @@ def _pair_text(narrow: dict, wide: dict) -> str:
     if narrow["width"] == wide["width"]:
         return f"{where} list {narrow['model']} at {narrow['size_mb']:g} MB and at {wide['size_mb']:g} MB"
     verb = "lists" if narrow["table"] == wide["table"] else "list"
-    return (f"{where} {verb} {wide['model']} at {wide['size_mb']:g} MB, no larger than the narrower "
-            f"{narrow['model']} at {narrow['size_mb']:g} MB, though a model grows with its width")
+    return (
+        f"{where} {verb} {wide['model']} at {wide['size_mb']:g} MB, no larger than the narrower "
+        f"{narrow['model']} at {narrow['size_mb']:g} MB, though a model grows with its width"
+    )
 
 
 def size_note(tables: Sequence[str] = TABLES) -> str:
@@ -102,5 +115,7 @@ def size_note(tables: Sequence[str] = TABLES) -> str:
     shown = next((p for p in pairs if {p[0]["table"], p[1]["table"]} <= set(map(str, tables))), pairs[0])
     families = " and ".join(sorted({a["family"] for a, _ in pairs}))
     where = ", ".join(sorted({r["table"] for p in pairs for r in p}))
-    return (f"The paper's {families} sizes contradict each other, so ours cannot match them and are not compared "
-            f"('not comparable'): {_pair_text(*shown)} ({len(pairs)} such pairs in Tables {where}).")
+    return (
+        f"The paper's {families} sizes contradict each other, so ours cannot match them and are not compared "
+        f"('not comparable'): {_pair_text(*shown)} ({len(pairs)} such pairs in Tables {where})."
+    )

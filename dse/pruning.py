@@ -24,7 +24,9 @@ class PruningConfig:
         if self.first_rung < 1 or self.base < 2:
             raise ValueError(f"pruning first_rung={self.first_rung} must be >= 1 and base={self.base} >= 2")
         if self.margin < 0 or self.min_trials < 1 or self.band < 0:
-            raise ValueError(f"pruning margin={self.margin} and band={self.band} must be >= 0, min_trials={self.min_trials} >= 1")
+            raise ValueError(
+                f"pruning margin={self.margin} and band={self.band} must be >= 0, min_trials={self.min_trials} >= 1"
+            )
         if self.eta is not None and self.eta < 2:
             raise ValueError(f"pruning eta={self.eta} must be >= 2 or null (off)")
 
@@ -73,7 +75,9 @@ def decide(me: History, epoch: int, others: list[History], cfg: PruningConfig) -
     peers = [o for o in others if o.number != me.number and epoch in o.accuracy]
     if len(peers) < cfg.min_trials:
         return None
-    dominators = [o for o in peers if o.size <= me.size and o.latency <= me.latency and o.accuracy[epoch] > mine + cfg.margin]
+    dominators = [
+        o for o in peers if o.size <= me.size and o.latency <= me.latency and o.accuracy[epoch] > mine + cfg.margin
+    ]
     if dominators:
         best = max(dominators, key=lambda o: o.accuracy[epoch])
         return Decision(epoch, mine, best.number, best.accuracy[epoch], "dominated")

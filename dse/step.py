@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -131,8 +131,9 @@ class StepMode:
         return (GraphStep if self.graphed else Step)(self, learners, steps)
 
 
-def step_mode(cfgs: Sequence[TrainConfig], device: torch.device, *, vmapped: bool | None = None,
-              quiet: bool = False) -> StepMode:  # fmt: skip
+def step_mode(
+    cfgs: Sequence[TrainConfig], device: torch.device, *, vmapped: bool | None = None, quiet: bool = False
+) -> StepMode:
     """The mode of a run of members with these configs (they share `group_key`) on `device`: CUDA graphs where
     `cuda_graph` asks and every optimizer can be captured (else the log says why not, unless `quiet`); vmapped
     groups where `vmapped` says, by default on `VMAP_DEVICES`."""
@@ -145,10 +146,14 @@ def step_mode(cfgs: Sequence[TrainConfig], device: torch.device, *, vmapped: boo
             log.warning("dse.train: no CUDA graph: %s; training eagerly", "; ".join(problems))
         graphed = not problems
     return StepMode(
-        device, mixed_precision(cfg, device, cache=not graphed), bf16=cfg.amp and native_bf16(device),
-        graphed=graphed, vmapped=vmaps_on(device) if vmapped is None else vmapped, compile=cfg.compile,
+        device,
+        mixed_precision(cfg, device, cache=not graphed),
+        bf16=cfg.amp and native_bf16(device),
+        graphed=graphed,
+        vmapped=vmaps_on(device) if vmapped is None else vmapped,
+        compile=cfg.compile,
         counter=torch.zeros(1, dtype=torch.int64, device=device),
-    )  # fmt: skip
+    )
 
 
 def _losses(logits: Tensor, y: Tensor, smoothing: Tensor) -> Tensor:
@@ -175,14 +180,16 @@ class Step:
         self.correct = torch.zeros(m, dtype=torch.int64, device=device)
         self.averages: list[tuple[Tensor, Tensor]] = []  # (average, model) tensor pairs
         if learners[0].cfg.ema:
-            averaged, averages = group_forward([learner.average for learner in learners], vmapped=mode.vmapped,
-                                               grads=False)  # fmt: skip
+            averaged, averages = group_forward(
+                [learner.average for learner in learners], vmapped=mode.vmapped, grads=False
+            )
             self.evaluated = torch.compile(averaged) if mode.compile else averaged
             self.averages = [(average, tensors[name].detach()) for name, average in averages.items()]
             self.ema = torch.zeros(m, device=device)  # this step's weight of the model in each average (1 - decay)
             self.ema_table = torch.zeros(m, steps, device=device)  # M×steps: this epoch's weights
-            self.ema_views = [self.ema.view(()) if m == 1 else self.ema.view(-1, *[1] * (a.dim() - 1))
-                              for a, _ in self.averages]  # fmt: skip
+            self.ema_views = [
+                self.ema.view(()) if m == 1 else self.ema.view(-1, *[1] * (a.dim() - 1)) for a, _ in self.averages
+            ]
         self.lrs: list[list[float]] = []  # this epoch's learning rates per learner and step
         self.taken = 0  # steps taken this epoch
 
@@ -205,8 +212,10 @@ class Step:
             if learner.average is not None:
                 learner.average.eval()
         if self.averages:
-            weights = [[1 - ema_decay(learner.cfg, epoch * self.steps + i) for i in range(self.steps)]
-                       for learner, epoch in zip(self.learners, epochs)]  # fmt: skip
+            weights = [
+                [1 - ema_decay(learner.cfg, epoch * self.steps + i) for i in range(self.steps)]
+                for learner, epoch in zip(self.learners, epochs)
+            ]
             self.ema_table.copy_(torch.tensor(weights, dtype=self.ema_table.dtype))
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
@@ -310,8 +319,10 @@ class GraphStep(Step):
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:
-            log.warning("dse.train: the training step cannot be captured in a CUDA graph (%s); training eagerly",
-                        str(e).strip().splitlines()[0])  # fmt: skip
+            log.warning(
+                "dse.train: the training step cannot be captured in a CUDA graph (%s); training eagerly",
+                str(e).strip().splitlines()[0],
+            )
             return None
         return graph
 

@@ -1,4 +1,4 @@
-"""The study DB as a sweep uses it: URL checks, opening (SQLite serialised, server calls retried), the storage lock,
+"""The study DB as a sweep uses it (its URL checked by dse.dburl): opening (SQLite serialised, server calls retried), the lock,
 heartbeats and trial ownership, claiming and telling trials; the only module that touches Optuna/SQLAlchemy internals.
 
 Why each internal is touched (Optuna 5 offers no public way to do these):
@@ -21,24 +21,23 @@ Why each internal is touched (Optuna 5 offers no public way to do these):
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
-import os
 import sqlite3
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from dse.dburl import StudyError, check_storage, did_you_mean, first_line, server_kwargs, sqlite_path, studies_in_folder
 
 __all__ = [
     "StudyError",
@@ -70,117 +69,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 _LOCK_KEY = int.from_bytes(hashlib.sha256(b"dse.study").digest()[:8], "big", signed=True)  # pg_advisory_lock's key
 
 
-class StudyError(RuntimeError):
-    """A study or its storage cannot be used as asked (unreachable, unknown, defined otherwise)."""
-
-
 class TrialLost(RuntimeError):
     """This worker no longer owns its trial: another worker failed it as stale, and a retry takes over."""
-
-
-# ---------------------------------------------------------------- URLs: checked before anything is written
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The DB file of a `sqlite:///` URL; None for any other URL."""
-    if not url.startswith("sqlite:///"):
-        return None
-    return Path(url.removeprefix("sqlite:///"))
-
-
-def check_storage(url: str, *, must_exist: bool = False, writable: bool = False) -> None:
-    """Fail early, writing nothing, when a storage URL is malformed, its database unreachable, or (SQLite)
-    its file empty, corrupt, not an Optuna DB or, with `writable`, read-only."""
-    path = sqlite_path(url)
-    if url.startswith("sqlite") and path is None:
-        raise StudyError(f"storage {url!r}: write SQLite URLs as sqlite:///path/to/file.db")
-    if path is not None:
-        _check_sqlite(url, path, must_exist=must_exist, writable=writable)
-        return
-    try:
-        engine = sqlalchemy.create_engine(url, **_server_kwargs(url))
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
-        hint = " (for PostgreSQL: pip install -e '.[postgres]')" if "psycopg" in str(e) else ""
-        raise StudyError(
-            f"storage {url!r} is not a usable SQLAlchemy URL: {e}{hint}; e.g. sqlite:///studies/x.db or postgresql://user@host/db"
-        ) from None
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise StudyError(f"cannot reach storage {url!r}: {_first_line(e)}") from None
-    finally:
-        engine.dispose()
-
-
-def studies_in_folder(folder: Path) -> list[str]:
-    """The studies whose SQLite DBs lie in `folder`, named by their files as `dse.study.default_storage` names them."""
-    return sorted(p.stem for p in folder.glob("*.db") if p.is_file()) if folder.is_dir() else []
-
-
-def did_you_mean(name: str, names: list[str]) -> str:
-    """'did you mean NAME?' for the closest of `names` (difflib), or ''."""
-    close = difflib.get_close_matches(name, names, n=1)
-    return f"did you mean {close[0]}?" if close else ""
-
-
-def _no_db(url: str, path: Path, folder: Path) -> str:
-    """Why a study DB is missing, naming the studies its folder does hold and the closest one."""
-    found = studies_in_folder(folder)
-    if not folder.is_dir():
-        there = f"there is no folder {folder}/"
-    elif not found:
-        there = f"no study DB in {folder}/"
-    else:
-        hint = did_you_mean(path.stem, found)
-        there = f"studies in {folder}/: {', '.join(found)}" + (f"; {hint}" if hint else "")
-    return f"no study DB at {path} (storage {url!r}); {there}; run a sweep first or pass the right storage"
-
-
-def _check_sqlite(url: str, path: Path, *, must_exist: bool, writable: bool) -> None:
-    folder = path.parent if path.parent != Path("") else Path(".")
-    if must_exist and not path.is_file():
-        raise StudyError(_no_db(url, path, folder))
-    if path.exists() and not path.is_file() or folder.exists() and not folder.is_dir():
-        raise StudyError(f"storage {url!r}: {path} is not a file in a folder")
-    if writable:
-        # SQLite writes its journal beside the DB: the folder must be writable too.
-        for what, p in (("file", path), ("folder", folder)):
-            if p.exists() and not os.access(p, os.W_OK):
-                raise StudyError(f"storage {url!r}: the DB {what} {p} is read-only; a sweep must write to it")
-    with _settled(path):  # not while a concurrent sweep is creating it
-        _check_sqlite_file(url, path)
-
-
-@contextlib.contextmanager
-def _settled(path: Path) -> Iterator[None]:
-    """Wait, without writing anything, while a dse process holds the DB's lock (it may be creating the file)."""
-    lock = path.with_name(path.name + ".lock")
-    if not lock.exists():
-        yield
-        return
-    with open(lock) as f:
-        fcntl.flock(f, fcntl.LOCK_SH)
-        yield
-
-
-def _check_sqlite_file(url: str, path: Path) -> None:
-    if not path.exists():
-        return
-    if path.stat().st_size == 0:
-        raise StudyError(f"storage {url!r}: {path} is empty (0 bytes), not a study DB; delete it to start a new study")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as e:
-        raise StudyError(f"storage {url!r}: {path} is not a readable SQLite DB ({e}); it is corrupt or another file") from None
-    if tables and "studies" not in tables:
-        raise StudyError(f"storage {url!r}: {path} is a SQLite DB without Optuna's tables; point study.storage elsewhere")
-
-
-def _first_line(e: BaseException) -> str:
-    cause = getattr(e, "orig", None) or e.__cause__ or e
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 # ---------------------------------------------------------------- the lock, retries, opening
@@ -204,7 +94,7 @@ def storage_lock(url: str) -> Iterator[None]:
     if not url.startswith("postgresql"):
         yield
         return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_server_kwargs(url))
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **server_kwargs(url))
     try:
         with engine.connect() as connection:  # a session lock: released with the connection
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
@@ -216,12 +106,6 @@ def storage_lock(url: str) -> Iterator[None]:
                     connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
     finally:
         engine.dispose()
-
-
-def _server_kwargs(url: str) -> dict:
-    """Engine options for a database server: drop dead pooled connections; give up connecting after 10 s."""
-    connect = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    return {"pool_pre_ping": True, "connect_args": connect}
 
 
 def transient(e: BaseException) -> bool:
@@ -237,13 +121,33 @@ def transient(e: BaseException) -> bool:
 
 # Every RDBStorage method that talks to the database, including the private ones Optuna's cache calls.
 _DB_METHODS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
-    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
-    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials",
-    "_get_trials", "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids",
-)  # fmt: skip
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "_create_new_trial",
+    "set_trial_param",
+    "_set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "_get_trials",
+    "get_best_trial",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
+)
 _retrying = threading.local()
 
 
@@ -261,15 +165,22 @@ def retrying(fn: Callable, seconds: float, url: str) -> Callable:
                 try:
                     result = fn(*args, **kwargs)
                     if warned:
-                        print(f"storage {url!r} is back after {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+                        print(
+                            f"storage {url!r} is back after {time.monotonic() - start:.1f} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     return result
                 except Exception as e:
                     waited = time.monotonic() - start
                     if not transient(e) or waited + delay > seconds:
                         raise
                     if not warned:
-                        print(f"storage {url!r} unreachable ({_first_line(e)}); retrying for up to {seconds:g} s",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"storage {url!r} unreachable ({first_line(e)}); retrying for up to {seconds:g} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         warned = True
                     time.sleep(delay)
                     delay = min(2 * delay, 8.0)
@@ -295,7 +206,7 @@ def open_storage(
     heartbeat lapsed for `grace_period` seconds and calls `on_stale` for each."""
     check_storage(url)  # outside the lock: it waits for the lock's holder (SQLite)
     path = sqlite_path(url)
-    engine_kwargs = _server_kwargs(url)
+    engine_kwargs = server_kwargs(url)
     with storage_lock(url):
         if path is not None:
             with contextlib.closing(sqlite3.connect(path, timeout=60)) as connection:  # WAL is a property of the file
@@ -425,7 +336,9 @@ def check_ours(storage: RDBStorage, trial_id: int, beat: Heartbeat, grace: float
         if not transient(e):
             raise
         if beat.silent_for(trial_id) > grace:
-            raise TrialLost(f"no heartbeat reached the storage for {beat.silent_for(trial_id):.0f} s (study.grace_period={grace:g})") from None
+            raise TrialLost(
+                f"no heartbeat reached the storage for {beat.silent_for(trial_id):.0f} s (study.grace_period={grace:g})"
+            ) from None
         return
     if state != TrialState.RUNNING:
         raise TrialLost(f"the trial is {state.name}: another worker found its heartbeat stale and queued a retry")
@@ -463,8 +376,14 @@ def claim(study: optuna.Study, storage: RDBStorage, trial: FrozenTrial) -> optun
     return live_trial(study, trial) if change_state(storage, trial, TrialState.RUNNING) else None
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, *, values: list[float] | None = None,
-         state: TrialState | None = None, reason: str | None = None) -> FrozenTrial | None:
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    *,
+    values: list[float] | None = None,
+    state: TrialState | None = None,
+    reason: str | None = None,
+) -> FrozenTrial | None:
     """End a trial (with its fail `reason`, if any); None when another worker finished it first (it failed the
     trial as stale)."""
     try:

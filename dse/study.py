@@ -132,7 +132,9 @@ def create_or_check_study(
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
         except optuna.exceptions.DuplicatedStudyError:  # created meanwhile by a process that holds no dse lock
-            return create_or_check_study(name, storage, objectives=objectives, definition=definition, sampler=sampler, user_attrs=user_attrs)
+            return create_or_check_study(
+                name, storage, objectives=objectives, definition=definition, sampler=sampler, user_attrs=user_attrs
+            )
         study.set_metric_names(objectives)
         for key, value in (user_attrs or {}).items():
             study.set_user_attr(key, value)
@@ -140,8 +142,12 @@ def create_or_check_study(
         return study
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     ours = dict(zip(objectives, directions))
-    theirs = dict(zip(study.metric_names or [f"objective {i}" for i in range(len(summary.directions))],
-                      [d.name.lower() for d in summary.directions]))
+    theirs = dict(
+        zip(
+            study.metric_names or [f"objective {i}" for i in range(len(summary.directions))],
+            [d.name.lower() for d in summary.directions],
+        )
+    )
     if theirs != ours:
         raise StudyError(
             f"study {name!r} exists in {storage.url} with objectives {theirs}; this sweep optimises {ours}. "
@@ -161,8 +167,12 @@ def _store_definition(study: optuna.Study, definition: dict | None) -> None:
 def _check_definition(study: optuna.Study, definition: dict, url: str) -> None:
     stored = study.user_attrs.get("definition")
     if stored is None:
-        print(f"warning: study {study.study_name!r} in {url} was made by an older dse and stores no definition; "
-              "it adopts this run's (trials already in it are taken to match)", file=sys.stderr, flush=True)
+        print(
+            f"warning: study {study.study_name!r} in {url} was made by an older dse and stores no definition; "
+            "it adopts this run's (trials already in it are taken to match)",
+            file=sys.stderr,
+            flush=True,
+        )
         _store_definition(study, definition)
         return
     if study.user_attrs.get("definition_sha256") == fingerprint(definition):
@@ -188,8 +198,10 @@ def load_study(name: str, storage: str) -> optuna.Study:
     if found is None:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
         hint = did_you_mean(name, names)
-        raise StudyError(f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
-                         + (f"; {hint}" if hint else ""))
+        raise StudyError(
+            f"no study {name!r} in {storage}; studies there: {', '.join(names) or 'none'}"
+            + (f"; {hint}" if hint else "")
+        )
     return optuna.load_study(study_name=name, storage=rdb)
 
 
@@ -223,8 +235,10 @@ def why_no_front(trials: pd.DataFrame) -> str:
     for reason in reasons:
         kind, _, detail = (reason if isinstance(reason, str) else "no reason recorded").partition(": ")
         kinds.setdefault(kind, []).append(detail)
-    why = ", ".join(("" if len(kinds) == 1 else f"{len(details)} ") + kind + (f" ({details[0]})" if details[0] else "")
-                    for kind, details in kinds.items())
+    why = ", ".join(
+        ("" if len(kinds) == 1 else f"{len(details)} ") + kind + (f" ({details[0]})" if details[0] else "")
+        for kind, details in kinds.items()
+    )
     if len(pruned) == len(trials):
         return f"all {len(trials)} trial{'s' if len(trials) > 1 else ''} pruned: {why}"
     parts = [f"{n} {state.lower()}" for state, n in states.items()]

@@ -8,9 +8,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -149,8 +149,9 @@ class _Trainee:
     outcome: Outcome | None = None
 
 
-def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | None = None, layout: str | None = None
-                ) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
+def train_group(
+    members: Sequence[Member], splits: Splits, *, vmapped: bool | None = None, layout: str | None = None
+) -> Iterator[tuple[int, Outcome]]:
     """Train several trials together on `splits`: one fused model (their weights stacked; vmapped or member by
     member as `vmapped` says, by default vmapped on CUDA and member by member elsewhere: `dse.fused.VMAP_DEVICES`),
     each member's own optimizer. They train in the layout of a member's checkpoint, else a pinned
@@ -178,8 +179,9 @@ def train_group(members: Sequence[Member], splits: Splits, *, vmapped: bool | No
     return _train_group(members, splits, step_mode([m.cfg for m in members], device, vmapped=vmapped), layout)
 
 
-def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode,
-                 auto: str | None) -> Iterator[tuple[int, Outcome]]:  # fmt: skip
+def _train_group(
+    members: Sequence[Member], splits: Splits, mode: StepMode, auto: str | None
+) -> Iterator[tuple[int, Outcome]]:
     """train_group's loop: start the members, then epochs of the group still in (re-formed whenever one leaves),
     each a pass over the batches and a validation, each member's end yielded as it comes."""
     cfg = members[0].cfg
@@ -195,19 +197,31 @@ def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode,
         layout = choose_memory_format(cfg, mode.device, saved=resumable.get("memory_format"), auto=auto)
         decided = choose_memory_format(cfg, mode.device, auto=auto)
         if layout != decided:  # a checkpoint of an older dse's timing, or of another device kind's choice
-            log.warning("dse.train: resuming in its checkpoint's layout %s, not %s (what %s stands for here): the "
-                        "layout changes the numbers, so its curves follow %s", layout, decided,
-                        f"train.memory_format={cfg.memory_format}", layout)  # fmt: skip
+            log.warning(
+                "dse.train: resuming in its checkpoint's layout %s, not %s (what %s stands for here): the "
+                "layout changes the numbers, so its curves follow %s",
+                layout,
+                decided,
+                f"train.memory_format={cfg.memory_format}",
+                layout,
+            )
         for i, (member, state) in enumerate(zip(members, saved)):
             trainees.append(_start(member, state, splits, mode, layout))
             if trainees[i].outcome is not None:
                 yield _leave(i, trainees[i])
         steps = len(splits.train_x) // cfg.batch_size
         channels_last = layout == "channels_last"
-        scoring = dict(mean=splits.mean, std=splits.std, batch_size=cfg.eval_batch_size, channels_last=channels_last,
-                       autocast=mode.autocast, tta=cfg.tta)  # fmt: skip
-        context = dict(device=str(mode.device), precision=mode.precision, memory_format=layout,
-                       split=dict(splits.split))  # fmt: skip
+        scoring = dict(
+            mean=splits.mean,
+            std=splits.std,
+            batch_size=cfg.eval_batch_size,
+            channels_last=channels_last,
+            autocast=mode.autocast,
+            tta=cfg.tta,
+        )
+        context = dict(
+            device=str(mode.device), precision=mode.precision, memory_format=layout, split=dict(splits.split)
+        )
         epochs_left = max((t.member.cfg.epochs - t.done for t in trainees if t.outcome is None), default=0)
         with tqdm(total=steps * max(epochs_left, 0), disable=not cfg.progress, unit="batch", dynamic_ncols=True) as bar:
             group: list[int] = []
@@ -222,16 +236,25 @@ def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode,
                             t.outcome = Finished(_result(t, test_loss, test_acc, context))
                             yield _leave(i, t)
                     continue
-                bar.set_description(f"epoch {min(t.done for t in going) + 1}/{max(t.member.cfg.epochs for t in going)}"
-                                    + (f" ({len(going)} trials)" if len(going) > 1 else ""))  # fmt: skip
+                bar.set_description(
+                    f"epoch {min(t.done for t in going) + 1}/{max(t.member.cfg.epochs for t in going)}"
+                    + (f" ({len(going)} trials)" if len(going) > 1 else "")
+                )
                 lrs = [step_lrs(t.member.cfg, t.done, steps) for t in going]
                 step.begin_epoch([t.done for t in going], lrs)
                 start = time.perf_counter()
                 for x, y in member_batches(
-                    splits.train_x, splits.train_y, cfg.batch_size, mean=splits.mean, std=splits.std,
-                    augment=cfg.augment, seeds=[t.member.cfg.seed for t in going], epochs=[t.done for t in going],
-                    pad=crop_padding(cfg.crop, splits.train_x.shape[-2:]), channels_last=channels_last,
-                ):  # fmt: skip
+                    splits.train_x,
+                    splits.train_y,
+                    cfg.batch_size,
+                    mean=splits.mean,
+                    std=splits.std,
+                    augment=cfg.augment,
+                    seeds=[t.member.cfg.seed for t in going],
+                    epochs=[t.done for t in going],
+                    pad=crop_padding(cfg.crop, splits.train_x.shape[-2:]),
+                    channels_last=channels_last,
+                ):
                     step(x, y)
                     bar.update()
                 losses, hits = step.totals()
@@ -242,10 +265,17 @@ def _train_group(members: Sequence[Member], splits: Splits, mode: StepMode,
                 seen = steps * cfg.batch_size
                 for i, t, loss, hit, lr, (val_loss, val_acc) in zip(group, going, losses, hits, lrs, val):
                     record = EpochRecord(
-                        epoch=t.done + 1, lr=math.fsum(lr) / steps, train_loss=loss / seen, train_acc=hit / seen,
-                        val_loss=val_loss, val_acc=val_acc, seconds=seconds, images_per_s=seen / seconds,
-                        eval_seconds=eval_seconds, trials=len(going),
-                    )  # fmt: skip
+                        epoch=t.done + 1,
+                        lr=math.fsum(lr) / steps,
+                        train_loss=loss / seen,
+                        train_acc=hit / seen,
+                        val_loss=val_loss,
+                        val_acc=val_acc,
+                        seconds=seconds,
+                        images_per_s=seen / seconds,
+                        eval_seconds=eval_seconds,
+                        trials=len(going),
+                    )
                     if len(going) == 1 and math.isfinite(record.train_loss):
                         bar.set_postfix(loss=f"{record.train_loss:.3f}", val_acc=f"{val_acc:.4f}", refresh=False)
                     t.outcome = _end_epoch(t, record, layout, step.graphed)
@@ -266,8 +296,9 @@ def _saved_state(member: Member) -> dict | CheckpointError | None:
         return e
 
 
-def _start(member: Member, saved: dict | CheckpointError | None, splits: Splits, mode: StepMode,
-           layout: str) -> _Trainee:  # fmt: skip
+def _start(
+    member: Member, saved: dict | CheckpointError | None, splits: Splits, mode: StepMode, layout: str
+) -> _Trainee:
     """A member ready to train: its model in the run's layout, its learner, its checkpoint restored; or, where its
     checkpoint is unreadable or another run's, a member that Failed."""
     path = str(member.checkpoint_path or member.cfg.checkpoint or "") or None
@@ -278,8 +309,9 @@ def _start(member: Member, saved: dict | CheckpointError | None, splits: Splits,
     learner = trainee.learner = mode.learner(member.model.to(memory_format=MEMORY_FORMATS[layout]), member.cfg)
     if saved is not None:
         try:
-            done, records = restore_checkpoint(saved, path, learner.model, learner.average, learner.optimizer,
-                                               trainee.identity)  # fmt: skip
+            done, records = restore_checkpoint(
+                saved, path, learner.model, learner.average, learner.optimizer, trainee.identity
+            )
         except CheckpointError as e:
             trainee.outcome = Failed(e)
             return trainee
@@ -301,16 +333,26 @@ def _end_epoch(trainee: _Trainee, record: EpochRecord, layout: str, graphed: boo
     was taken over, ...); the others go on."""
     member, learner = trainee.member, trainee.learner
     if not math.isfinite(record.train_loss):
-        return Failed(TrainingDiverged(f"train loss is {record.train_loss} in epoch {record.epoch} "
-                                       f"at lr={record.lr:g}; lower train.lr"))  # fmt: skip
+        return Failed(
+            TrainingDiverged(
+                f"train loss is {record.train_loss} in epoch {record.epoch} at lr={record.lr:g}; lower train.lr"
+            )
+        )
     trainee.done += 1
     trainee.records.append(record)
     trainee.seconds.append(record.seconds)
     trainee.graphed = graphed
     try:
         if trainee.path and (trainee.done % member.cfg.checkpoint_every == 0 or trainee.done == member.cfg.epochs):
-            state = checkpoint_state(trainee.done, learner.model, learner.average, learner.optimizer,
-                                     [asdict(r) for r in trainee.records], trainee.identity, layout)  # fmt: skip
+            state = checkpoint_state(
+                trainee.done,
+                learner.model,
+                learner.average,
+                learner.optimizer,
+                [asdict(r) for r in trainee.records],
+                trainee.identity,
+                layout,
+            )
             (member.writer or save_checkpoint)(trainee.path, state)
         reason = member.on_epoch(record) if member.on_epoch is not None else None
     except Exception as e:
@@ -321,10 +363,14 @@ def _end_epoch(trainee: _Trainee, record: EpochRecord, layout: str, graphed: boo
 def _result(trainee: _Trainee, test_loss: float, test_acc: float, context: dict) -> TrainResult:
     seconds = trainee.seconds or [r.seconds for r in trainee.records]
     return TrainResult(
-        epochs=trainee.records, test_loss=test_loss, test_acc=test_acc,
+        epochs=trainee.records,
+        test_loss=test_loss,
+        test_acc=test_acc,
         seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
-        resumed_from=trainee.resumed_from, cuda_graph=trainee.graphed, **context,
-    )  # fmt: skip
+        resumed_from=trainee.resumed_from,
+        cuda_graph=trainee.graphed,
+        **context,
+    )
 
 
 @torch.no_grad()
@@ -383,6 +429,7 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------- command line
+
 
 def _summary(name: str, result: TrainResult, profile, checkpoint: str | None) -> str:
     last = result.epochs[-1] if result.epochs else None

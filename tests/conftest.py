@@ -11,9 +11,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -183,7 +183,9 @@ def postgres():
     try:
         yield Postgres(f"postgresql://dse@127.0.0.1:{port}/postgres", ctl)
     finally:
-        subprocess.run([*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=120)
+        subprocess.run(
+            [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=120
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 

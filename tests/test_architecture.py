@@ -13,9 +13,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dse"
 SHIPPED = PACKAGE / "deploy" / "bundle"
 MAX_LINES = 500
 # Rooms below the sweep: what a trial's training and measuring lean on.
-BELOW_SWEEP = ("dse.train", "dse.step", "dse.fused", "dse.autotune", "dse.checkpoint", "dse.optim", "dse.storage",
-               "dse.study", "dse.front", "dse.latency", "dse.pruning", "dse.identity", "dse.measure", "dse.data",
-               "dse.config", "dse.models")  # fmt: skip
+BELOW_SWEEP = (
+    "dse.train",
+    "dse.step",
+    "dse.fused",
+    "dse.autotune",
+    "dse.checkpoint",
+    "dse.optim",
+    "dse.storage",
+    "dse.study",
+    "dse.front",
+    "dse.latency",
+    "dse.pruning",
+    "dse.identity",
+    "dse.measure",
+    "dse.data",
+    "dse.config",
+    "dse.models",
+)
 
 
 def _module(path: Path) -> str:
@@ -78,8 +93,13 @@ def test_no_import_cycles():
 
 
 def test_no_room_imports_another_room_s_underscore_names():
-    bad = [(name, module, n) for name, tree in _sources().items() for module, names in _imports(tree)
-           for n in names if n.startswith("_") and module != name]  # fmt: skip
+    bad = [
+        (name, module, n)
+        for name, tree in _sources().items()
+        for module, names in _imports(tree)
+        for n in names
+        if n.startswith("_") and module != name
+    ]
     assert bad == []
 
 
@@ -87,7 +107,9 @@ def test_no_room_imports_another_room_s_underscore_names():
 def test_nothing_below_the_sweep_imports_the_sweep_report_or_deploy(below):
     graph = import_graph()
     mine = {m: ts for m, ts in graph.items() if m == below or m.startswith(below + ".")}
-    upward = {m: sorted(t for t in ts if t.startswith(("dse.sweep", "dse.report", "dse.deploy"))) for m, ts in mine.items()}
+    upward = {
+        m: sorted(t for t in ts if t.startswith(("dse.sweep", "dse.report", "dse.deploy"))) for m, ts in mine.items()
+    }
     assert {m: ts for m, ts in upward.items() if ts} == {}
 
 
@@ -97,15 +119,29 @@ def test_every_room_says_what_it_owns_lists_its_names_and_fits_in_one_sitting():
         assert ast.get_docstring(tree), f"{path} has no module docstring"
         assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path} is over {MAX_LINES} lines"
         if path.name not in ("__main__.py",) and SHIPPED not in path.parents and path.name != "__init__.py":
-            names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+            names = {
+                t.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            }
             assert "__all__" in names, f"{path} has no __all__"
 
 
 def test_the_files_that_ship_in_a_bundle_import_neither_torch_nor_dse():
     for path in SHIPPED.glob("*.py"):
-        roots = {n.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
-                 for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                           [node.module or ""] if isinstance(node, ast.ImportFrom) else [])}  # fmt: skip
+        roots = {
+            n.split(".")[0]
+            for node in ast.walk(ast.parse(path.read_text()))
+            for n in (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+        }
         assert not roots & {"torch", "dse", "torchvision"}, path
 
 

@@ -111,4 +111,3 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pick_group_size_captures_and_times_groups_on_cuda(splits):
     size, rates = pick_group_size(tiny_model(), splits, quick(device="cuda"), sizes=(1, 2), min_gain=-1.0, steps=3)
     assert size == 2 and set(rates) == {1, 2} and all(r > 0 for r in rates.values())
-

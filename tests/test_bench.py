@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def checkout_status() -> str:
     """Every path git sees changed, untracked or ignored in the checkout."""
-    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.mark.slow
@@ -24,9 +26,25 @@ def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_chec
     before = checkout_status()
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(
-        [sys.executable, "bench/pruning.py", "--quick", "--trials", "3", "--epochs", "2", "--subset", "200",
-         "--val-size", "50", f"data.root={data.root}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/pruning.py",
+            "--quick",
+            "--trials",
+            "3",
+            "--epochs",
+            "2",
+            "--subset",
+            "200",
+            "--val-size",
+            "50",
+            f"data.root={data.root}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -42,7 +60,13 @@ def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_chec
 
 
 def test_trainer_bench_imports_what_it_measures_and_describes_itself():
-    result = subprocess.run([sys.executable, "bench/trainer.py", "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "bench/trainer.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trainer throughput" in result.stdout and "--skip-fused" in result.stdout

@@ -19,7 +19,7 @@ from dse.checkpoint import (
     load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-)  # fmt: skip
+)
 from dse.train import train
 
 RUN = {"train": {"lr": 0.05, "seed": 0}, "split": {"dataset": "cifar10", "seed": 0}, "num_classes": 10}
@@ -72,8 +72,14 @@ def test_a_checkpoint_written_for_another_model_is_refused(tmp_path):
 def test_a_checkpoint_written_for_another_model_is_refused_by_train(splits, tmp_path):
     path = tmp_path / "c.pt"
     train(tiny_model(), splits, quick(epochs=1), checkpoint_path=path)
-    wider = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(16, 10))  # fmt: skip
+    wider = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
     with pytest.raises(CheckpointError, match="written for another model"):
         train(wider, splits, quick(epochs=1), checkpoint_path=path)
 

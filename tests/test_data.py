@@ -197,5 +197,7 @@ def test_failed_download_names_the_offline_alternative(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match=r"CIFAR-10 download .* failed \(URLError.*data=fashion_mnist.*dataset-fashion-mnist"):
+    with pytest.raises(
+        DataError, match=r"CIFAR-10 download .* failed \(URLError.*data=fashion_mnist.*dataset-fashion-mnist"
+    ):
         load_data(DataConfig(name="cifar10", root=str(tmp_path), download=True))

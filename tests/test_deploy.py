@@ -23,7 +23,10 @@ import pandas as pd
 import pytest
 import torch
 from optuna.trial import TrialState
+from sweeps import run_tiny_sweep
 
+from dse.config import DataConfig
+from dse.data import load_data
 from dse.deploy import (
     DeployError,
     ExportSettings,
@@ -35,26 +38,34 @@ from dse.deploy import (
     verify_bundle,
 )
 from dse.deploy.__main__ import main
-from dse.config import DataConfig
-from dse.data import load_data
-from dse.deploy.export import (
-    build_bundle, check_against_torch, find_trial, load_trial_data, load_trial_model, study_bundles,
-)  # fmt: skip
-from dse.deploy.onnx import export_onnx, ort_logits, torch_logits
-from dse.models import ModelConfig, create_model
-from dse.latency import ATTR, figures
 from dse.deploy.bundle import predict as runtime
+from dse.deploy.export import build_bundle, check_against_torch, study_bundles
+from dse.deploy.onnx import export_onnx, ort_logits, torch_logits
+from dse.deploy.trial import find_trial, load_trial_data, load_trial_model
+from dse.latency import ATTR, figures
+from dse.models import ModelConfig, create_model
 from dse.study import load_study
-from sweeps import run_tiny_sweep
 
 QUICK = ["--runs", "5", "--warmup", "1", "--calibration-images", "64"]
 # The study attribute the report reads (Table 7): exactly these keys.
-CONTRACT = {"trial", "paper_name", "fp32_acc", "int8_acc", "onnx_fp32_bytes", "onnx_int8_bytes", "latency_fp32_ms",
-            "latency_int8_ms", "latency_how", "bundle"}
+CONTRACT = {
+    "trial",
+    "paper_name",
+    "fp32_acc",
+    "int8_acc",
+    "onnx_fp32_bytes",
+    "onnx_int8_bytes",
+    "latency_fp32_ms",
+    "latency_int8_ms",
+    "latency_how",
+    "bundle",
+}
 SHIPPED = ("predict.py", "rtmaps_classifier.py", "bench_latency.py")
 # Blocks torch and dse, then runs a bundle script as `python script.py args...`.
-NO_TORCH = ("import runpy, sys; sys.modules.update(torch=None, dse=None); sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
+NO_TORCH = (
+    "import runpy, sys; sys.modules.update(torch=None, dse=None); sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +73,21 @@ def tiny(tmp_path_factory) -> dict:
     """Two trained widths (both COMPLETE, with checkpoints), plus a FAIL trial and a dominated COMPLETE
     trial without a checkpoint, for the refusals."""
     root = tmp_path_factory.mktemp("deploy")
-    storage, name = run_tiny_sweep(root, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]",
-                                   "sweep.seeds=1", name="tiny")
+    storage, name = run_tiny_sweep(
+        root, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]", "sweep.seeds=1", name="tiny"
+    )
     study = optuna.load_study(study_name=name, storage=storage)
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
     study.add_trial(optuna.trial.create_trial(values=[0.0, 9.0, 99.0], user_attrs={"paper_name": "no checkpoint"}))
     trials = study.get_trials()
-    return {"root": root, "storage": storage, "name": name, "args": ["--study", name, "--storage", storage],
-            "failed": trials[-2].number, "no_checkpoint": trials[-1].number}
+    return {
+        "root": root,
+        "storage": storage,
+        "name": name,
+        "args": ["--study", name, "--storage", storage],
+        "failed": trials[-2].number,
+        "no_checkpoint": trials[-1].number,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +112,9 @@ def _study(tiny) -> optuna.Study:
 def _script(bundle: Path, name: str, *args: str, python: str = sys.executable, block: bool = True, **kw):
     """Run a bundle script from outside the repository; with `block`, torch and dse cannot be imported."""
     command = [python, "-c", NO_TORCH] if block else [python]
-    return subprocess.run([*command, str(bundle / name), *args], capture_output=True, text=True, timeout=300,
-                          cwd=bundle.parent, **kw)
+    return subprocess.run(
+        [*command, str(bundle / name), *args], capture_output=True, text=True, timeout=300, cwd=bundle.parent, **kw
+    )
 
 
 def _predict_json(bundle: Path, files: list[Path], *extra: str, **kw) -> list[dict]:
@@ -130,7 +149,9 @@ def test_filters_and_picks_choose_from_the_front(tiny):
     assert frame.loc[frame.trial == pick(frame, "most-accurate"), "val_acc"].item() == frame.val_acc.max()
     small = filter_front(frame, max_size_kb=frame.size_kb.min())
     assert list(small.trial) == [frame.loc[frame.size_kb.idxmin(), "trial"]]
-    assert len(filter_front(frame, max_latency_ms=frame.latency_ms.max(), min_accuracy=frame.val_acc.min())) == len(frame)
+    assert len(filter_front(frame, max_latency_ms=frame.latency_ms.max(), min_accuracy=frame.val_acc.min())) == len(
+        frame
+    )
     with pytest.raises(DeployError, match="no model of the Pareto front meets max_size_kb=1"):
         filter_front(frame, max_size_kb=1)
     with pytest.raises(DeployError, match=r"min_accuracy=80 must be in \(0, 1\]"):
@@ -151,7 +172,11 @@ def test_front_export_writes_bundles_tars_index_and_study_records(tiny, front):
         folder = Path(record["bundle"])
         assert folder.parent == front and folder.name in index
         meta = verify_bundle(folder)
-        assert meta["metrics"]["onnx_int8_bytes"] == (folder / "model.int8.onnx").stat().st_size == record["onnx_int8_bytes"]
+        assert (
+            meta["metrics"]["onnx_int8_bytes"]
+            == (folder / "model.int8.onnx").stat().st_size
+            == record["onnx_int8_bytes"]
+        )
         with tarfile.open(folder.with_name(folder.name + ".tar.gz")) as tar:
             packed = {n.removeprefix(folder.name + "/") for n in tar.getnames() if tar.getmember(n).isfile()}
         assert packed == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
@@ -169,7 +194,9 @@ def test_meta_describes_model_input_classes_and_runtime(tiny, bundle):
     assert meta["onnx"]["opset"] >= 17 and meta["requires"]["onnxruntime"].startswith(">=")
     assert all(meta["files"][name] == runtime.sha256(str(bundle / name)) for name in meta["files"])
     assert {"latency_how", "latency_fp32_ms", "latency_int8_ms", "int8_agreement"} <= set(meta["metrics"])
-    assert "1 intra-op thread" in meta["metrics"]["latency_how"] and "median of 5 runs" in meta["metrics"]["latency_how"]
+    assert (
+        "1 intra-op thread" in meta["metrics"]["latency_how"] and "median of 5 runs" in meta["metrics"]["latency_how"]
+    )
 
 
 def test_onnx_runtime_fp32_logits_match_pytorch_on_test_images(tiny, bundle):
@@ -199,7 +226,9 @@ def test_int8_model_is_quantized_and_its_agreement_reported(tiny, bundle):
     m = meta["metrics"]
     assert m["onnx_int8_weight_bytes"] < m["onnx_fp32_weight_bytes"]
     fp32 = ort_logits(runtime.cpu_session(str(bundle / "model.onnx")), splits.test_x, splits.mean, splits.std).argmax(1)
-    int8 = ort_logits(runtime.cpu_session(str(bundle / "model.int8.onnx")), splits.test_x, splits.mean, splits.std).argmax(1)
+    int8 = ort_logits(
+        runtime.cpu_session(str(bundle / "model.int8.onnx")), splits.test_x, splits.mean, splits.std
+    ).argmax(1)
     assert m["int8_agreement"] == (fp32 == int8).mean() and m["int8_acc"] == (int8 == splits.test_y.numpy()).mean()
 
 
@@ -225,7 +254,7 @@ def test_predict_runs_without_torch_or_dse(bundle):
         assert entry["top"][0]["class"] == sample["fp32_class"] == int(probs.argmax())
         assert np.allclose(_probabilities(entry), probs, rtol=1e-6)
     selftest = _script(bundle, "predict.py", "--selftest")
-    assert selftest.returncode == 0 and "fp32: %d/%d" % (len(files), len(files)) in selftest.stdout
+    assert selftest.returncode == 0 and f"fp32: {len(files)}/{len(files)}" in selftest.stdout
     bench = _script(bundle, "bench_latency.py", "--runs", "3", "--warmup", "0")
     assert bench.returncode == 0 and "fp32" in bench.stdout and "int8" in bench.stdout, bench.stderr
 
@@ -402,8 +431,22 @@ def test_pick_export_keeps_an_existing_bundle_unless_forced(tiny, tmp_path, caps
     out = tmp_path / "picked"
     study = _study(tiny)
     frame = front_frame(study)
-    assert main(["export", *tiny["args"], "--pick", "most-accurate", "--min-accuracy", str(frame.val_acc.max()),
-                 "--out", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "export",
+                *tiny["args"],
+                "--pick",
+                "most-accurate",
+                "--min-accuracy",
+                str(frame.val_acc.max()),
+                "--out",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     number = pick(filter_front(frame, min_accuracy=frame.val_acc.max()), "most-accurate")
     assert _study(tiny).user_attrs[f"deploy:{number}"]["bundle"] == str(out.resolve())
     first = (out / "meta.json").read_text()
@@ -434,7 +477,9 @@ def test_preprocessing_converts_channels_crops_and_resizes():
 
 
 def test_measure_reports_sizes_and_latencies_of_an_untrained_shape():
-    row = measure_shape("Shallow SqueezeNext-06-0.125x", settings=ExportSettings(runs=2, warmup=0, calibration_images=8))
+    row = measure_shape(
+        "Shallow SqueezeNext-06-0.125x", settings=ExportSettings(runs=2, warmup=0, calibration_images=8)
+    )
     assert row["model"] == "Shallow SqueezeNext-06-0.125x"
     assert row["int8_weight_bytes"] < row["fp32_weight_bytes"] < row["fp32_bytes"]
     assert row["fp32_ms"] > 0 and row["int8_ms"] > 0 and "median of 2 runs" in row["latency_how"]
@@ -487,8 +532,12 @@ def test_predict_runs_in_a_fresh_venv_with_only_numpy_onnxruntime_pillow(bundle,
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    pip = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "numpy",
-                          "onnxruntime", "pillow"], capture_output=True, text=True, timeout=500)
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "numpy", "onnxruntime", "pillow"],
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
     check = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
     assert check.returncode != 0 and "No module named 'torch'" in check.stderr
@@ -598,7 +647,10 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfi
     [
         (_member("b/../../escaped"), r"member 'b/\.\./\.\./escaped' is an absolute path or climbs out with '\.\.'"),
         (_member("/tmp/dse-absolute"), r"member '/tmp/dse-absolute' is an absolute path"),
-        (_member("b/passwd", tarfile.SYMTYPE, "/etc/passwd"), r"member 'b/passwd' is a link; a bundle archive holds files"),
+        (
+            _member("b/passwd", tarfile.SYMTYPE, "/etc/passwd"),
+            r"member 'b/passwd' is a link; a bundle archive holds files",
+        ),
         (_member("b/hard", tarfile.LNKTYPE, "b/model.onnx"), r"member 'b/hard' is a link"),
         (_member("b/fifo", tarfile.FIFOTYPE), r"member 'b/fifo' is not a file or a folder"),
     ],
@@ -633,7 +685,10 @@ def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, mo
     assert main(["list", "--study", "width-fashion_mnist-quik"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dse.deploy: error: no study DB at studies/width-fashion_mnist-quik.db")
-    assert "studies in studies/: baselines-cifar10-quick, width-fashion_mnist-quick; did you mean width-fashion_mnist-quick?" in err
+    assert (
+        "studies in studies/: baselines-cifar10-quick, width-fashion_mnist-quick; did you mean width-fashion_mnist-quick?"
+        in err
+    )
 
 
 def test_a_study_whose_trials_were_all_pruned_says_why_in_list_and_export(tmp_path, capsys):
@@ -646,5 +701,7 @@ def test_a_study_whose_trials_were_all_pruned_says_why_in_list_and_export(tmp_pa
         study.tell(trial, state=TrialState.PRUNED)
     for command in (["list"], ["export", "--pick", "smallest"]):
         assert main([*command, "--study", "tiny", "--storage", url]) == 2
-        assert capsys.readouterr().err == ("dse.deploy: error: study 'tiny' has no COMPLETE trial, so no Pareto front: "
-                                           "all 2 trials pruned: over budget (size 75.5 KB > 1 KB)\n")
+        assert capsys.readouterr().err == (
+            "dse.deploy: error: study 'tiny' has no COMPLETE trial, so no Pareto front: "
+            "all 2 trials pruned: over budget (size 75.5 KB > 1 KB)\n"
+        )

@@ -8,11 +8,11 @@ import json
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sweeps import run_tiny_sweep
 
 from dse.deploy.__main__ import main
 from dse.deployed import sha256
 from dse.metrics import DEPLOYED
-from sweeps import run_tiny_sweep
 
 QUICK = ["--runs", "5", "--warmup", "1"]
 RECORDED = ("val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "onnx_kb", "int8_kb")
@@ -21,10 +21,15 @@ RECORDED = ("val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "o
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deployed")
-    storage, name = run_tiny_sweep(root, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]",
-                                   name="shipped")
-    return {"root": root, "storage": storage, "name": name,
-            "study": optuna.load_study(study_name=name, storage=storage)}
+    storage, name = run_tiny_sweep(
+        root, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]", name="shipped"
+    )
+    return {
+        "root": root,
+        "storage": storage,
+        "name": name,
+        "study": optuna.load_study(study_name=name, storage=storage),
+    }
 
 
 def test_every_complete_trial_carries_the_deployed_metrics_and_its_onnx_files(swept):
@@ -37,8 +42,9 @@ def test_every_complete_trial_carries_the_deployed_metrics_and_its_onnx_files(sw
         assert attrs["onnx_kb"] > 0 and attrs["int8_kb"] > 0
         for what in ("onnx", "int8"):
             path = swept["root"] / f"{what}-{t.number}.onnx"
-            optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
-                                               artifact_id=attrs[f"artifact_{what}"])
+            optuna.artifacts.download_artifact(
+                artifact_store=store, file_path=str(path), artifact_id=attrs[f"artifact_{what}"]
+            )
             assert sha256(path) == attrs[f"{what}_sha256"]
             assert path.stat().st_size / 1e3 == attrs[f"{what}_kb"]
     assert set(RECORDED) <= set(DEPLOYED)
@@ -48,8 +54,23 @@ def test_deploy_export_ships_the_sweep_s_files_byte_for_byte_with_the_same_accur
     study = swept["study"]
     trial = study.get_trials(states=(TrialState.COMPLETE,))[0]
     out = swept["root"] / "bundle"
-    assert main(["export", "--study", swept["name"], "--storage", swept["storage"], "--trial", str(trial.number),
-                 "--out", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--study",
+                swept["name"],
+                "--storage",
+                swept["storage"],
+                "--trial",
+                str(trial.number),
+                "--out",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["files"]["model.onnx"] == trial.user_attrs["onnx_sha256"]
     assert meta["files"]["model.int8.onnx"] == trial.user_attrs["int8_sha256"]
@@ -59,8 +80,14 @@ def test_deploy_export_ships_the_sweep_s_files_byte_for_byte_with_the_same_accur
 
 
 def test_the_knob_turns_it_off(tmp_path):
-    storage, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.125]}", "space.seeds=[0]",
-                                   "study.deployed=false", name="off")
+    storage, name = run_tiny_sweep(
+        tmp_path,
+        "+space=width",
+        "space.grid={model.width:[0.125]}",
+        "space.seeds=[0]",
+        "study.deployed=false",
+        name="off",
+    )
     (trial,) = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert trial.state == TrialState.COMPLETE
     assert not {*RECORDED, "artifact_onnx", "artifact_int8"} & set(trial.user_attrs)
@@ -86,8 +113,9 @@ def test_deploy_list_draws_the_front_of_any_target(swept, capsys):
 def test_a_sweep_on_the_int8_figures_optimises_and_fronts_them(tmp_path, how):
     from dse.front import front_frame
 
-    storage, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]",
-                                   *how, name="int8")
+    storage, name = run_tiny_sweep(
+        tmp_path, "+space=width", "space.grid={model.width:[0.125,0.25]}", "space.seeds=[0]", *how, name="int8"
+    )
     study = optuna.load_study(study_name=name, storage=storage)
     assert study.metric_names == ["val_acc_int8", "int8_kb", "latency_int8_ms"]
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -105,8 +133,20 @@ def test_the_report_shows_the_deployed_figures_and_marks_any_target_s_front(swep
     from dse.front import front_frame
     from dse.report.__main__ import main as report
 
-    report(["--study", swept["name"], "--storage", swept["storage"], "--out", str(tmp_path), "--format", "csv",
-            "--target", "int8"])
+    report(
+        [
+            "--study",
+            swept["name"],
+            "--storage",
+            swept["storage"],
+            "--out",
+            str(tmp_path),
+            "--format",
+            "csv",
+            "--target",
+            "int8",
+        ]
+    )
     trials = pd.read_csv(tmp_path / swept["name"] / "trials.csv")
     for t in swept["study"].get_trials(states=(TrialState.COMPLETE,)):
         row = trials[trials["trial"] == t.number].iloc[0]

@@ -17,8 +17,10 @@ def test_non_dominated_keeps_ties_and_drops_dominated_points():
 
 
 def test_front_mask_maximises_accuracy_and_minimises_size_and_latency():
-    frame = pd.DataFrame({"val_acc": [0.9, 0.8, 0.95, 0.7], "size_mb": [1.0, 0.5, 2.0, 0.6],
-                          "latency_ms": [1.0, 1.0, 3.0, math.nan]}, index=[10, 11, 12, 13])
+    frame = pd.DataFrame(
+        {"val_acc": [0.9, 0.8, 0.95, 0.7], "size_mb": [1.0, 0.5, 2.0, 0.6], "latency_ms": [1.0, 1.0, 3.0, math.nan]},
+        index=[10, 11, 12, 13],
+    )
     mask = front_mask(frame, ["val_acc", "size_mb", "latency_ms"])
     assert list(mask.index) == [10, 11, 12, 13] and mask.tolist() == [True, True, True, False]
     assert front_mask(frame, ["val_acc"]).tolist() == [False, False, True, False]

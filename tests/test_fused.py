@@ -9,8 +9,16 @@ import torch.nn as nn
 
 from dse.config import TrainConfig
 from dse.fused import (
-    SeededDropout, check_group, dropout_key, fused_forward, group_key, seed_dropouts, unfuse, unseed, vmaps_on,
-)  # fmt: skip
+    SeededDropout,
+    check_group,
+    dropout_key,
+    fused_forward,
+    group_key,
+    seed_dropouts,
+    unfuse,
+    unseed,
+    vmaps_on,
+)
 
 
 def test_seeded_dropout_drops_a_fraction_p_with_masks_fixed_by_key_and_step():
@@ -34,8 +42,15 @@ def models(n: int) -> list[nn.Module]:
     out = []
     for seed in range(n):
         torch.manual_seed(seed)
-        out.append(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.1 * (seed + 1)),
-                                 nn.Linear(4 * 6 * 6, 5)))  # fmt: skip
+        out.append(
+            nn.Sequential(
+                nn.Conv2d(3, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.Flatten(),
+                nn.Dropout(0.1 * (seed + 1)),
+                nn.Linear(4 * 6 * 6, 5),
+            )
+        )
     return out
 
 
@@ -92,8 +107,15 @@ def test_groups_are_vmapped_by_default_on_cuda_only():
 
 
 def tiny(width: int = 8, dropout: float = 0.3) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, 10))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(width, 10),
+    )
 
 
 def test_group_key_fuses_what_may_differ_and_refuses_what_may_not():

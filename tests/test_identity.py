@@ -13,9 +13,14 @@ from dse.models import ModelConfig
 MODEL = ModelConfig(name="shallow_squeezenext", blocks=[1, 1, 1, 1], width=0.5)
 DATA = DataConfig(name="fashion_mnist", root="/somewhere", subset=2000, val_size=500)
 TRAIN = TrainConfig(
-    optimizer="sgd", lr=0.05, optimizer_kwargs={"momentum": 0.9, "nesterov": True}, epochs=3, batch_size=64, seed=2,
+    optimizer="sgd",
+    lr=0.05,
+    optimizer_kwargs={"momentum": 0.9, "nesterov": True},
+    epochs=3,
+    batch_size=64,
+    seed=2,
     threads=1,
-)  # fmt: skip
+)
 
 
 def test_run_folder_keys_are_those_older_dse_wrote():
@@ -72,11 +77,21 @@ def test_a_trial_identity_holds_the_resolved_model_and_plain_json():
 
 def test_the_runtime_marks_are_exactly_these_settings():
     unmarked = {
-        schema.__name__: sorted(f.name for f in fields(schema) if not changes_result(f)) for schema in (TrainConfig, DataConfig)
+        schema.__name__: sorted(f.name for f in fields(schema) if not changes_result(f))
+        for schema in (TrainConfig, DataConfig)
     }
     assert unmarked == {
         "TrainConfig": sorted(
-            ["threads", "device", "compile", "cuda_graph", "checkpoint", "checkpoint_every", "eval_batch_size", "progress"]
+            [
+                "threads",
+                "device",
+                "compile",
+                "cuda_graph",
+                "checkpoint",
+                "checkpoint_every",
+                "eval_batch_size",
+                "progress",
+            ]
         ),
         "DataConfig": ["download", "root"],
     }

@@ -21,8 +21,14 @@ def key(shape=(1, 28, 28), classes=10, **knobs) -> str:
 
 def test_the_key_is_the_inference_graph_not_the_recipe():
     assert key(width=0.2, dropout=0.1) == key(width=0.2, dropout=0.5) == key(width=0.2)
-    others = {key(width=0.3), key(width=0.2, activation="relu"), key(width=0.2, inplace=False),
-              key(width=0.2, blocks=[1, 2, 2, 1]), key((3, 32, 32), width=0.2), key(classes=100, width=0.2)}
+    others = {
+        key(width=0.3),
+        key(width=0.2, activation="relu"),
+        key(width=0.2, inplace=False),
+        key(width=0.2, blocks=[1, 2, 2, 1]),
+        key((3, 32, 32), width=0.2),
+        key(classes=100, width=0.2),
+    }
     assert len(others) == 6 and key(width=0.2) not in others
     assert key(width=1.0) == key()  # defaults resolved
 
@@ -103,8 +109,14 @@ def test_a_measurement_goes_ahead_when_training_does_not_pause_in_time(locks):
 def test_a_sampled_space_measures_each_new_architecture_in_its_worker(tmp_path):
     from sweeps import run_tiny_sweep
 
-    url, name = run_tiny_sweep(tmp_path, "+space=width", "space.sampler=tpe", "space.n_trials=3", "train.epochs=1",
-                               "+space.search={model.width:{choices:[0.125,0.2]}}")
+    url, name = run_tiny_sweep(
+        tmp_path,
+        "+space=width",
+        "space.sampler=tpe",
+        "space.n_trials=3",
+        "train.epochs=1",
+        "+space.search={model.width:{choices:[0.125,0.2]}}",
+    )
     study = optuna.load_study(study_name=name, storage=url)
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     stored = figures(study.user_attrs)
@@ -132,11 +144,20 @@ def _direct_ort_ms(model, shape) -> float:
 
 def test_elu_and_relu_get_onnx_runtime_latencies_in_the_ratio_onnx_runtime_gives_not_pytorch(tmp_path, locks):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
-    specs = dict(architecture(ModelConfig(name="shallow_squeezenext", activation=a), (3, 32, 32), 10)
-                 for a in ("elu", "relu"))  # fmt: skip
+    specs = dict(
+        architecture(ModelConfig(name="shallow_squeezenext", activation=a), (3, 32, 32), 10) for a in ("elu", "relu")
+    )
     elu, relu = specs
-    got = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()}, "test", ort=True,
-                 runs=3, window=5, max_rounds=10, warmup=2)
+    got = ensure(
+        study,
+        {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
+        "test",
+        ort=True,
+        runs=3,
+        window=5,
+        max_rounds=10,
+        warmup=2,
+    )
     for figure in got.values():
         for name in ("onnx", "int8"):
             assert figure[name]["clock"] in ("wall", "thread cpu time") and figure[f"{name}_kb"] > 0

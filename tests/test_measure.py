@@ -1,7 +1,6 @@
 """measure.profile: counts and sizes checked against hand-computed values and the file torch writes;
 measure_latencies: interleaved rounds, the noise check, the load recorded."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +10,14 @@ from dse.models import create_model
 
 
 def tiny() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
 
 
 def test_macs_match_hand_count():
@@ -75,9 +81,20 @@ class Sleeper(nn.Module):
 
 def test_rounds_interleave_and_a_wide_spread_gets_more_rounds():
     clock = [0.0]
-    models = {"steady": (Sleeper(clock, 2.0), (1, 4, 4)), "noisy": (Sleeper(clock, 2.0, slow=12.0, noisy=10), (1, 4, 4))}
-    out = measure_latencies(models, warmup=0, runs=5, window=5, max_rounds=30, max_spread=0.5, clock=lambda: clock[0],
-                            cpu_clock=lambda: clock[0])
+    models = {
+        "steady": (Sleeper(clock, 2.0), (1, 4, 4)),
+        "noisy": (Sleeper(clock, 2.0, slow=12.0, noisy=10), (1, 4, 4)),
+    }
+    out = measure_latencies(
+        models,
+        warmup=0,
+        runs=5,
+        window=5,
+        max_rounds=30,
+        max_spread=0.5,
+        clock=lambda: clock[0],
+        cpu_clock=lambda: clock[0],
+    )
     steady, noisy = out["steady"], out["noisy"]
     assert isinstance(steady, Latency) and steady.rounds == steady.window == 5
     assert noisy.rounds >= 14  # the slow rounds 1, 3, ..., 9 left the window before it was steady
@@ -107,9 +124,11 @@ def test_a_run_that_lost_the_core_is_timed_on_the_thread_s_cpu_time():
         cpu[0] += 1e-3
         wall[0] += 3e-3
 
-    out = measure_calls({"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: wall[0],
-                        cpu_clock=lambda: cpu[0])["m"]
+    out = measure_calls(
+        {"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: wall[0], cpu_clock=lambda: cpu[0]
+    )["m"]
     assert out.clock == "thread cpu time" and out.ms == pytest.approx(1.0) and out.wall_ms == pytest.approx(3.0)
-    calm = measure_calls({"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: cpu[0],
-                         cpu_clock=lambda: cpu[0])["m"]
+    calm = measure_calls(
+        {"m": call}, warmup=0, runs=2, window=2, max_rounds=2, clock=lambda: cpu[0], cpu_clock=lambda: cpu[0]
+    )["m"]
     assert calm.clock == "wall" and calm.ms == pytest.approx(1.0)

@@ -18,19 +18,33 @@ def test_every_metric_has_a_direction_and_the_paper_s_are_the_default_objectives
     assert {m.direction for m in METRICS.values()} == {"maximize", "minimize"}
     assert study().objectives == list(PAPER) and study().target == TargetConfig()
     assert sign("val_acc_int8") == -1 and sign("int8_kb") == 1
-    assert set(DEPLOYED) >= {"val_acc_onnx", "val_acc_int8", "test_acc_onnx", "test_acc_int8", "onnx_kb", "int8_kb",
-                             "latency_onnx_ms", "latency_int8_ms"}
+    assert set(DEPLOYED) >= {
+        "val_acc_onnx",
+        "val_acc_int8",
+        "test_acc_onnx",
+        "test_acc_int8",
+        "onnx_kb",
+        "int8_kb",
+        "latency_onnx_ms",
+        "latency_int8_ms",
+    }
 
 
-@pytest.mark.parametrize("target, objectives", [
-    ("paper", ["val_acc", "size_mb", "latency_ms"]),
-    ("onnx", ["val_acc_onnx", "onnx_kb", "latency_onnx_ms"]),
-    ("int8", ["val_acc_int8", "int8_kb", "latency_int8_ms"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "target, objectives",
+    [
+        ("paper", ["val_acc", "size_mb", "latency_ms"]),
+        ("onnx", ["val_acc_onnx", "onnx_kb", "latency_onnx_ms"]),
+        ("int8", ["val_acc_int8", "int8_kb", "latency_int8_ms"]),
+    ],
+)
 def test_a_target_sets_the_default_objectives_and_the_command_line_still_picks_any(target, objectives):
     assert study(f"target={target}").objectives == objectives
     assert study(f"target={target}").target.name == target
-    assert study(f"target={target}", "study.objectives=[test_acc_int8,onnx_kb]").objectives == ["test_acc_int8", "onnx_kb"]
+    assert study(f"target={target}", "study.objectives=[test_acc_int8,onnx_kb]").objectives == [
+        "test_acc_int8",
+        "onnx_kb",
+    ]
 
 
 def test_budgets_by_name_with_the_paper_s_shorthands():
@@ -39,14 +53,20 @@ def test_budgets_by_name_with_the_paper_s_shorthands():
     assert cfg.before_training() == cfg.limits()  # sizes and latencies: the architecture decides them
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["study.objectives=[val_acc_int9]"], "metric 'val_acc_int9' is unknown; allowed: val_acc, .*did you mean val_acc_int8"),
-    (["study.objectives=[val_acc,size_mb,latency_ms,int8_kb]"], "must be 1 to 3 distinct"),
-    (["study.budgets={int8kb:100}"], "metric 'int8kb' is unknown; allowed: size_mb, .*did you mean int8_kb"),
-    (["study.budgets={val_acc:0.9}"], "metric 'val_acc' is not allowed here; allowed: size_mb"),
-    (["study.budgets={int8_kb:0}"], "int8_kb=0 must be a number > 0"),
-    (["target=int8", "study.deployed=false"], "records no val_acc_int8, int8_kb, latency_int8_ms"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["study.objectives=[val_acc_int9]"],
+            "metric 'val_acc_int9' is unknown; allowed: val_acc, .*did you mean val_acc_int8",
+        ),
+        (["study.objectives=[val_acc,size_mb,latency_ms,int8_kb]"], "must be 1 to 3 distinct"),
+        (["study.budgets={int8kb:100}"], "metric 'int8kb' is unknown; allowed: size_mb, .*did you mean int8_kb"),
+        (["study.budgets={val_acc:0.9}"], "metric 'val_acc' is not allowed here; allowed: size_mb"),
+        (["study.budgets={int8_kb:0}"], "int8_kb=0 must be a number > 0"),
+        (["target=int8", "study.deployed=false"], "records no val_acc_int8, int8_kb, latency_int8_ms"),
+    ],
+)
 def test_unknown_or_unusable_names_are_refused_naming_the_valid_ones(overrides, message):
     with pytest.raises(ValueError, match=message):
         study(*overrides)

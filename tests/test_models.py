@@ -154,8 +154,20 @@ def test_build_model_from_config_matches_create_model():
 def _sizes_only(model, input_shape, **_):
     """`dse.measure.profile` without the slow parts: the real fp32 size, nothing timed or counted."""
     size = state_dict_bytes(model)
-    return ModelProfile(params=0, size_bytes=size, size_mb=size / 1e6, int8_bytes=0, int8_mb=0.0, macs=0, flops=0,
-                        input_shape=tuple(input_shape), latency_ms=0.0, latency_iqr_ms=0.0, latency_runs=0, threads=1)
+    return ModelProfile(
+        params=0,
+        size_bytes=size,
+        size_mb=size / 1e6,
+        int8_bytes=0,
+        int8_mb=0.0,
+        macs=0,
+        flops=0,
+        input_shape=tuple(input_shape),
+        latency_ms=0.0,
+        latency_iqr_ms=0.0,
+        latency_runs=0,
+        threads=1,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "csv"])
@@ -167,11 +179,18 @@ def test_table1_compares_sizes_only_where_the_paper_agrees_with_itself(monkeypat
     lines = out.strip().splitlines()
     note = lines[-1] if fmt == "markdown" else err.strip()
     assert note == size_note(["1"]) and "\n" not in note
-    assert "Table 1 lists Shallow SqueezeNext-06-0.4x at 0.272 MB, no larger than the narrower Shallow " \
-           "SqueezeNext-06-0.2x at 0.273 MB" in note
-    rows = table if table is not None else pd.DataFrame(
-        [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-1]],
-        columns=[c.strip() for c in lines[0].strip("|").split("|")])
+    assert (
+        "Table 1 lists Shallow SqueezeNext-06-0.4x at 0.272 MB, no larger than the narrower Shallow "
+        "SqueezeNext-06-0.2x at 0.273 MB" in note
+    )
+    rows = (
+        table
+        if table is not None
+        else pd.DataFrame(
+            [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-1]],
+            columns=[c.strip() for c in lines[0].strip("|").split("|")],
+        )
+    )
     diff = dict(zip(rows["model"], rows["diff_%"].astype(str)))
     shallow = [m for m in diff if m.startswith("Shallow")]
     assert len(shallow) == 5 and all(diff[m] == "not comparable" for m in shallow)

@@ -71,8 +71,8 @@ def test_warmup_rises_linearly_from_zero_then_linear_and_cosine_end_at_zero_per_
         peak = lrs.index(max(lrs))
         assert lrs[0] == 0 and peak == 2 * steps and max(lrs) == pytest.approx(0.2)
         assert lrs[steps] == pytest.approx(0.1)  # half-way through the warm-up
-        assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises every step
-        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then falls every step
+        assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # rises every step
+        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # then falls every step
         assert 0 < lrs[-1] < 0.2 * 0.01 and learning_rate(cfg, 10) == pytest.approx(0, abs=1e-12)
     half = TrainConfig(lr=0.2, epochs=10, schedule="linear", warmup=0.2)
     assert learning_rate(half, 6) == pytest.approx(0.1)  # half-way down from the end of the warm-up

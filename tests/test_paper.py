@@ -54,12 +54,21 @@ def test_the_papers_shallow_squeezenext_sizes_contradict_each_other():
     assert size_comparable("Baseline SqueezeNet-v1.0") and size_comparable("SqueezeNext-23-2x")
     note = size_note(["3"])
     assert "\n" not in note and note.startswith("The paper's Shallow SqueezeNext sizes contradict each other")
-    assert "Table 3 lists Shallow SqueezeNext-06-0.3x at 0.196 MB, no larger than the narrower Shallow SqueezeNext-06-0.2x at 0.296 MB" in note
+    assert (
+        "Table 3 lists Shallow SqueezeNext-06-0.3x at 0.196 MB, no larger than the narrower Shallow SqueezeNext-06-0.2x at 0.296 MB"
+        in note
+    )
 
 
 def test_consistent_sizes_give_no_note(monkeypatch):
-    rows = [{"model": f"Shallow SqueezeNext-06-{w}x", "acc": 80.0, "size_mb": mb, "speed_s": 4} for w, mb in ((0.2, 0.1), (0.4, 0.2))]
-    fake = {"dataset": dict.fromkeys(TABLES, "cifar10"), "tables": {t: {"rows": rows if t == "1" else []} for t in TABLES}}
+    rows = [
+        {"model": f"Shallow SqueezeNext-06-{w}x", "acc": 80.0, "size_mb": mb, "speed_s": 4}
+        for w, mb in ((0.2, 0.1), (0.4, 0.2))
+    ]
+    fake = {
+        "dataset": dict.fromkeys(TABLES, "cifar10"),
+        "tables": {t: {"rows": rows if t == "1" else []} for t in TABLES},
+    }
     monkeypatch.setattr(dse.paper, "load_paper", lambda: fake)
     size_contradictions.cache_clear()
     try:

@@ -79,13 +79,27 @@ def test_sweep_trial_dominated_by_a_stored_trial_is_pruned_and_recorded(tmp_path
     from sweeps import run_tiny_sweep
 
     db = tmp_path / "prune.db"
-    study = optuna.create_study(study_name="prune", storage=f"sqlite:///{db}", directions=["maximize", "minimize", "minimize"])
+    study = optuna.create_study(
+        study_name="prune", storage=f"sqlite:///{db}", directions=["maximize", "minimize", "minimize"]
+    )
     study.set_metric_names(["val_acc", "size_mb", "latency_ms"])
     curves = [{"epoch": e, "val_acc": 1.0} for e in (1, 2, 3)]
     for _ in range(2):  # two perfect, tiny, instant models
-        study.add_trial(optuna.trial.create_trial(values=[1.0, 1e-6, 1e-6], user_attrs={"size_mb": 1e-6, "latency_ms": 1e-6, "curves": curves}))
-    url, name = run_tiny_sweep(tmp_path, "+space=width", "space.grid={model.width:[0.2]}", "space.seeds=[0]", "sweep.seeds=1",
-                               "train.epochs=3", "study.pruner=pareto", name="prune")
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[1.0, 1e-6, 1e-6], user_attrs={"size_mb": 1e-6, "latency_ms": 1e-6, "curves": curves}
+            )
+        )
+    url, name = run_tiny_sweep(
+        tmp_path,
+        "+space=width",
+        "space.grid={model.width:[0.2]}",
+        "space.seeds=[0]",
+        "sweep.seeds=1",
+        "train.epochs=3",
+        "study.pruner=pareto",
+        name="prune",
+    )
     trial = optuna.load_study(study_name=name, storage=url).trials[-1]
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs["pruned_at_epoch"] == 1

@@ -15,21 +15,21 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from conftest import write_fashion_mnist
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
+from sweeps import run_tiny_sweep
 
-from conftest import write_fashion_mnist
 from dse.latency import figures
 from dse.models import parse_name, resolve_config
 from dse.paper import paper_table, size_note
 from dse.report import load_studies, non_dominated, plot_pareto, write_report
-from dse.report.frame import MEASURED_ALONE, clean, completed
 from dse.report.__main__ import main
+from dse.report.frame import MEASURED_ALONE, clean, completed
 from dse.report.results import KNOBS
 from dse.report.tables import PAPER_TABLES, targets
 from dse.report.write import our_notes
-from sweeps import run_tiny_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_FORMATS = ("markdown", "csv", "latex")
@@ -49,9 +49,16 @@ def studies(tmp_path_factory) -> dict:
     study = optuna.load_study(study_name=base, storage=base_url)
     deployed = next(t for t in study.trials if t.user_attrs["paper_name"] == "Shallow SqueezeNext-06-0.4x")
     record = {
-        "trial": deployed.number, "paper_name": "Shallow SqueezeNext-06-0.4x", "fp32_acc": 0.5, "int8_acc": 0.475,
-        "onnx_fp32_bytes": 250_000, "onnx_int8_bytes": 80_000, "latency_fp32_ms": 1.5, "latency_int8_ms": 0.9,
-        "latency_how": "onnxruntime, batch 1, 1 thread", "bundle": "bundles/x",
+        "trial": deployed.number,
+        "paper_name": "Shallow SqueezeNext-06-0.4x",
+        "fp32_acc": 0.5,
+        "int8_acc": 0.475,
+        "onnx_fp32_bytes": 250_000,
+        "onnx_int8_bytes": 80_000,
+        "latency_fp32_ms": 1.5,
+        "latency_int8_ms": 0.9,
+        "latency_how": "onnxruntime, batch 1, 1 thread",
+        "bundle": "bundles/x",
     }
     study.set_user_attr(f"deploy:{deployed.number}", record)
     return {"tmp": tmp, "base": (base, base_url), "drop": (drop, drop_url), "deployed": record}
@@ -74,8 +81,15 @@ def fashion_report(studies) -> Path:
     """A dropout study on generated Fashion-MNIST: two values of p, one architecture, one seed."""
     tmp = studies["tmp"]
     write_fashion_mnist(tmp / "fashion", n_train=160, n_test=40)
-    url, name = run_tiny_sweep(tmp, "+space=dropout", "data=fashion_mnist", "space.grid={model.dropout:[0.1,0.2]}",
-                               "train.epochs=1", name="fashion", data_root=tmp / "fashion")
+    url, name = run_tiny_sweep(
+        tmp,
+        "+space=dropout",
+        "data=fashion_mnist",
+        "space.grid={model.dropout:[0.1,0.2]}",
+        "train.epochs=1",
+        name="fashion",
+        data_root=tmp / "fashion",
+    )
     return write_report(load_studies([name], [url]), tmp / "out", ALL_FORMATS)
 
 
@@ -97,7 +111,9 @@ def csv(folder: Path, table: str) -> pd.DataFrame:
 
 
 def md_line(folder: Path, table: str, model: str) -> str:
-    return next(line for line in (folder / f"table{table}.md").read_text().splitlines() if line.startswith(f"| {model} "))
+    return next(
+        line for line in (folder / f"table{table}.md").read_text().splitlines() if line.startswith(f"| {model} ")
+    )
 
 
 def test_every_paper_row_of_tables_1_to_6_has_a_configuration():
@@ -108,7 +124,9 @@ def test_every_paper_row_of_tables_1_to_6_has_a_configuration():
 def test_table1_has_the_papers_rows_in_order_and_missing_rows_as_missing(base_report):
     t1, paper = csv(base_report, "1"), paper_table(1)
     assert t1["paper_model"].tolist() == paper["model"].tolist()
-    assert t1["paper_acc"].tolist() == paper["acc"].tolist() and t1["paper_size_mb"].tolist() == paper["size_mb"].tolist()
+    assert (
+        t1["paper_acc"].tolist() == paper["acc"].tolist() and t1["paper_size_mb"].tolist() == paper["size_mb"].tolist()
+    )
     ran = {"SqueezeNet-v1.1", "Shallow SqueezeNext-06-0.4x"}
     assert dict(zip(t1["paper_model"], t1["n"])) == {m: 2 if m in ran else 0 for m in paper["model"]}
     missing = t1[t1["n"] == 0]
@@ -226,7 +244,10 @@ def test_a_study_with_no_finished_trials_gives_an_empty_valid_report(tmp_path, c
     [
         (["--study", "nope"], r"no study 'nope' in sqlite:///.*base\.db; studies there: base$"),
         (["--study", "base", "--storage", "sqlite:///{tmp}/missing.db"], r"no study DB at .*missing\.db"),
-        (["--study", "base", "--storage", "sqlite:///{tmp}/garbage.db"], r"garbage\.db is not a readable SQLite DB .*corrupt or another file"),
+        (
+            ["--study", "base", "--storage", "sqlite:///{tmp}/garbage.db"],
+            r"garbage\.db is not a readable SQLite DB .*corrupt or another file",
+        ),
         (["--study", "base", "--storage", "postgresql://nobody@127.0.0.1:1/dse"], r"cannot reach storage"),
         (["--study", "base", "drop", "--storage", "a", "b", "c"], r"3 storages for 2 studies"),
     ],
@@ -247,9 +268,16 @@ def test_bad_input_is_one_line_and_exit_code_2(studies, tmp_path, capsys, args, 
 
 def test_command_line_exits_2_without_a_traceback(studies):
     name, url = studies["base"]
-    run = subprocess.run([sys.executable, "-m", "dse.report", "--study", "nope", "--storage", url],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.startswith("dse.report: no study 'nope'")
+    run = subprocess.run(
+        [sys.executable, "-m", "dse.report", "--study", "nope", "--storage", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.startswith("dse.report: no study 'nope'")
+    )
 
 
 def test_report_never_imports_the_trainer_or_the_sweep():
@@ -271,18 +299,45 @@ def test_the_paper_space_fills_every_row_of_tables_1_to_6_and_nothing_else():
         cfg = parse_name(name)
         cfg.dropout = float(knobs["model.dropout"]) if "model.dropout" in knobs else None
         full = resolve_config(cfg)
-        ran.add(clean((full.name, full.blocks, full.width, full.dropout, full.activation, full.inplace,
-                       knobs.get("data", "cifar10"), knobs.get("train", "sgd"))))
+        ran.add(
+            clean(
+                (
+                    full.name,
+                    full.blocks,
+                    full.width,
+                    full.dropout,
+                    full.activation,
+                    full.inplace,
+                    knobs.get("data", "cifar10"),
+                    knobs.get("train", "sgd"),
+                )
+            )
+        )
     wanted = {t for table in PAPER_TABLES for t in targets(table)}
     assert ran == wanted
 
 
 def test_validation_accuracy_is_the_last_epochs_when_the_study_does_not_optimise_it():
     trial = {
-        "study": "s", "number": 0, "state": "COMPLETE", "val_acc": None, "test_acc": 0.5, "seed": 0,
-        "paper_name": "Shallow SqueezeNext-06-0.4x", "family": "shallow_squeezenext", "blocks": [1, 1, 1, 1],
-        "width": 0.4, "dropout": 0.3, "activation": "elu", "inplace": True, "dataset": "cifar10", "optimizer": "sgd",
-        "lr": 0.01, "epochs_planned": 2, "split": {"train": 100}, "curves": [{"val_acc": 0.25}, {"val_acc": 0.75}],
+        "study": "s",
+        "number": 0,
+        "state": "COMPLETE",
+        "val_acc": None,
+        "test_acc": 0.5,
+        "seed": 0,
+        "paper_name": "Shallow SqueezeNext-06-0.4x",
+        "family": "shallow_squeezenext",
+        "blocks": [1, 1, 1, 1],
+        "width": 0.4,
+        "dropout": 0.3,
+        "activation": "elu",
+        "inplace": True,
+        "dataset": "cifar10",
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "epochs_planned": 2,
+        "split": {"train": 100},
+        "curves": [{"val_acc": 0.25}, {"val_acc": 0.75}],
     }
     done = completed(pd.DataFrame([trial]))
     assert done["val_pct"].tolist() == [75.0] and done["test_pct"].tolist() == [50.0]
@@ -297,14 +352,35 @@ def test_the_trials_table_lists_every_trial_with_the_swept_knobs_and_the_front(s
     trials = {t.number: t for t in study.get_trials(states=[TrialState.COMPLETE])}
     table = csv(base_report, "trials").set_index("trial")
     assert sorted(table.index) == sorted(trials) and len(table) == 4
-    wanted = {*KNOBS, "state", "model", "seed", "params", "mmacs", "val_acc", "test_acc", "size_mb", "int8_mb",
-              "latency_ms", "latency_iqr_ms", "s_per_epoch", "front"}
+    wanted = {
+        *KNOBS,
+        "state",
+        "model",
+        "seed",
+        "params",
+        "mmacs",
+        "val_acc",
+        "test_acc",
+        "size_mb",
+        "int8_mb",
+        "latency_ms",
+        "latency_iqr_ms",
+        "s_per_epoch",
+        "front",
+    }
     assert wanted <= set(table.columns)
     latency = figures(study.user_attrs)
     for number, t in trials.items():
         row, a = table.loc[number], t.user_attrs
-        assert row["val_acc"] == pytest.approx(100 * t.values[0]) and row["test_acc"] == pytest.approx(100 * a["test_acc"])
-        assert (row["model"], row["family"], row["params"], row["state"]) == (a["paper_name"], a["family"], a["params"], "COMPLETE")
+        assert row["val_acc"] == pytest.approx(100 * t.values[0]) and row["test_acc"] == pytest.approx(
+            100 * a["test_acc"]
+        )
+        assert (row["model"], row["family"], row["params"], row["state"]) == (
+            a["paper_name"],
+            a["family"],
+            a["params"],
+            "COMPLETE",
+        )
         assert row["size_mb"] == pytest.approx(a["size_mb"]) and row["mmacs"] == pytest.approx(a["macs"] / 1e6)
         assert row["latency_ms"] == pytest.approx(latency[a["latency_key"]]["ms"])
         assert row["latency_iqr_ms"] == pytest.approx(latency[a["latency_key"]]["iqr_ms"])
@@ -317,7 +393,7 @@ def test_the_trials_table_lists_every_trial_with_the_swept_knobs_and_the_front(s
 def test_index_leads_with_every_trial(base_report):
     text = (base_report / "index.md").read_text()
     assert text.index("## Our results") < text.index("## Studies") < text.index("## The paper's tables")
-    first = text[text.index("| trial"):].split("\n\n")[0].splitlines()[2:]  # the first table's rows
+    first = text[text.index("| trial") :].split("\n\n")[0].splitlines()[2:]  # the first table's rows
     assert len(first) == 4 and "[csv](trials.csv)" in text and "[latex](configs.tex)" in text
     assert "(+ mean ± std" not in text and "### Every configuration (mean ± std over seeds) (2;" in text
 
@@ -330,28 +406,41 @@ def test_the_configurations_table_gives_mean_and_std_over_seeds(studies, both_re
     for row in table.to_dict("records"):
         mine = trials.loc[row["trials"].split()]
         assert set(mine["model"]) == {row["model"]} and len(mine) == 2
-        assert row["val_mean"] == pytest.approx(mine["val_acc"].mean()) and row["val_std"] == pytest.approx(mine["val_acc"].std())
+        assert row["val_mean"] == pytest.approx(mine["val_acc"].mean()) and row["val_std"] == pytest.approx(
+            mine["val_acc"].std()
+        )
         assert row["test_mean"] == pytest.approx(mine["test_acc"].mean())
 
 
 def test_a_study_on_another_dataset_says_so_in_one_line(fashion_report):
     text = (fashion_report / "index.md").read_text()
-    assert ("Table 5](table5.md), [Table 6](table6.md): the paper ran these on CIFAR-10 and CIFAR-100; these "
-            "studies ran on Fashion-MNIST, so there is nothing of ours to set beside them") in text
+    assert (
+        "Table 5](table5.md), [Table 6](table6.md): the paper ran these on CIFAR-10 and CIFAR-100; these "
+        "studies ran on Fashion-MNIST, so there is nothing of ours to set beside them"
+    ) in text
     assert "paper rows run" not in text.replace("0 bundle", "")  # no per-table 'not run' counts for Tables 1-6
-    for table in PAPER_TABLES:  # the one line replaces the rows (README: "one line for Tables 1-6 instead of their rows")
+    for (
+        table
+    ) in PAPER_TABLES:  # the one line replaces the rows (README: "one line for Tables 1-6 instead of their rows")
         heading, line = (fashion_report / f"table{table}.md").read_text().strip().split("\n\n")
         assert heading.startswith(f"# Table {table}. ") and "\n" not in line and "not run" not in line
-        assert line.startswith("None of these studies ran on CIFAR-10 (they ran on Fashion-MNIST)".replace(
-            "CIFAR-10", "CIFAR-100" if table == "6" else "CIFAR-10"))
+        assert line.startswith(
+            "None of these studies ran on CIFAR-10 (they ran on Fashion-MNIST)".replace(
+                "CIFAR-10", "CIFAR-100" if table == "6" else "CIFAR-10"
+            )
+        )
         assert "(trials.md, trials.csv, trials.tex)" in line
         assert r"\texttt{dse/paper.yaml}" in (fashion_report / f"table{table}.tex").read_text()
-        assert len(csv(fashion_report, table)) == len(paper_table(table)) and (csv(fashion_report, table)["n"] == 0).all()
+        assert (
+            len(csv(fashion_report, table)) == len(paper_table(table)) and (csv(fashion_report, table)["n"] == 0).all()
+        )
 
 
 def test_a_dropout_study_has_one_latency_and_a_figure_against_p(fashion_report):
     trials = csv(fashion_report, "trials")
-    assert sorted(trials["p"]) == [0.1, 0.2] and trials["latency_ms"].nunique() == trials["latency_iqr_ms"].nunique() == 1
+    assert (
+        sorted(trials["p"]) == [0.1, 0.2] and trials["latency_ms"].nunique() == trials["latency_iqr_ms"].nunique() == 1
+    )
     text = (fashion_report / "index.md").read_text()
     assert "- on the front: Fashion-MNIST: Shallow SqueezeNext-06-0.2x p=0." in text
     assert "paper (published" not in text  # no paper points drawn for Fashion-MNIST
@@ -374,13 +463,17 @@ def test_sizes_are_compared_only_where_the_papers_sizes_agree(base_report):
     assert _cells(base_report, "1", "Shallow SqueezeNext-06-0.4x")["Δ MB"] == "not comparable"
     assert _cells(base_report, "1", "SqueezeNet-v1.1")["Δ MB"].startswith(("+", "-"))
     t1 = csv(base_report, "1").set_index("paper_model")
-    assert t1.loc["Shallow SqueezeNext-06-0.4x", "size_mb"] > 0 and pd.isna(t1.loc["Shallow SqueezeNext-06-0.4x", "size_diff"])
+    assert t1.loc["Shallow SqueezeNext-06-0.4x", "size_mb"] > 0 and pd.isna(
+        t1.loc["Shallow SqueezeNext-06-0.4x", "size_diff"]
+    )
     assert t1.loc["SqueezeNet-v1.1", "size_diff"] == pytest.approx(t1.loc["SqueezeNet-v1.1", "size_mb"] - 2.961)
     assert list(t1["size_comparable"]) == [not m.startswith("Shallow") for m in t1.index]
     notes = (base_report / "table1.md").read_text().split("\n\n")[-1].splitlines()
     assert f"- {size_note(['1'])}" in notes
-    assert "Table 1 lists Shallow SqueezeNext-06-0.4x at 0.272 MB, no larger than the narrower Shallow " \
-           "SqueezeNext-06-0.2x at 0.273 MB" in size_note(["1"])
+    assert (
+        "Table 1 lists Shallow SqueezeNext-06-0.4x at 0.272 MB, no larger than the narrower Shallow "
+        "SqueezeNext-06-0.2x at 0.273 MB" in size_note(["1"])
+    )
 
 
 def _mentioned(text: str) -> set[str]:
@@ -414,18 +507,37 @@ def test_figures_of_several_seeds_draw_their_bands_and_error_bars(studies, tmp_p
     figure9, pareto = drawn["figure9.png"], drawn["pareto.png"]
     assert "band: min to max" in figure9.get_suptitle()
     assert all(any(isinstance(c, PolyCollection) for c in ax.collections) for ax in figure9.axes)
-    assert [ax.get_title().split("\n")[0] for ax in figure9.axes] == ["SqueezeNet (paper: Figure 9 (a))",
-                                                                     "Shallow SqueezeNext (paper: Figure 9 (c))"]
+    assert [ax.get_title().split("\n")[0] for ax in figure9.axes] == [
+        "SqueezeNet (paper: Figure 9 (a))",
+        "Shallow SqueezeNext (paper: Figure 9 (c))",
+    ]
     assert "(bar: ± std)" in pareto.axes[0].get_ylabel() and len(pareto.axes[0].containers) == 1
 
 
 def test_the_pareto_plot_labels_every_point(tmp_path, drawn):
     widths = {0.125: (60.0, 0.07), 0.2: (70.0, 0.10), 0.3: (65.0, 0.16), 0.5: (50.0, 0.33)}  # W: val %, MB
-    groups = pd.DataFrame([{
-        "family": "shallow_squeezenext", "blocks": (1, 1, 1, 1), "width": w, "dropout": 0.3, "activation": "elu",
-        "inplace": True, "optimizer": "sgd", "lr": 0.01, "dataset": "cifar10", "model": f"Shallow SqueezeNext-06-{w}x",
-        "n": 1, "val_mean": acc, "val_std": math.nan, "size_mb": mb, "latency_ms": 1.0 + mb,
-    } for w, (acc, mb) in widths.items()])
+    groups = pd.DataFrame(
+        [
+            {
+                "family": "shallow_squeezenext",
+                "blocks": (1, 1, 1, 1),
+                "width": w,
+                "dropout": 0.3,
+                "activation": "elu",
+                "inplace": True,
+                "optimizer": "sgd",
+                "lr": 0.01,
+                "dataset": "cifar10",
+                "model": f"Shallow SqueezeNext-06-{w}x",
+                "n": 1,
+                "val_mean": acc,
+                "val_std": math.nan,
+                "size_mb": mb,
+                "latency_ms": 1.0 + mb,
+            }
+            for w, (acc, mb) in widths.items()
+        ]
+    )
     front = plot_pareto(groups, tmp_path / "pareto.png")
     ax = drawn["pareto.png"].axes[0]
     assert len(front) == 2 and sorted(t.get_text() for t in ax.texts) == ["W=0.125", "W=0.2", "W=0.3", "W=0.5"]
@@ -435,18 +547,29 @@ def test_the_pareto_plot_labels_every_point(tmp_path, drawn):
 def test_the_latency_note_says_which_trials_lack_their_architectures_figure(base_report):
     assert "older dse" not in (base_report / "index.md").read_text()
     assert all("no figure of their architecture" not in n for n in our_notes(csv(base_report, "trials")))
-    trials = pd.DataFrame({"study": ["old", "old", "new"], "latency_how": [MEASURED_ALONE, MEASURED_ALONE, "in one sitting"]})
+    trials = pd.DataFrame(
+        {"study": ["old", "old", "new"], "latency_how": [MEASURED_ALONE, MEASURED_ALONE, "in one sitting"]}
+    )
     note = our_notes(trials)[1]
     assert "2 trial(s) of old have no figure of their architecture" in note and "`latency:<architecture>`" in note
     assert "the latency each trial measured itself" in note and "older dse" not in note
 
 
-@pytest.mark.parametrize("study, message", [
-    ("width-fashion_mnist-quik", "no study DB at studies/width-fashion_mnist-quik.db (storage "
-     "'sqlite:///studies/width-fashion_mnist-quik.db'); studies in studies/: baselines-cifar10-quick, "
-     "width-fashion_mnist-quick; did you mean width-fashion_mnist-quick?; run a sweep first or pass the right storage"),
-    ("nothing-like-it", "studies in studies/: baselines-cifar10-quick, width-fashion_mnist-quick; run a sweep first"),
-])
+@pytest.mark.parametrize(
+    "study, message",
+    [
+        (
+            "width-fashion_mnist-quik",
+            "no study DB at studies/width-fashion_mnist-quik.db (storage "
+            "'sqlite:///studies/width-fashion_mnist-quik.db'); studies in studies/: baselines-cifar10-quick, "
+            "width-fashion_mnist-quick; did you mean width-fashion_mnist-quick?; run a sweep first or pass the right storage",
+        ),
+        (
+            "nothing-like-it",
+            "studies in studies/: baselines-cifar10-quick, width-fashion_mnist-quick; run a sweep first",
+        ),
+    ],
+)
 def test_a_missing_study_db_names_the_studies_there_and_the_closest(tmp_path, monkeypatch, capsys, study, message):
     (tmp_path / "studies").mkdir()
     for name in ("width-fashion_mnist-quick", "baselines-cifar10-quick"):

@@ -80,8 +80,18 @@ def test_eager_steps_set_each_steps_learning_rate(splits):
 @pytest.mark.filterwarnings("ignore:This overload of add:UserWarning")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_graphed_steps_train_as_eager_ones_for_every_optimizer(splits, name, caplog):
-    base = replace(train_config(name), epochs=3, batch_size=32, eval_batch_size=64, progress=False, device="cuda",
-                   amp=False, memory_format="contiguous", schedule="cosine", warmup=0.2)  # fmt: skip
+    base = replace(
+        train_config(name),
+        epochs=3,
+        batch_size=32,
+        eval_batch_size=64,
+        progress=False,
+        device="cuda",
+        amp=False,
+        memory_format="contiguous",
+        schedule="cosine",
+        warmup=0.2,
+    )
     # the lr changes every step after the capture
     eager_model, graph_model = tiny_model(), tiny_model()
     eager = train(eager_model, splits, replace(base, cuda_graph=False))

@@ -171,7 +171,6 @@ def test_heartbeat_survives_an_outage_and_a_lapsed_trial_stops():
             check_ours(storage, 7, beat, grace=10)
 
 
-
 # ---------------------------------------------------------------- claiming and telling trials
 
 

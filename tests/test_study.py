@@ -11,11 +11,22 @@ import pytest
 
 from dse.storage import StudyError, open_storage
 from dse.study import (
-    check_study_name, create_or_check_study, definition_diff, fingerprint, load_study, why_no_front,
-)  # fmt: skip
+    check_study_name,
+    create_or_check_study,
+    definition_diff,
+    fingerprint,
+    load_study,
+    why_no_front,
+)
 
-DEFINITION = {"seeds": [0], "objectives": ["val_acc"], "configs": {"model.width=0.2": {"train": {"epochs": 2, "lr": 0.01}},
-                                                                   "model.width=0.4": {"train": {"epochs": 2, "lr": 0.01}}}}
+DEFINITION = {
+    "seeds": [0],
+    "objectives": ["val_acc"],
+    "configs": {
+        "model.width=0.2": {"train": {"epochs": 2, "lr": 0.01}},
+        "model.width=0.4": {"train": {"epochs": 2, "lr": 0.01}},
+    },
+}
 
 
 @pytest.mark.parametrize("name", ["width-cifar10-quick", "étude_2.v1", "_x"])
@@ -37,7 +48,11 @@ def test_a_differing_definition_is_refused_before_anything_is_written(tmp_path):
     study = create_or_check_study("d", storage, objectives=["val_acc"], definition=DEFINITION)
     assert study.user_attrs["definition_sha256"] == fingerprint(DEFINITION)
     assert create_or_check_study("d", storage, objectives=["val_acc"], definition=DEFINITION).study_name == "d"
-    other = {**DEFINITION, "seeds": [0, 1], "configs": {k: {"train": {"epochs": 1, "lr": 0.01}} for k in DEFINITION["configs"]}}
+    other = {
+        **DEFINITION,
+        "seeds": [0, 1],
+        "configs": {k: {"train": {"epochs": 1, "lr": 0.01}} for k in DEFINITION["configs"]},
+    }
     before = db.read_bytes() + Path(f"{db}-wal").read_bytes()
     with pytest.raises(StudyError) as e:
         create_or_check_study("d", storage, objectives=["val_acc"], definition=other)
@@ -58,21 +73,29 @@ def test_definition_diff_names_each_setting_once():
     new = {**DEFINITION, "objectives": ["val_acc", "size_mb"]}
     new["configs"] = {**DEFINITION["configs"], "model.width=0.4": {"train": {"epochs": 2, "lr": 0.1}}}
     assert definition_diff(DEFINITION, new) == [
-        "train.lr: 0.01 -> 0.1", "objectives: ['val_acc'] -> ['val_acc', 'size_mb']",
+        "train.lr: 0.01 -> 0.1",
+        "objectives: ['val_acc'] -> ['val_acc', 'size_mb']",
     ]
+
 
 def _frame(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
 
 
 def test_why_no_front_names_how_every_trial_ended_and_the_smallest_model_s_reason():
-    over = [{"state": "PRUNED", "size_mb": kb / 1e3, "pruned_reason": f"over budget: size {kb} KB > 1 KB"}
-            for kb in (233.4, 75.5, 120.0)]
+    over = [
+        {"state": "PRUNED", "size_mb": kb / 1e3, "pruned_reason": f"over budget: size {kb} KB > 1 KB"}
+        for kb in (233.4, 75.5, 120.0)
+    ]
     assert why_no_front(_frame(*over)) == "all 3 trials pruned: over budget (size 75.5 KB > 1 KB)"
     median = {"state": "PRUNED", "size_mb": 0.5, "pruned_reason": "median pruner at epoch 1"}
-    assert why_no_front(_frame(*over, median)) == \
-        "all 4 trials pruned: 3 over budget (size 75.5 KB > 1 KB), 1 median pruner at epoch 1"
-    assert why_no_front(_frame(over[0], {"state": "FAIL"}, {"state": "WAITING"})) == \
-        "no trial complete (1 pruned, 1 fail, 1 waiting); pruned: over budget (size 233.4 KB > 1 KB)"
+    assert (
+        why_no_front(_frame(*over, median))
+        == "all 4 trials pruned: 3 over budget (size 75.5 KB > 1 KB), 1 median pruner at epoch 1"
+    )
+    assert (
+        why_no_front(_frame(over[0], {"state": "FAIL"}, {"state": "WAITING"}))
+        == "no trial complete (1 pruned, 1 fail, 1 waiting); pruned: over budget (size 233.4 KB > 1 KB)"
+    )
     assert why_no_front(_frame()) == "no trial yet"
     assert why_no_front(_frame(over[0], {"state": "COMPLETE"})) == ""

@@ -22,9 +22,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
-
 from conftest import write_cifar
+from optuna.trial import TrialState
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "old-study-41f3f2d"
@@ -38,9 +37,13 @@ def copy_old_study(folder: Path) -> Path:
     """The fixture copied into `folder`, its dataset written again as the old sweep read it."""
     shutil.copytree(FIXTURE, folder)
     data = META["data"]
-    written = write_cifar(folder / data["root"], data["name"], n_train=data["n_train"], n_test=data["n_test"], seed=data["seed"])
+    written = write_cifar(
+        folder / data["root"], data["name"], n_train=data["n_train"], n_test=data["n_test"], seed=data["seed"]
+    )
     arrays = {k: hashlib.sha256(getattr(written, k).tobytes()).hexdigest() for k in data["sha256"]}
-    assert arrays == data["sha256"], "conftest.write_cifar no longer writes the fixture's images: regenerate the fixture"
+    assert arrays == data["sha256"], (
+        "conftest.write_cifar no longer writes the fixture's images: regenerate the fixture"
+    )
     return folder
 
 
@@ -48,8 +51,12 @@ def run(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m ARGS` in the study's folder with this checkout's dse, one thread; asserted to exit 0."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"python -m {' '.join(args)[:300]} exited {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (
+        f"python -m {' '.join(args)[:300]} exited {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    )
     return result
 
 
@@ -108,8 +115,24 @@ def test_old_study_is_listed_reported_and_deployed_before_any_new_run(tmp_path):
     heading, numbers = front(folder)
     assert numbers == [0] and "of 1 COMPLETE trial(s)" in heading
     # The old checkpoint artifact of the complete trial exports (its weights load into today's model).
-    run(folder, "dse.deploy", "export", *STUDY_ARGS, "--trial", "0", "--out", "bundles/t0", "--runs", "5", "--warmup", "1",
-        "--calibration-images", "16", "--check-images", "16")  # fmt: skip
+    run(
+        folder,
+        "dse.deploy",
+        "export",
+        *STUDY_ARGS,
+        "--trial",
+        "0",
+        "--out",
+        "bundles/t0",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--calibration-images",
+        "16",
+        "--check-images",
+        "16",
+    )
     meta = json.loads((folder / "bundles" / "t0" / "meta.json").read_text())
     assert meta["trial"] == 0 and meta["study"] == STUDY
     assert [t.state for t in trials(folder)] == OLD_STATES  # reading the study ran none of its trials
@@ -139,7 +162,11 @@ def test_same_sweep_command_resumes_the_interrupted_trial_from_epoch_1(resumed):
     assert retry.user_attrs["split"] == old["run"]["split"] == done.user_attrs["split"]  # the same data split
     assert retry.values is not None and len(retry.values) == len(done.values)
     # The complete trial was kept as it was, not trained again.
-    assert (done.values, done.datetime_complete, done.user_attrs) == (before[0].values, before[0].datetime_complete, before[0].user_attrs)
+    assert (done.values, done.datetime_complete, done.user_attrs) == (
+        before[0].values,
+        before[0].datetime_complete,
+        before[0].user_attrs,
+    )
     assert (stopped.state, stopped.user_attrs) == (before[1].state, before[1].user_attrs)
 
 

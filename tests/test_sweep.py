@@ -20,35 +20,69 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import free_port, write_cifar
 from optuna.trial import TrialState
 
 from dse.storage import StudyError, TrialLost, before_trial_reads, check_ours
 from dse.study import OBJECTIVES
 from dse.sweep import (
-    Seams, compose, group_size, hold_run_dir, merge_overrides, plan_sweep, prepare_study, reap, run_folder,
-    run_sweep, sweep_storage,
-)  # fmt: skip
+    Seams,
+    compose,
+    group_size,
+    hold_run_dir,
+    merge_overrides,
+    plan_sweep,
+    prepare_study,
+    reap,
+    run_folder,
+    run_sweep,
+    sweep_storage,
+)
 from dse.sweep.plan import check_budgets
 from dse.sweep.queue import fail_stale
-from conftest import free_port, write_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 # Every plot optuna-dashboard renders on the server (optuna_dashboard/_app.py: get_plot).
 PLOTS = ("contour", "slice", "parallel_coordinate", "rank", "edf", "timeline", "pareto_front")
 WARNINGS = ("FutureWarning", "DeprecationWarning", "ExperimentalWarning")  # none may reach a sweep's output
 ATTRS = {
-    "paper_name", "blocks", "width", "params", "macs", "size_bytes", "size_mb", "int8_mb", "latency_ms",
-    "s_per_epoch", "precision", "memory_format", "curves", "seed", "test_acc", "provenance",
-    "artifact_checkpoint", "artifact_curves",
+    "paper_name",
+    "blocks",
+    "width",
+    "params",
+    "macs",
+    "size_bytes",
+    "size_mb",
+    "int8_mb",
+    "latency_ms",
+    "s_per_epoch",
+    "precision",
+    "memory_format",
+    "curves",
+    "seed",
+    "test_acc",
+    "provenance",
+    "artifact_checkpoint",
+    "artifact_curves",
 }
 
 
 def tiny(data_root: Path, db: Path, *extra: str) -> list[str]:
     """Overrides for a tiny width sweep: 2 widths x 2 seeds, one short epoch on generated CIFAR data."""
     return [
-        "+space=width", "budget=quick", f"data.root={data_root}", "data.subset=null", "data.val_size=40",
-        "train.epochs=1", "train.batch_size=32", "space.grid={model.width:[0.125,0.2]}", "space.seeds=[0,1]",
-        "sweep.seeds=2", f"study.storage=sqlite:///{db}", "study.heartbeat_interval=1", "study.grace_period=3",
+        "+space=width",
+        "budget=quick",
+        f"data.root={data_root}",
+        "data.subset=null",
+        "data.val_size=40",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "space.grid={model.width:[0.125,0.2]}",
+        "space.seeds=[0,1]",
+        "sweep.seeds=2",
+        f"study.storage=sqlite:///{db}",
+        "study.heartbeat_interval=1",
+        "study.grace_period=3",
         "train.memory_format=contiguous",  # no layout timing: quicker
         "sweep.trials_per_gpu=1",  # no group-size probe: quicker (auto has its own test)
         "sweep.threads=1",  # two threads per worker ran 20-40x slower on a loaded 2-core machine
@@ -57,7 +91,9 @@ def tiny(data_root: Path, db: Path, *extra: str) -> list[str]:
 
 
 def run_cli(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dse.sweep", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "dse.sweep", *overrides], cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def trials(db: Path, name: str = "width-cifar10-quick") -> list[optuna.trial.FrozenTrial]:
@@ -86,7 +122,12 @@ def test_two_workers_finish_every_trial_once(swept):
     assert "database is locked" not in result.stderr
     assert [t.state for t in done] == [TrialState.COMPLETE] * 4
     assert sorted(t.number for t in done) == [0, 1, 2, 3]
-    assert sorted((t.params["model.width"], t.params["seed"]) for t in done) == [(0.125, 0), (0.125, 1), (0.2, 0), (0.2, 1)]
+    assert sorted((t.params["model.width"], t.params["seed"]) for t in done) == [
+        (0.125, 0),
+        (0.125, 1),
+        (0.2, 0),
+        (0.2, 1),
+    ]
     by_number = sorted(done, key=lambda t: t.number)
     assert [t.params["model.width"] for t in by_number] == [0.2, 0.2, 0.125, 0.125]  # costliest queued first
     for t in done:
@@ -115,9 +156,22 @@ def test_killed_worker_trial_is_retried_and_resumes(tmp_path):
     root = tmp_path / "data"
     write_cifar(root, "cifar10", n_train=800, n_test=40)
     db = tmp_path / "kill.db"
-    overrides = tiny(root, db, "sweep.workers=1", "train.epochs=4", "space.grid={model.width:[0.3]}", "space.seeds=[0]", "sweep.seeds=1")
-    proc = subprocess.Popen([sys.executable, "-m", "dse.sweep", *overrides], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = tiny(
+        root,
+        db,
+        "sweep.workers=1",
+        "train.epochs=4",
+        "space.grid={model.width:[0.3]}",
+        "space.seeds=[0]",
+        "sweep.seeds=1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dse.sweep", *overrides],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     runs = db.with_suffix("") / "runs"
     deadline = time.time() + 300
     while not list(runs.glob("*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
@@ -140,8 +194,16 @@ def test_killed_worker_trial_is_retried_and_resumes(tmp_path):
 
 def test_four_workers_on_postgresql_with_a_query_string_and_a_non_ascii_name(postgres, data_root, tmp_path):
     url = f"{postgres.url}?application_name=dse&sslmode=disable"  # re-passed to Hydra's compose: must be quoted
-    result = run_cli(tiny(data_root, Path("unused.db"), "sweep.workers=4", f"study.storage='{url}'", "study.name='étude-4'",
-                          f"study.workdir={tmp_path / 'pgwork'}"))
+    result = run_cli(
+        tiny(
+            data_root,
+            Path("unused.db"),
+            "sweep.workers=4",
+            f"study.storage='{url}'",
+            "study.name='étude-4'",
+            f"study.workdir={tmp_path / 'pgwork'}",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="étude-4", storage=postgres.url)
     done = study.get_trials()
@@ -189,8 +251,16 @@ def _db_bytes(db: Path) -> bytes:
 
 def test_over_budget_model_is_pruned_before_training_without_warnings(tmp_path, data_root):
     db = tmp_path / "budget.db"
-    overrides = merge_overrides(tiny(data_root, db), ["space.grid={model.width:[0.125,0.4]}", "space.seeds=[0]",
-                                                      "sweep.seeds=1", "sweep.workers=1", "study.max_size_kb=150"])
+    overrides = merge_overrides(
+        tiny(data_root, db),
+        [
+            "space.grid={model.width:[0.125,0.4]}",
+            "space.seeds=[0]",
+            "sweep.seeds=1",
+            "sweep.workers=1",
+            "study.max_size_kb=150",
+        ],
+    )
     result = run_cli(overrides, env={**os.environ, "PYTHONWARNINGS": "default"})  # DeprecationWarnings shown too
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
@@ -206,11 +276,24 @@ def test_over_budget_model_is_pruned_before_training_without_warnings(tmp_path, 
 def test_dashboard_serves_the_study(swept):
     db, _ = swept
     port = free_port()
-    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which(
+        "optuna-dashboard"
+    )
     if dashboard is None:
         pytest.skip("optuna-dashboard is not installed")
-    proc = subprocess.Popen([dashboard, f"sqlite:///{db}", "--port", str(port), "--artifact-dir", str(db.with_suffix("") / "artifacts"), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            dashboard,
+            f"sqlite:///{db}",
+            "--port",
+            str(port),
+            "--artifact-dir",
+            str(db.with_suffix("") / "artifacts"),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         studies = _get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
         study = next(s for s in studies if s["study_name"] == "width-cifar10-quick")
@@ -264,12 +347,12 @@ def _plan(data_root: Path, db: Path, *extra: str):
         (["train.seed=5"], ["train.seed=5: space 'width' sets train.seed for every trial", "space.seeds=[...]"]),
         (["sweep.trials_per_gpu=0"], ["sweep trials_per_gpu='0' is not allowed; allowed: auto or a whole number >= 1"]),
         (["sweep.trials_per_gpu=two"], ["sweep trials_per_gpu='two' is not allowed"]),
-        (["+space=open", "space.search={model.width:{low:x,high:1}}"],
-         ["low='x' and high=1 must be finite numbers with low < high"]),
-        (["+space=open", "space.search={model.width:{low:0.1,high:1,log:yes}}"],
-         ["log='yes' must be true or false"]),
-        (["+space=open", "space.search={model.width:{low:0,high:1,log:true}}"],
-         ["log=true needs low=0 > 0"]),
+        (
+            ["+space=open", "space.search={model.width:{low:x,high:1}}"],
+            ["low='x' and high=1 must be finite numbers with low < high"],
+        ),
+        (["+space=open", "space.search={model.width:{low:0.1,high:1,log:yes}}"], ["log='yes' must be true or false"]),
+        (["+space=open", "space.search={model.width:{low:0,high:1,log:true}}"], ["log=true needs low=0 > 0"]),
     ],
 )
 def test_plan_refuses_bad_values_naming_them(data_root, tmp_path, extra, messages):
@@ -281,7 +364,9 @@ def test_plan_refuses_bad_values_naming_them(data_root, tmp_path, extra, message
 
 
 def test_points_made_equal_by_an_override_are_refused(data_root, tmp_path):
-    space = "space.points=[{model:Shallow SqueezeNext-06-0.2x,overrides:['model.dropout=0.1']},Shallow SqueezeNext-06-0.2x]"
+    space = (
+        "space.points=[{model:Shallow SqueezeNext-06-0.2x,overrides:['model.dropout=0.1']},Shallow SqueezeNext-06-0.2x]"
+    )
     with pytest.raises(ValueError, match="are the same trial config"):
         _plan(data_root, tmp_path / "x.db", space, "model.dropout=0.3")
 
@@ -290,9 +375,18 @@ def test_run_folder_depends_only_on_what_the_trial_computes(data_root, tmp_path)
     moved = tmp_path / "moved"
     shutil.copytree(data_root, moved)
     a = _plan(data_root, tmp_path / "x.db")
-    b = _plan(moved, tmp_path / "x.db", "sweep.workers=2", "sweep.progress=false", "study.heartbeat_interval=5",
-              "study.grace_period=20", "train.eval_batch_size=64", "train.threads=2", "sweep.threads=2",
-              "sweep.trials_per_gpu=2")
+    b = _plan(
+        moved,
+        tmp_path / "x.db",
+        "sweep.workers=2",
+        "sweep.progress=false",
+        "study.heartbeat_interval=5",
+        "study.grace_period=20",
+        "train.eval_batch_size=64",
+        "train.threads=2",
+        "sweep.threads=2",
+        "sweep.trials_per_gpu=2",
+    )
     c = _plan(data_root, tmp_path / "x.db", "train.epochs=2")
     point = a.grid[0]
     assert run_folder(a, point) == run_folder(b, point) != run_folder(c, point)
@@ -326,7 +420,10 @@ def test_full_disk_fails_the_trials_and_the_outcome_then_a_rerun_finishes(tmp_pa
     assert not outcome.ok and (outcome.failed, outcome.left, outcome.complete) == (1, 0, 0)
     assert "No space left on device" in outcome.problems() and "1 of 1 trials FAILED" in outcome.problems()
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{tmp_path / 'full.db'}")
-    assert [(t.state, t.system_attrs["dse:failures"]) for t in study.trials] == [(TrialState.FAIL, 0), (TrialState.FAIL, 1)]
+    assert [(t.state, t.system_attrs["dse:failures"]) for t in study.trials] == [
+        (TrialState.FAIL, 0),
+        (TrialState.FAIL, 1),
+    ]
 
     # the disk has room again: a rerun gets fresh retries and finishes
     outcome = run_tiny_plan(tmp_path, *args, name="full")
@@ -336,7 +433,13 @@ def test_full_disk_fails_the_trials_and_the_outcome_then_a_rerun_finishes(tmp_pa
 
 def test_corrupt_checkpoint_exits_nonzero_with_the_reason(data_root, tmp_path):
     db = tmp_path / "corrupt.db"
-    extra = ("space.grid={model.width:[0.125]}", "space.seeds=[0]", "sweep.seeds=1", "study.max_retry=0", "sweep.workers=1")
+    extra = (
+        "space.grid={model.width:[0.125]}",
+        "space.seeds=[0]",
+        "sweep.seeds=1",
+        "study.max_retry=0",
+        "sweep.workers=1",
+    )
     plan = _plan(data_root, db, *extra)
     folder = run_folder(plan, plan.grid[0])
     folder.mkdir(parents=True)
@@ -376,7 +479,9 @@ def test_a_dead_worker_s_trial_fails_at_once_and_counts_as_a_failure(data_root, 
     reap(study, [process], plan, died)
     assert died == ["worker 0 exited with code 9"]
     failed, retry = study.get_trials()
-    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "its worker process died (exit code 9)"
+    assert (
+        failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "its worker process died (exit code 9)"
+    )
     assert retry.state == TrialState.WAITING and retry.system_attrs["dse:failures"] == 1
 
 
@@ -401,6 +506,7 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
     folder = tmp_path / "run"
     events = []
     with hold_run_dir(folder, lambda: None):
+
         def second():
             checks = iter([None, TrialLost("taken over")])
 
@@ -427,7 +533,9 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
 
 def _finished_once(study: optuna.Study, points: int) -> None:
     done = study.get_trials()
-    assert [t.state for t in done] == [TrialState.COMPLETE] * points, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in done]
+    assert [t.state for t in done] == [TrialState.COMPLETE] * points, [
+        (t.number, t.state, t.user_attrs.get("fail_reason")) for t in done
+    ]
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == points
 
 
@@ -440,9 +548,16 @@ def _slow_reads(storage):
 def test_two_sweeps_starting_at_once_queue_and_train_each_point_once(backend, data_root, tmp_path, request):
     """Two sweeps of one new study (threads with their own connections and locks, as processes have) read
     what is queued at the same instant; reading is slowed so that, without the lock, both would queue it all."""
-    storage = request.getfixturevalue("postgres").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'twice.db'}"
-    plan = _plan(data_root, tmp_path / "unused.db", f"study.storage={storage}", f"study.workdir={tmp_path / 'work'}",
-                 "sweep.workers=1")
+    storage = (
+        request.getfixturevalue("postgres").url if backend == "postgresql" else f"sqlite:///{tmp_path / 'twice.db'}"
+    )
+    plan = _plan(
+        data_root,
+        tmp_path / "unused.db",
+        f"study.storage={storage}",
+        f"study.workdir={tmp_path / 'work'}",
+        "sweep.workers=1",
+    )
     barrier, queued = threading.Barrier(2), []
 
     def start() -> None:
@@ -464,12 +579,28 @@ def test_a_postgresql_outage_during_a_run_trains_nothing_twice(postgres, tmp_pat
     """Stop the database for 3 s while two workers train (a beat fails for longer than the grace period)."""
     root = tmp_path / "data"
     write_cifar(root, "cifar10", n_train=600, n_test=40)
-    command = [sys.executable, "-m", "dse.sweep", *tiny(root, tmp_path / "unused.db", "sweep.workers=2", "train.epochs=3",
-               f"study.storage={postgres.url}", f"study.workdir={tmp_path / 'work'}", "study.grace_period=2",
-               "study.storage_retry_seconds=60")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "dse.sweep",
+        *tiny(
+            root,
+            tmp_path / "unused.db",
+            "sweep.workers=2",
+            "train.epochs=3",
+            f"study.storage={postgres.url}",
+            f"study.workdir={tmp_path / 'work'}",
+            "study.grace_period=2",
+            "study.storage_retry_seconds=60",
+        ),
+    ]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list((tmp_path / "work" / "runs").glob("*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+    while (
+        not list((tmp_path / "work" / "runs").glob("*/checkpoint.pt"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.1)
     assert proc.poll() is None, "the sweep ended before the outage"
     postgres.stop()
@@ -484,8 +615,12 @@ def test_a_postgresql_outage_during_a_run_trains_nothing_twice(postgres, tmp_pat
     assert len(by_point) == 4
     for runs in by_point.values():
         assert [t.state for t in runs].count(TrialState.COMPLETE) == 1
-        trained = [r["epoch"] for t in runs for r in t.user_attrs.get("curves", [])
-                   if t.state != TrialState.COMPLETE or r["epoch"] > t.user_attrs["resumed_from"]]
+        trained = [
+            r["epoch"]
+            for t in runs
+            for r in t.user_attrs.get("curves", [])
+            if t.state != TrialState.COMPLETE or r["epoch"] > t.user_attrs["resumed_from"]
+        ]
         assert len(trained) == len(set(trained)), f"an epoch was trained twice: {sorted(trained)}"
 
 
@@ -546,7 +681,10 @@ def test_trials_that_leave_their_group_end_at_once_and_the_others_finish(tmp_pat
     point = ("space.grid={model.dropout:[0.1]}", "space.seeds=[0,1,2]", "sweep.seeds=3", "sweep.trials_per_gpu=3")
     assert run_tiny_plan(tmp_path, *FUSABLE, *point, name="leave", seams=Seams(check=check)).ok
     trials = optuna.load_study(study_name="leave", storage=f"sqlite:///{tmp_path / 'leave.db'}").get_trials()
-    assert seen == [[TrialState.RUNNING] * 2, [TrialState.PRUNED, TrialState.FAIL]]  # trial 0's checks after epochs 1, 2
+    assert seen == [
+        [TrialState.RUNNING] * 2,
+        [TrialState.PRUNED, TrialState.FAIL],
+    ]  # trial 0's checks after epochs 1, 2
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
     assert [r["trials"] for r in trials[0].user_attrs["curves"]] == [3, 1]
     assert trials[2].user_attrs["fail_reason"] == "RuntimeError: fails after epoch 1"
@@ -561,7 +699,10 @@ def test_auto_trials_per_gpu_measures_on_the_worker_s_device_and_says_so(data_ro
     size = group_size(plan, {})
     line = capsys.readouterr().out
     assert size in (1, 2)  # sizes up to the space's 2 trials
-    assert f"[worker 0] sweep.trials_per_gpu=auto: {size} on cpu (training images/s of Shallow SqueezeNext-06-0.125x" in line
+    assert (
+        f"[worker 0] sweep.trials_per_gpu=auto: {size} on cpu (training images/s of Shallow SqueezeNext-06-0.125x"
+        in line
+    )
     assert "1: " in line and "2: " in line
     assert group_size(_plan(data_root, tmp_path / "x.db", "sweep.trials_per_gpu=3"), {}) == 3
 
@@ -571,8 +712,10 @@ def test_a_grid_over_its_size_budget_everywhere_is_refused_naming_the_smallest_m
     result = run_cli(tiny(data_root, db, "study.max_size_kb=1"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("dse.sweep: study.max_size_kb=1: every trial of space 'width' is over it; the smallest "
-                           "model of the space, Shallow SqueezeNext-06-0.125x, has ")
+    assert line.startswith(
+        "dse.sweep: study.max_size_kb=1: every trial of space 'width' is over it; the smallest "
+        "model of the space, Shallow SqueezeNext-06-0.125x, has "
+    )
     assert "latency of" not in result.stdout and not db.exists()  # refused before any measuring or writing
 
 
@@ -582,14 +725,19 @@ def test_a_grid_partly_over_its_budgets_says_how_many_before_it_starts(data_root
         return plan_sweep(compose(args), args)
 
     assert check_budgets(plan("study.max_size_kb=150")) == (
-        "budget: 2 of 4 trials are over it (2 over study.max_size_kb=150); they are pruned without training")
+        "budget: 2 of 4 trials are over it (2 over study.max_size_kb=150); they are pruned without training"
+    )
     timed = plan("study.max_latency_ms=1")  # the latency budget: checked once the grid's latencies are measured
     small, large = timed.archs
     assert check_budgets(timed) == ""
     assert check_budgets(timed, {small: 0.5, large: 3.0}) == (
-        "budget: 2 of 4 trials are over it (2 over study.max_latency_ms=1); they are pruned without training")
-    with pytest.raises(ValueError, match="study.max_latency_ms=1: every trial of space 'width' is over it; the fastest "
-                                         "architecture of the space, Shallow SqueezeNext-06-0.125x, has 1.500 ms"):
+        "budget: 2 of 4 trials are over it (2 over study.max_latency_ms=1); they are pruned without training"
+    )
+    with pytest.raises(
+        ValueError,
+        match="study.max_latency_ms=1: every trial of space 'width' is over it; the fastest "
+        "architecture of the space, Shallow SqueezeNext-06-0.125x, has 1.500 ms",
+    ):
         check_budgets(timed, {small: 1.5, large: 3.0})
 
 
@@ -598,8 +746,10 @@ def test_a_grid_over_its_latency_budget_everywhere_is_refused_before_the_study_i
     result = run_cli(tiny(data_root, db, "study.max_latency_ms=0.000001"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "latency of the 2 architecture(s)" in result.stdout  # measured, then refused before any training
-    assert result.stderr.strip().startswith("dse.sweep: study.max_latency_ms=1e-06: every trial of space 'width' is "
-                                            "over it; the fastest architecture of the space, Shallow SqueezeNext-06-0.")
+    assert result.stderr.strip().startswith(
+        "dse.sweep: study.max_latency_ms=1e-06: every trial of space 'width' is "
+        "over it; the fastest architecture of the space, Shallow SqueezeNext-06-0."
+    )
     assert not db.exists()  # so a rerun with a larger budget is no study "defined otherwise"
 
 
@@ -609,8 +759,9 @@ def test_a_grid_over_its_latency_budget_everywhere_is_refused_before_the_study_i
 def _curves(study: optuna.Study) -> dict[str, list[tuple]]:
     """Each COMPLETE trial's per-epoch numbers (its timings left out), by params; each point COMPLETE once."""
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
-    numbers = lambda t: [(r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"])
-                         for r in t.user_attrs["curves"]]  # fmt: skip
+    numbers = lambda t: [
+        (r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"]) for r in t.user_attrs["curves"]
+    ]
     out = {json.dumps(t.params, sort_keys=True): numbers(t) for t in done}
     assert len(out) == len(done)
     return out
@@ -620,14 +771,16 @@ def test_the_same_sweep_twice_computes_the_same_whatever_the_layout_probe_says(t
     """Two fresh studies of one command, `train.memory_format=auto`, the layout timing answering channels_last for
     the first and NCHW for the second: every trial's per-epoch losses and accuracies are identical, both trained in
     the rule's layout, and each study stores the choice with the probe's answer as advice only."""
-    from dse.layouts import figures
     from sweeps import run_tiny_plan
+
+    from dse.layouts import figures
 
     studies = {}
     for name, answer in (("first", "channels_last"), ("second", "contiguous")):
         seams = Seams(probe=lambda model, x, y, autocast, answer=answer: answer)
-        assert run_tiny_plan(tmp_path, *FUSABLE, "train.memory_format=auto", "sweep.trials_per_gpu=4", name=name,
-                             seams=seams).ok  # fmt: skip
+        assert run_tiny_plan(
+            tmp_path, *FUSABLE, "train.memory_format=auto", "sweep.trials_per_gpu=4", name=name, seams=seams
+        ).ok
         studies[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
     first, second = (_curves(studies[n]) for n in ("first", "second"))
     assert first == second and len(first) == 4
@@ -643,8 +796,15 @@ def _auto_args(root: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
     """A tiny fusable dropout sweep (4 trials) in `train.memory_format=auto`, one worker, study `name`."""
     width = ("+space=width", "space.grid={model.width:[0.125,0.2]}")
     base = [a for a in tiny(root, tmp_path / f"{name}.db", *FUSABLE) if a not in width]
-    return [*base, "train.memory_format=auto", "sweep.trials_per_gpu=4", "sweep.workers=1", "sweep.progress=false",
-            f"study.name={name}", *extra]  # fmt: skip
+    return [
+        *base,
+        "train.memory_format=auto",
+        "sweep.trials_per_gpu=4",
+        "sweep.workers=1",
+        "sweep.progress=false",
+        f"study.name={name}",
+        *extra,
+    ]
 
 
 def test_a_study_s_stored_choice_wins_over_the_rule(data_root, tmp_path):
@@ -678,8 +838,13 @@ def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(t
         return _auto_args(root, tmp_path, name, "train.epochs=3")
 
     assert run_sweep(plan_sweep(compose(args("whole")), args("whole"))).ok
-    proc = subprocess.Popen([sys.executable, "-m", "dse.sweep", *args("killed")], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dse.sweep", *args("killed")],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     runs = tmp_path / "killed" / "runs"
     deadline = time.time() + 300
     while len(list(runs.glob("*/checkpoint.pt"))) < 4 and time.time() < deadline and proc.poll() is None:
@@ -689,8 +854,9 @@ def test_a_killed_fused_group_restarted_ends_identical_to_an_uninterrupted_run(t
     proc.wait()
     result = run_cli(args("killed"))
     assert result.returncode == 0, result.stderr[-3000:]
-    whole, killed = (optuna.load_study(study_name=n, storage=f"sqlite:///{tmp_path / f'{n}.db'}")
-                     for n in ("whole", "killed"))  # fmt: skip
+    whole, killed = (
+        optuna.load_study(study_name=n, storage=f"sqlite:///{tmp_path / f'{n}.db'}") for n in ("whole", "killed")
+    )
     assert _curves(killed) == _curves(whole) and len(_curves(whole)) == 4
     resumed = [t.user_attrs["resumed_from"] for t in killed.get_trials() if t.state == TrialState.COMPLETE]
     assert all(r >= 1 for r in resumed) and [t.state for t in killed.get_trials()].count(TrialState.FAIL) == 4
@@ -723,8 +889,14 @@ def test_a_space_file_outside_the_checkout_runs_with_two_workers(data_root, tmp_
     space = by[how]
     args = [*_without_space(tiny(data_root, db, "sweep.workers=2")), *space]
     # From the user's folder (relative paths), with this checkout's dse: the workers must find the space too.
-    result = subprocess.run([sys.executable, "-m", "dse.sweep", *args], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "dse.sweep", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(db, "own-cifar10-quick")
     assert [t.state for t in done] == [TrialState.COMPLETE] * 2
@@ -742,7 +914,11 @@ def test_an_activation_by_width_grid_from_the_command_line_runs_and_its_trials_c
     done = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert [t.state for t in done] == [TrialState.COMPLETE] * 4
     assert sorted((t.params["model.activation"], t.params["model.width"]) for t in done) == [
-        ("elu", 0.125), ("elu", 0.2), ("relu", 0.125), ("relu", 0.2)]  # fmt: skip
+        ("elu", 0.125),
+        ("elu", 0.2),
+        ("relu", 0.125),
+        ("relu", 0.2),
+    ]
     assert all(set(t.params) == {"model.activation", "model.width", "seed"} for t in done)  # the file's grid replaced
     for t in done:
         assert t.user_attrs["activation"] == t.params["model.activation"]
@@ -752,8 +928,10 @@ def test_an_activation_by_width_grid_from_the_command_line_runs_and_its_trials_c
 @pytest.mark.parametrize(
     "grid, message",
     [
-        ("space.grid={model.widht:[0.2]}", "dse.sweep: space 'width': grid key model.widht: model has no key 'widht'; "
-                                           "did you mean width?"),
+        (
+            "space.grid={model.widht:[0.2]}",
+            "dse.sweep: space 'width': grid key model.widht: model has no key 'widht'; did you mean width?",
+        ),
         ("space.grid={model.width:[]}", "dse.sweep: space 'width': grid model.width=[] must be a non-empty list"),
         ("space.grid={model.width:0.2}", "dse.sweep: space 'width': grid model.width=0.2 must be a non-empty list"),
     ],

@@ -116,8 +116,16 @@ def test_hydra_full_error_lets_hydra_s_own_error_through(monkeypatch):
 
 
 def test_group_options_are_every_folder_s_without_schema(folder):
-    assert group_options("space") == ["activation", "baselines", "dropout", "open", "optimizer", "paper", "resolution",
-                                      "width"]  # fmt: skip
+    assert group_options("space") == [
+        "activation",
+        "baselines",
+        "dropout",
+        "open",
+        "optimizer",
+        "paper",
+        "resolution",
+        "width",
+    ]
     assert "mine" in group_options("space", [f"hydra.searchpath=[file://{folder}]"])
 
 

@@ -29,7 +29,8 @@ def test_grid_params_of_points_are_labelled_and_a_point_twice_is_refused():
     point = {"model": "Shallow SqueezeNext-06-0.2x", "overrides": ["model.dropout=0.1"]}
     space = SpaceConfig(name="s", points=["SqueezeNet-v1.1", point], seeds=[0])
     assert grid_params(space, [0, 3]) == [
-        {"point": "SqueezeNet-v1.1", "seed": 0}, {"point": "SqueezeNet-v1.1", "seed": 3},
+        {"point": "SqueezeNet-v1.1", "seed": 0},
+        {"point": "SqueezeNet-v1.1", "seed": 3},
         {"point": "Shallow SqueezeNext-06-0.2x [model.dropout=0.1]", "seed": 0},
         {"point": "Shallow SqueezeNext-06-0.2x [model.dropout=0.1]", "seed": 3},
     ]
@@ -100,10 +101,14 @@ def test_the_definition_names_what_makes_trials_comparable():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["+space=activation", "space.grid={model.widht:[0.2]}"],
-         "space 'activation': grid key model.widht: model has no key 'widht'; did you mean width?"),
-        (["+space=open", "space.search={trian.lr:{low:0.1,high:1}}"],
-         "space 'open': search key trian.lr: no key or config group 'trian'; did you mean train?"),
+        (
+            ["+space=activation", "space.grid={model.widht:[0.2]}"],
+            "space 'activation': grid key model.widht: model has no key 'widht'; did you mean width?",
+        ),
+        (
+            ["+space=open", "space.search={trian.lr:{low:0.1,high:1}}"],
+            "space 'open': search key trian.lr: no key or config group 'trian'; did you mean train?",
+        ),
     ],
 )
 def test_a_grid_or_search_over_an_unknown_key_is_refused_naming_the_closest(tmp_path, extra, message):

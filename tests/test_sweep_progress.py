@@ -19,9 +19,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import write_fashion_mnist
 from optuna.trial import TrialState
 
-from conftest import write_fashion_mnist
 from dse.latency import figures
 from dse.sweep.plan import workers_and_threads
 from dse.sweep.progress import CURVES_CHART, describe, duration, fraction_done, list_studies, summary, watching
@@ -32,16 +32,28 @@ REPO = Path(__file__).resolve().parents[1]
 def sweep_args(root: Path, db: Path, *extra: str) -> list[str]:
     """A dropout sweep: two values of p on one architecture, one seed, two workers."""
     return [
-        "+space=dropout", "budget=quick", "data=fashion_mnist", f"data.root={root}", "data.subset=null",
-        "data.val_size=40", "train.epochs=2", "train.batch_size=32", "space.grid={model.dropout:[0.1,0.3]}",
-        "sweep.workers=2", "study.name=ux", f"study.storage=sqlite:///{db}", "study.heartbeat_interval=1",
-        "study.grace_period=3", *extra,
+        "+space=dropout",
+        "budget=quick",
+        "data=fashion_mnist",
+        f"data.root={root}",
+        "data.subset=null",
+        "data.val_size=40",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "space.grid={model.dropout:[0.1,0.3]}",
+        "sweep.workers=2",
+        "study.name=ux",
+        f"study.storage=sqlite:///{db}",
+        "study.heartbeat_interval=1",
+        "study.grace_period=3",
+        *extra,
     ]
 
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dse.sweep", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "dse.sweep", *args], cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def listing(folder: Path) -> set[str]:
@@ -70,14 +82,17 @@ def test_the_end_shows_the_front_and_the_next_commands(swept):
     out, db = swept["result"].stdout, swept["db"]
     assert "done in " in out and "2 complete, 0 pruned, 0 failed" in out
     assert "Pareto front (val_acc, size_mb, latency_ms):" in out and "| swept " in out
-    for command in (f"python -m dse.report --study ux --storage sqlite:///{db}", "python -m dse.deploy list --study ux",
-                    f"make dashboard STUDY=ux STORAGE=sqlite:///{db}"):
+    for command in (
+        f"python -m dse.report --study ux --storage sqlite:///{db}",
+        "python -m dse.deploy list --study ux",
+        f"make dashboard STUDY=ux STORAGE=sqlite:///{db}",
+    ):
         assert command in out
 
 
 def test_every_trial_of_one_architecture_carries_one_latency_figure(swept):
     study = swept["study"]
-    (key, figure), = figures(study.user_attrs).items()
+    ((key, figure),) = figures(study.user_attrs).items()
     assert figure["ms"] > 0 and figure["iqr_ms"] >= 0 and figure["how"].startswith("before training")
     trials = study.get_trials(states=[TrialState.COMPLETE])
     assert len(trials) == 2
@@ -98,17 +113,26 @@ def test_every_epoch_is_an_intermediate_value_and_on_the_dashboards_chart(swept)
     parts = {int(k.removeprefix(prefix)): v for k, v in attrs.items() if k.startswith(prefix)}
     chart = json.loads("".join(parts[i] for i in range(len(parts))))
     assert sorted((tuple(line["x"]), tuple(line["y"])) for line in chart["data"]) == sorted(
-        ((1, 2), tuple(t.intermediate_values[e] for e in (1, 2))) for t in trials)
+        ((1, 2), tuple(t.intermediate_values[e] for e in (1, 2))) for t in trials
+    )
     assert {line["name"].split()[1] for line in chart["data"]} == {"p=0.1", "p=0.3"}
 
 
 def test_nothing_lands_outside_the_ignored_folders(swept):
     assert listing(REPO / "outputs") == swept["outputs"]  # no empty Hydra run folders
-    written = ["studies/x.db", "studies/x.db-wal", "studies/x/artifacts/a/b", "studies/x/runs/k/checkpoint.pt",
-               "reports/x/index.md", "bundles/x/trial0-m/model.onnx", "outputs/2026-01-01/10-00-00/result.json",
-               "data/fashion_mnist/train-images-idx3-ubyte.gz"]
-    check = subprocess.run(["git", "check-ignore", "--no-index", *written, "studies/README.md"], cwd=REPO,
-                           capture_output=True, text=True)
+    written = [
+        "studies/x.db",
+        "studies/x.db-wal",
+        "studies/x/artifacts/a/b",
+        "studies/x/runs/k/checkpoint.pt",
+        "reports/x/index.md",
+        "bundles/x/trial0-m/model.onnx",
+        "outputs/2026-01-01/10-00-00/result.json",
+        "data/fashion_mnist/train-images-idx3-ubyte.gz",
+    ]
+    check = subprocess.run(
+        ["git", "check-ignore", "--no-index", *written, "studies/README.md"], cwd=REPO, capture_output=True, text=True
+    )
     assert check.stdout.split() == written
 
 
@@ -127,8 +151,13 @@ def test_make_dashboard_on_a_missing_study_says_so_in_one_line_and_creates_nothi
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     db = tmp_path / "studies" / "nope.db"
-    result = subprocess.run(["make", "-s", "dashboard", f"PY={sys.executable}", "STUDY=nope", f"STORAGE=sqlite:///{db}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["make", "-s", "dashboard", f"PY={sys.executable}", "STUDY=nope", f"STORAGE=sqlite:///{db}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no study DB at" in result.stderr
     assert "Traceback" not in result.stderr and not db.exists() and not db.parent.exists()
 
@@ -147,8 +176,14 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     write_fashion_mnist(tmp_path / "data", n_train=240, n_test=40)
     db = tmp_path / "c.db"
     args = sweep_args(tmp_path / "data", db, "train.epochs=3")
-    proc = subprocess.Popen([sys.executable, "-m", "dse.sweep", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dse.sweep", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while _intermediate_values(db) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -179,8 +214,10 @@ def test_progress_weighs_points_by_cost_and_counts_running_epochs():
     assert fraction_done([trial(big, TrialState.RUNNING, epochs=2)], costs, 2) == pytest.approx(3 * 0.5 / 4)
     assert fraction_done([trial(big, TrialState.COMPLETE), trial(small, TrialState.PRUNED, epochs=1)], costs, 2) == 1
     assert fraction_done([trial(small, TrialState.RUNNING, epochs=1), trial(small, TrialState.FAIL)], None, 4) == 1 / 16
-    assert describe({"model.width": 0.9, "model.activation": "relu", "train": "adam", "train.lr": 0.00312, "seed": 1}) \
+    assert (
+        describe({"model.width": 0.9, "model.activation": "relu", "train": "adam", "train.lr": 0.00312, "seed": 1})
         == "W=0.9 relu adam lr=0.00312 seed 1"
+    )
     assert [duration(s) for s in (45, 190, 7500)] == ["45 s", "3 min 10 s", "2 h 05 min"]
 
 
@@ -244,10 +281,13 @@ def test_worker_and_thread_defaults_read_the_cpus_this_process_may_use():
     assert workers_and_threads(3, 5, {0}) == (3, 5)
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed")
-    code = ("from dse.sweep import compose, draft_plan; a = ['+space=width']; p = draft_plan(compose(a), a); "
-            "print(p.workers, p.threads)")
-    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    code = (
+        "from dse.sweep import compose, draft_plan; a = ['+space=width']; p = draft_plan(compose(a), a); "
+        "print(p.workers, p.threads)"
+    )
+    result = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1", "1"]
 
@@ -267,13 +307,20 @@ def test_make_tasks_that_read_a_study_say_how_to_pick_one(tmp_path):
         pytest.skip("make is not installed")
 
     def make(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), *args, "PY=echo"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            ["make", "-s", "-f", str(REPO / "Makefile"), *args, "PY=echo"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     result = make("tables")
     assert result.returncode == 2
-    assert "pick a study: make tables STUDY=NAME [STORAGE=URL]; no study in studies/ yet: make sweep-quick " \
-           "DATA=fashion_mnist runs one offline" in result.stderr
+    assert (
+        "pick a study: make tables STUDY=NAME [STORAGE=URL]; no study in studies/ yet: make sweep-quick "
+        "DATA=fashion_mnist runs one offline" in result.stderr
+    )
     (tmp_path / "studies").mkdir()
     for name in ("width-fashion_mnist-quick", "dropout-fashion_mnist-quick"):
         (tmp_path / "studies" / f"{name}.db").touch()

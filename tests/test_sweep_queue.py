@@ -32,11 +32,24 @@ def _plan(tmp_path, mode: str = GRID, *, max_retry: int = 2, n_trials: int = 3, 
         space = SpaceConfig(name="q", sampler="tpe", n_trials=n_trials, search=search)
         grid = []
     return Plan(
-        study_name="q", storage=storage or f"sqlite:///{tmp_path / 'q.db'}", workdir=str(tmp_path / "q"), static=[], cli=[],
-        fixed=[], space=asdict(space), study=asdict(StudyConfig(name="q", max_retry=max_retry)), workers=1, threads=1,
-        progress=False, group_size=1, mode=mode, total=len(grid) or n_trials, grid=grid, seeds=[0],
+        study_name="q",
+        storage=storage or f"sqlite:///{tmp_path / 'q.db'}",
+        workdir=str(tmp_path / "q"),
+        static=[],
+        cli=[],
+        fixed=[],
+        space=asdict(space),
+        study=asdict(StudyConfig(name="q", max_retry=max_retry)),
+        workers=1,
+        threads=1,
+        progress=False,
+        group_size=1,
+        mode=mode,
+        total=len(grid) or n_trials,
+        grid=grid,
+        seeds=[0],
         cost=[2.0, 5.0, 2.0] if mode == GRID else [],
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -172,7 +185,10 @@ def test_two_claimers_that_both_read_the_one_waiting_trial_it_goes_to_exactly_on
             both_read.wait()
 
     claimed = _claim_at_once(
-        plan, 2, lambda: before_trial_reads(open_storage(plan.storage), meet, after=True), before_claim=lambda: setattr(armed, "on", True)
+        plan,
+        2,
+        lambda: before_trial_reads(open_storage(plan.storage), meet, after=True),
+        before_claim=lambda: setattr(armed, "on", True),
     )
     assert sorted(claimed) == [[], [0]]
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] and len(study.get_trials()) == 1

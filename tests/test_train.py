@@ -44,7 +44,6 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> tuple[flo
     return loss, acc
 
 
-
 def test_train_returns_a_record_per_epoch_and_calls_on_epoch(splits):
     seen = []
     result = train(tiny_model(), splits, quick(lr=0.05), on_epoch=seen.append)
@@ -74,7 +73,10 @@ RECIPE = dict(schedule="linear", warmup=0.25, label_smoothing=0.1, crop=0.07, em
 @pytest.mark.parametrize(
     "amp, layout, recipe",
     [
-        (False, "contiguous", {}), (True, "channels_last", {}), (True, "contiguous", {}), (True, "contiguous", RECIPE),
+        (False, "contiguous", {}),
+        (True, "channels_last", {}),
+        (True, "contiguous", {}),
+        (True, "contiguous", RECIPE),
         (False, "contiguous", {"optimizer": "adam"}),  # optimizers with state: moments, momentum buffers
         (False, "contiguous", {"optimizer_kwargs": {"momentum": 0.9, "nesterov": True}}),
     ],
@@ -140,7 +142,9 @@ def test_tta_averages_the_logits_of_each_image_and_its_mirror(splits):
     plain = score(model, x, y, mean=splits.mean, std=splits.std)
     assert plain[0] != pytest.approx(loss, rel=1e-5)  # the tiny model is not mirror-symmetric
     result = train(model, splits, quick(epochs=1, tta=True, amp=False))
-    assert result.test_loss == pytest.approx(score(model, x, y, mean=splits.mean, std=splits.std, tta=True)[0], rel=1e-5)
+    assert result.test_loss == pytest.approx(
+        score(model, x, y, mean=splits.mean, std=splits.std, tta=True)[0], rel=1e-5
+    )
 
 
 def test_crop_padding_follows_the_image_size(splits):
@@ -161,7 +165,6 @@ def test_fast_recipe_trains_on_every_dataset_format(fake_data, dataset):
     assert len(result.epochs) == 2 and 0 <= result.test_acc <= 1 and math.isfinite(result.test_loss)
 
 
-
 def test_finished_run_resumes_to_its_result_without_training(splits, tmp_path):
     cfg = quick(epochs=1)
     first = train(tiny_model(), splits, cfg, checkpoint_path=tmp_path / "c.pt")
@@ -179,15 +182,24 @@ def test_evaluate_scores_every_image(splits):
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dse.train", *overrides, f"hydra.run.dir={cwd / 'out'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_cli_trains_and_prints_a_summary(cifar10, tmp_path):
     done = run_cli(
-        f"data.root={cifar10.root}", "data.val_size=50", "train.epochs=1", "train.batch_size=50",
-        "train.progress=false", "train.threads=1", cwd=tmp_path,
-    )  # fmt: skip
+        f"data.root={cifar10.root}",
+        "data.val_size=50",
+        "train.epochs=1",
+        "train.batch_size=50",
+        "train.progress=false",
+        "train.threads=1",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     for field in ("test accuracy", "model size", "MB", "s/epoch", "Shallow SqueezeNext-06-0.4x"):
         assert field in done.stdout
@@ -429,5 +441,3 @@ def test_a_graphed_group_trains_each_member_as_alone(splits):
         for (key, x), y in zip(model.state_dict().items(), m.model.state_dict().values()):
             torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2, msg=key)  # TF32 convolutions
         assert fused.test_acc == pytest.approx(result.test_acc, abs=0.05)
-
-

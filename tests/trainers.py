@@ -21,9 +21,14 @@ CONF = REPO / "conf"
 def tiny_model(in_channels: int = 3, num_classes: int = 10, seed: int = 0, dropout: float = 0.3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Dropout(dropout), nn.Linear(8, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(in_channels, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(8, num_classes),
+    )
 
 
 def quick(**kw) -> TrainConfig:

@@ -10,12 +10,12 @@ from pathlib import Path
 import optuna
 
 from dse.checkpoint import CheckpointError
+from dse.config import load_target
 from dse.data import DataError
 from dse.deploy.export import export_front, export_trial
+from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
 from dse.deploy.onnx import ExportSettings, measure_shape
 from dse.deploy.verify import verify_bundle
-from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
-from dse.config import load_target
 from dse.study import StudyError, default_storage, load_study, trials_frame, why_no_front
 
 FILTERS = ("max_size_kb", "max_latency_ms", "min_accuracy")
@@ -41,7 +41,7 @@ def _front(study: optuna.Study, args):
     front = front_frame(study, _objectives(study, args) or None)
     if front.empty:
         why = why_no_front(trials_frame(study))
-        then = ("" if why.startswith("all ") else "; run or finish its sweep first")
+        then = "" if why.startswith("all ") else "; run or finish its sweep first"
         raise DeployError(f"study {study.study_name!r} has no COMPLETE trial, so no Pareto front: {why}{then}")
     return filter_front(front, **_filters(args))
 
@@ -49,22 +49,26 @@ def _front(study: optuna.Study, args):
 def cmd_list(args) -> int:
     study, _ = _study(args)
     front = _front(study, args)
-    _print_front(study, front, args.format, ", ".join(f"{k}={v:g}" for k, v in _filters(args).items()),
-                 _objectives(study, args))
+    _print_front(
+        study, front, args.format, ", ".join(f"{k}={v:g}" for k, v in _filters(args).items()), _objectives(study, args)
+    )
     return 0
 
 
-def _print_front(study: optuna.Study, front, fmt: str = "markdown", limits: str = "",
-                 objectives: list[str] | None = None) -> None:
+def _print_front(
+    study: optuna.Study, front, fmt: str = "markdown", limits: str = "", objectives: list[str] | None = None
+) -> None:
     """The front as a table, then what to trust of its latencies."""
     percent = [c for c in front.columns if c.startswith(("val_acc", "test_acc"))]
     shown = front.assign(**{c: 100 * front[c] for c in percent}).rename(columns={c: f"{c}_%" for c in percent})
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    print(f"Pareto front of study {study.study_name!r} ({', '.join(objectives or study.metric_names or [])}): "
-          f"{len(front)} model(s) of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 "
-          "state_dict in 10^3 bytes; latency_ms: PyTorch batch-1 CPU latency of the architecture, latency_iqr_ms its "
-          "spread; *_onnx, *_int8, onnx_kb, int8_kb, latency_onnx_ms, latency_int8_ms: the ONNX files that ship, in "
-          "ONNX Runtime (what the board runs; docs/deploy.md).")
+    print(
+        f"Pareto front of study {study.study_name!r} ({', '.join(objectives or study.metric_names or [])}): "
+        f"{len(front)} model(s) of {complete} COMPLETE trial(s){'; within ' + limits if limits else ''}. size_kb: fp32 "
+        "state_dict in 10^3 bytes; latency_ms: PyTorch batch-1 CPU latency of the architecture, latency_iqr_ms its "
+        "spread; *_onnx, *_int8, onnx_kb, int8_kb, latency_onnx_ms, latency_int8_ms: the ONNX files that ship, in "
+        "ONNX Runtime (what the board runs; docs/deploy.md)."
+    )
     print(shown.to_csv(index=False) if fmt == "csv" else shown.to_markdown(index=False, floatfmt=".3f") + "\n", end="")
     for line in latency_warnings(study, front):
         print(line, file=sys.stderr)
@@ -75,40 +79,56 @@ def latency_warnings(study: optuna.Study, front) -> list[str]:
     out = []
     loaded = [int(n) for n in front.loc[front["under_load"], "trial"]]
     if loaded:
-        out.append(f"warning: the latency of trial(s) {', '.join(map(str, loaded))} was measured under load; re-measure "
-                   f"the front in one sitting: python -m dse.deploy measure --study {study.study_name} --front")
+        out.append(
+            f"warning: the latency of trial(s) {', '.join(map(str, loaded))} was measured under load; re-measure "
+            f"the front in one sitting: python -m dse.deploy measure --study {study.study_name} --front"
+        )
     keyed = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency_key")}
     old = [int(n) for n in front["trial"] if int(n) not in keyed]
     if old:
-        out.append(f"warning: trial(s) {', '.join(map(str, old))} measured their own latency while other workers "
-                   "trained (a study of an older dse): compare them with care; `export` measures a bundle's latency "
-                   "in one sitting")
+        out.append(
+            f"warning: trial(s) {', '.join(map(str, old))} measured their own latency while other workers "
+            "trained (a study of an older dse): compare them with care; `export` measures a bundle's latency "
+            "in one sitting"
+        )
     return out
 
 
 def _settings(args) -> ExportSettings:
-    return ExportSettings(threads=args.threads, warmup=args.warmup, runs=args.runs, atol=args.atol,
-                          calibration_images=args.calibration_images, check_images=args.check_images)
+    return ExportSettings(
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        atol=args.atol,
+        calibration_images=args.calibration_images,
+        check_images=args.check_images,
+    )
 
 
 def _report(record: dict) -> None:
     meta = json.loads((Path(record["bundle"]) / "meta.json").read_text())
     m = meta["metrics"]
-    print(f"trial {record['trial']} {record['paper_name']} -> {record['bundle']} (+ .tar.gz)\n"
-          f"  ONNX Runtime vs PyTorch: max |logit diff| {m['onnx_max_abs_diff']:.2e} on {m['onnx_check_images']} test images\n"
-          f"  test accuracy: fp32 {100 * m['fp32_acc']:.2f} %, int8 {100 * m['int8_acc']:.2f} % "
-          f"(int8 top-1 agrees with fp32 on {100 * m['int8_agreement']:.2f} % of {m['test_images']} images)\n"
-          f"  ONNX size: fp32 {m['onnx_fp32_bytes']:,} bytes, int8 {m['onnx_int8_bytes']:,} bytes\n"
-          f"  latency: fp32 {m['latency_fp32_ms']:.3f} ms, int8 {m['latency_int8_ms']:.3f} ms ({m['latency_how']})")
+    print(
+        f"trial {record['trial']} {record['paper_name']} -> {record['bundle']} (+ .tar.gz)\n"
+        f"  ONNX Runtime vs PyTorch: max |logit diff| {m['onnx_max_abs_diff']:.2e} on {m['onnx_check_images']} test images\n"
+        f"  test accuracy: fp32 {100 * m['fp32_acc']:.2f} %, int8 {100 * m['int8_acc']:.2f} % "
+        f"(int8 top-1 agrees with fp32 on {100 * m['int8_agreement']:.2f} % of {m['test_images']} images)\n"
+        f"  ONNX size: fp32 {m['onnx_fp32_bytes']:,} bytes, int8 {m['onnx_int8_bytes']:,} bytes\n"
+        f"  latency: fp32 {m['latency_fp32_ms']:.3f} ms, int8 {m['latency_int8_ms']:.3f} ms ({m['latency_how']})"
+    )
 
 
 def cmd_export(args) -> int:
     if args.trial is not None and _filters(args):
         flags = ", ".join("--" + k.replace("_", "-") for k in _filters(args))
-        raise DeployError(f"{flags} only filter the front for --pick and --front; --trial {args.trial} exports "
-                          f"trial {args.trial} as it is")
+        raise DeployError(
+            f"{flags} only filter the front for --pick and --front; --trial {args.trial} exports "
+            f"trial {args.trial} as it is"
+        )
     study, storage = _study(args)
-    kwargs = dict(storage=storage, workdir=args.workdir, data_root=args.data_root, settings=_settings(args), force=args.force)
+    kwargs = dict(
+        storage=storage, workdir=args.workdir, data_root=args.data_root, settings=_settings(args), force=args.force
+    )
     if args.front:
         numbers = [int(n) for n in _front(study, args)["trial"]]
         records = export_front(study, numbers, args.out, **kwargs)
@@ -127,8 +147,10 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     meta = verify_bundle(args.folder)
-    print(f"{args.folder}: {len(meta['files']) + 1} files match SHA256SUMS and meta.json "
-          f"({meta['paper_name']}, trial {meta['trial']} of study {meta['study']!r})")
+    print(
+        f"{args.folder}: {len(meta['files']) + 1} files match SHA256SUMS and meta.json "
+        f"({meta['paper_name']}, trial {meta['trial']} of study {meta['study']!r})"
+    )
     return 0
 
 
@@ -140,13 +162,19 @@ def cmd_measure(args) -> int:
     import pandas as pd
 
     settings = ExportSettings(threads=args.threads, warmup=args.warmup, runs=args.runs)
-    rows = [measure_shape(name, num_classes=args.num_classes, in_channels=args.in_channels, size=args.size,
-                          settings=settings) for name in args.names]
+    rows = [
+        measure_shape(
+            name, num_classes=args.num_classes, in_channels=args.in_channels, size=args.size, settings=settings
+        )
+        for name in args.names
+    ]
     how = rows[0].pop("latency_how")
     for row in rows[1:]:
         row.pop("latency_how")
-    print(f"Freshly initialised models (seed 0, untrained: no accuracy), {args.in_channels}x{args.size}x{args.size} "
-          f"input, {args.num_classes} classes. *_bytes: ONNX file; *_weight_bytes: its initializers; latency {how}.")
+    print(
+        f"Freshly initialised models (seed 0, untrained: no accuracy), {args.in_channels}x{args.size}x{args.size} "
+        f"input, {args.num_classes} classes. *_bytes: ONNX file; *_weight_bytes: its initializers; latency {how}."
+    )
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
     return 0
 
@@ -155,8 +183,9 @@ def measure_front(args) -> int:
     """Re-measure the PyTorch batch-1 latency of the front's architectures in one sitting, store it on the study
     (every trial of an architecture reads it), and print the front again."""
     if not args.front or args.names:
-        raise DeployError("with --study, measure takes --front (and no model names): it re-measures the front's "
-                          "architectures")
+        raise DeployError(
+            "with --study, measure takes --front (and no model names): it re-measures the front's architectures"
+        )
     from dse.latency import build, ensure
 
     study, _ = _study(args)
@@ -164,15 +193,24 @@ def measure_front(args) -> int:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     keys = {trials[int(n)].user_attrs.get("latency_key") for n in front["trial"]}
     if None in keys:
-        raise DeployError(f"study {study.study_name!r} predates latency per architecture (its trials carry no "
-                          "latency_key), so its figures cannot be re-measured; `export` measures a bundle's latency")
+        raise DeployError(
+            f"study {study.study_name!r} predates latency per architecture (its trials carry no "
+            "latency_key), so its figures cannot be re-measured; `export` measures a bundle's latency"
+        )
     specs = {k: json.loads(k) for k in keys}
-    figures = ensure(study, {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
-                     "python -m dse.deploy measure --front: one sitting, training on this machine paused",
-                     remeasure=True, ort=True, threads=args.threads)
+    figures = ensure(
+        study,
+        {k: (lambda spec=spec: build(spec)) for k, spec in specs.items()},
+        "python -m dse.deploy measure --front: one sitting, training on this machine paused",
+        remeasure=True,
+        ort=True,
+        threads=args.threads,
+    )
     loaded = sum(f["under_load"] for f in figures.values())
-    print(f"re-measured {len(figures)} architecture(s) of the front in one sitting"
-          + (f"; {loaded} under load (other processes kept the cores busy): rerun on a quiet machine" if loaded else ""))
+    print(
+        f"re-measured {len(figures)} architecture(s) of the front in one sitting"
+        + (f"; {loaded} under load (other processes kept the cores busy): rerun on a quiet machine" if loaded else "")
+    )
     _print_front(study, _front(study, args))
     return 0
 
@@ -186,8 +224,10 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size-kb", type=float, help="largest fp32 state_dict size, in 10^3 bytes")
     p.add_argument("--max-latency-ms", type=float, help="largest batch-1 CPU latency the sweep measured")
     p.add_argument("--min-accuracy", type=float, help="smallest validation accuracy, a fraction (0.8 = 80 %%)")
-    p.add_argument("--target", help="draw the front of this target's objectives (conf/target/: paper, onnx, int8); "
-                   "default the study's own")
+    p.add_argument(
+        "--target",
+        help="draw the front of this target's objectives (conf/target/: paper, onnx, int8); default the study's own",
+    )
 
 
 def _add_timing(p: argparse.ArgumentParser) -> None:
@@ -197,8 +237,11 @@ def _add_timing(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m dse.deploy", description="The study's Pareto front, deployment "
-                                  "bundles for Bluebox 2.0 / RTMaps (ONNX fp32 + int8), their check, model-shape sizes.")
+    top = argparse.ArgumentParser(
+        prog="python -m dse.deploy",
+        description="The study's Pareto front, deployment "
+        "bundles for Bluebox 2.0 / RTMaps (ONNX fp32 + int8), their check, model-shape sizes.",
+    )
     sub = top.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="print the study's Pareto front")
     _add_study(p)
@@ -221,12 +264,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder and .tar.gz")
     p = sub.add_parser("verify", help="check a bundle's files against their sha256 sums")
     p.add_argument("folder", metavar="BUNDLE", help="a bundle folder, or the .tar.gz of it that export wrote")
-    p = sub.add_parser("measure", help="ONNX sizes and latencies of untrained model shapes, fp32 and int8; or, "
-                       "with --study S --front, re-measure the front's PyTorch latencies in one sitting")
+    p = sub.add_parser(
+        "measure",
+        help="ONNX sizes and latencies of untrained model shapes, fp32 and int8; or, "
+        "with --study S --front, re-measure the front's PyTorch latencies in one sitting",
+    )
     p.add_argument("names", nargs="*", help="registry or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")
     _add_study(p, required=False)
-    p.add_argument("--front", action="store_true", help="with --study: re-measure the latency of the front's "
-                   "architectures in one sitting and store it on the study")
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="with --study: re-measure the latency of the front's "
+        "architectures in one sitting and store it on the study",
+    )
     _add_filters(p)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)

@@ -25,119 +25,44 @@ import safetensors
 import sqlalchemy
 import torch
 import torch.nn as nn
-from optuna.trial import TrialState
 from safetensors.torch import save_file
 
 import dse
-from dse.checkpoint import load_model_state
-from dse.data import DataConfig, Splits, load_data
+from dse.data import Splits
 from dse.deploy.bundle import predict as runtime
 from dse.deploy.front import DeployError
 from dse.deploy.onnx import (
-    INPUT, INT8_SKIP, OUTPUT, ExportSettings, calibration_batches, export_pair, latency_how, measure_latency,
-    min_onnxruntime, onnx_versions, ort_logits, torch_logits, weight_bytes,
-)  # fmt: skip
-from dse.models import ModelConfig, build_model, paper_name, resolve_config
+    INPUT,
+    INT8_SKIP,
+    OUTPUT,
+    ExportSettings,
+    calibration_batches,
+    export_pair,
+    latency_how,
+    measure_latency,
+    min_onnxruntime,
+    onnx_versions,
+    ort_logits,
+    torch_logits,
+    weight_bytes,
+)
+from dse.deploy.trial import find_trial, load_trial_data, load_trial_model, shipped_files, trial_config
+from dse.models import ModelConfig, paper_name
 from dse.storage import open_storage
-from dse.study import study_workdir
 
-__all__ = ["build_bundle", "check_against_torch", "export_front", "export_trial", "find_trial", "load_trial_data",
-           "load_trial_model", "shipped_files", "study_bundles", "write_index"]
+__all__ = [
+    "build_bundle",
+    "check_against_torch",
+    "export_front",
+    "export_trial",
+    "study_bundles",
+    "write_index",
+]
 
 FORMAT = "dse.deploy/1"
 TEMPLATES = Path(__file__).resolve().parent / "bundle"
 RUNTIME_FILES = ("predict.py", "rtmaps_classifier.py", "bench_latency.py")
 PYTHON_MIN = "3.8"
-
-
-# ---------------------------------------------------------------------------------------------- the trial
-
-
-def find_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
-    """A COMPLETE trial with a checkpoint artifact, or a DeployError that says what is wrong."""
-    trials = study.get_trials(deepcopy=False)
-    trial = next((t for t in trials if t.number == number), None)
-    where = f"study {study.study_name!r}"
-    if trial is None:
-        have = f"0..{len(trials) - 1}" if trials else "none"
-        raise DeployError(f"{where} has no trial {number}; its trials are {have}")
-    if trial.state != TrialState.COMPLETE:
-        raise DeployError(f"trial {number} of {where} is {trial.state.name}, not COMPLETE: only a finished "
-                          "training can be exported (python -m dse.deploy list shows the front)")
-    if not trial.user_attrs.get("artifact_checkpoint"):
-        raise DeployError(f"trial {number} of {where} has no checkpoint (no artifact_checkpoint attribute); "
-                          "it was not trained by dse.sweep, or its upload failed: rerun the trial")
-    return trial
-
-
-def _config(trial: optuna.trial.FrozenTrial) -> dict:
-    config = trial.user_attrs.get("provenance", {}).get("config")
-    if not isinstance(config, dict) or "model" not in config or "data" not in config:
-        raise DeployError(f"trial {trial.number} has no provenance.config with model and data; it cannot be rebuilt")
-    return config
-
-
-def load_trial_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, storage: str, workdir: str | None,
-                     num_classes: int, in_channels: int) -> tuple[nn.Module, ModelConfig]:
-    """The trial's model with its checkpoint's weights, in eval mode, and its resolved config."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint.pt"
-        _download(study, trial, "checkpoint", path, storage=storage, workdir=workdir)
-        weights = load_model_state(path)
-    cfg = ModelConfig(**_config(trial)["model"])
-    model = build_model(cfg, num_classes=num_classes, in_channels=in_channels)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise DeployError(f"the checkpoint of trial {trial.number} does not fit its config {paper_name(cfg)}: "
-                          f"{str(e).splitlines()[0]}") from None
-    return model.eval(), resolve_config(cfg)
-
-
-def _download(study: optuna.Study, trial: optuna.trial.FrozenTrial, what: str, path: Path, *, storage: str,
-              workdir: str | None) -> None:
-    """The trial's artifact `artifact_<what>` from the study's artifact store into `path`."""
-    store_dir = study_workdir(study.study_name, storage, workdir) / "artifacts"
-    if not store_dir.is_dir():
-        raise DeployError(f"no artifact store at {store_dir}: pass the study's --workdir (where its sweep wrote artifacts/)")
-    store = optuna.artifacts.FileSystemArtifactStore(str(store_dir))
-    try:
-        optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
-                                           artifact_id=trial.user_attrs[f"artifact_{what}"])
-    except Exception as e:  # the store raises several types for a missing or unreadable artifact
-        raise DeployError(f"{what} artifact of trial {trial.number} is not readable in {store_dir} "
-                          f"({type(e).__name__}: {e})") from None
-
-
-def shipped_files(study: optuna.Study, trial: optuna.trial.FrozenTrial, folder: Path, *, storage: str,
-                  workdir: str | None) -> dict[str, Path] | None:
-    """The ONNX files the sweep exported and evaluated for this trial (precision -> path in `folder`), checked
-    against their recorded sha256; None for a trial of an older dse or of a sweep with study.deployed=false."""
-    attrs = trial.user_attrs
-    if not all(f"artifact_{p}" in attrs for p in ("onnx", "int8")):
-        return None
-    out = {}
-    for precision, what in (("fp32", "onnx"), ("int8", "int8")):
-        out[precision] = path = folder / f"{what}.onnx"
-        _download(study, trial, what, path, storage=storage, workdir=workdir)
-        if runtime.sha256(str(path)) != attrs.get(f"{what}_sha256"):
-            raise DeployError(f"the {what} ONNX artifact of trial {trial.number} does not match its recorded sha256 "
-                              f"{attrs.get(f'{what}_sha256')}: the artifact store was changed")
-    return out
-
-
-def load_trial_data(trial: optuna.trial.FrozenTrial, data_root: str | None = None) -> Splits:
-    """The trial's dataset and split (`data_root` overrides where it lives); refused when the files
-    split differently from the trial's (another dataset copy)."""
-    data = dict(_config(trial)["data"], download=False)
-    if data_root is not None:
-        data["root"] = str(data_root)
-    splits = load_data(DataConfig(**data))
-    theirs = trial.user_attrs.get("split", {}).get("indices_sha256")
-    if theirs and theirs != splits.split["indices_sha256"]:
-        raise DeployError(f"the data in {data['root']} splits differently from trial {trial.number}'s "
-                          f"(indices sha256 {splits.split['indices_sha256']}, trial {theirs}); pass --data-root")
-    return splits
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
@@ -165,8 +90,10 @@ def _check_out(out: Path, force: bool) -> None:
         if not force:
             raise DeployError(f"{path} already exists; pass --force to replace it, or another --out")
         if path == out and not (out / runtime.SUMS).is_file():
-            raise DeployError(f"{out} holds files but no bundle ({runtime.SUMS} missing); --force replaces bundles "
-                              "only: pick another --out")
+            raise DeployError(
+                f"{out} holds files but no bundle ({runtime.SUMS} missing); --force replaces bundles "
+                "only: pick another --out"
+            )
 
 
 def _tar_path(folder: Path) -> Path:
@@ -211,19 +138,34 @@ def _storage_label(storage: str) -> str:
 def _readme(meta: dict, name: str) -> str:
     m, shape = meta["metrics"], meta["input"]["shape"]
     values = {
-        "paper_name": meta["paper_name"], "trial": meta["trial"], "study": meta["study"],
-        "dse_version": meta["export"]["dse"], "exported_at": meta["export"]["exported_at"],
-        "in_channels": shape[1], "height": shape[2], "width": shape[3], "num_classes": len(meta["classes"]),
-        "dataset": meta["config"]["data"]["name"], "python_min": meta["requires"]["python"].lstrip(">="),
-        "onnxruntime_min": meta["requires"]["onnxruntime"].lstrip(">="), "test_images": m["test_images"],
-        "fp32_acc": f"{100 * m['fp32_acc']:.2f}", "int8_acc": f"{100 * m['int8_acc']:.2f}",
-        "agreement": f"{100 * m['int8_agreement']:.2f}", "fp32_bytes": f"{m['onnx_fp32_bytes']:,}",
-        "int8_bytes": f"{m['onnx_int8_bytes']:,}", "latency_fp32_ms": f"{m['latency_fp32_ms']:.3f}",
-        "latency_int8_ms": f"{m['latency_int8_ms']:.3f}", "latency_how": m["latency_how"],
-        "opset": meta["onnx"]["opset"], "input_name": meta["input"]["name"],
-        "calibration_images": meta["int8"]["calibration_images"], "num_samples": len(meta["samples"]),
-        "bundle_name": name, "class_names": ", ".join(meta["classes"]),
-    }  # fmt: skip
+        "paper_name": meta["paper_name"],
+        "trial": meta["trial"],
+        "study": meta["study"],
+        "dse_version": meta["export"]["dse"],
+        "exported_at": meta["export"]["exported_at"],
+        "in_channels": shape[1],
+        "height": shape[2],
+        "width": shape[3],
+        "num_classes": len(meta["classes"]),
+        "dataset": meta["config"]["data"]["name"],
+        "python_min": meta["requires"]["python"].lstrip(">="),
+        "onnxruntime_min": meta["requires"]["onnxruntime"].lstrip(">="),
+        "test_images": m["test_images"],
+        "fp32_acc": f"{100 * m['fp32_acc']:.2f}",
+        "int8_acc": f"{100 * m['int8_acc']:.2f}",
+        "agreement": f"{100 * m['int8_agreement']:.2f}",
+        "fp32_bytes": f"{m['onnx_fp32_bytes']:,}",
+        "int8_bytes": f"{m['onnx_int8_bytes']:,}",
+        "latency_fp32_ms": f"{m['latency_fp32_ms']:.3f}",
+        "latency_int8_ms": f"{m['latency_int8_ms']:.3f}",
+        "latency_how": m["latency_how"],
+        "opset": meta["onnx"]["opset"],
+        "input_name": meta["input"]["name"],
+        "calibration_images": meta["int8"]["calibration_images"],
+        "num_samples": len(meta["samples"]),
+        "bundle_name": name,
+        "class_names": ", ".join(meta["classes"]),
+    }
     return string.Template((TEMPLATES / "README.md").read_text()).substitute(values)
 
 
@@ -277,25 +219,43 @@ def check_against_torch(model: nn.Module, fp32: Path, splits: Splits, settings: 
     onnx_out = ort_logits(runtime.cpu_session(str(fp32)), check, splits.mean, splits.std)
     diff = float(np.abs(onnx_out - torch_logits(model, check, splits.mean, splits.std)).max())
     if not diff < settings.atol:
-        raise DeployError(f"ONNX Runtime's fp32 logits differ from PyTorch's by {diff:.2e} on {len(check)} test "
-                          f"images, more than atol={settings.atol:g}; the export is wrong, or pass a larger --atol")
+        raise DeployError(
+            f"ONNX Runtime's fp32 logits differ from PyTorch's by {diff:.2e} on {len(check)} test "
+            f"images, more than atol={settings.atol:g}; the export is wrong, or pass a larger --atol"
+        )
     return diff
 
 
 def measure_models(fp32: Path, int8: Path, splits: Splits, settings: ExportSettings) -> dict:
     """Test accuracy, int8-vs-fp32 top-1 agreement, file and weight bytes, batch-1 latency of both models."""
     y = splits.test_y.numpy()
-    pred = {p: ort_logits(runtime.cpu_session(str(path)), splits.test_x, splits.mean, splits.std).argmax(1)
-            for p, path in (("fp32", fp32), ("int8", int8))}
-    metrics = {"fp32_acc": float((pred["fp32"] == y).mean()), "int8_acc": float((pred["int8"] == y).mean()),
-               "int8_agreement": float((pred["int8"] == pred["fp32"]).mean()), "test_images": len(y)}
+    pred = {
+        p: ort_logits(runtime.cpu_session(str(path)), splits.test_x, splits.mean, splits.std).argmax(1)
+        for p, path in (("fp32", fp32), ("int8", int8))
+    }
+    metrics = {
+        "fp32_acc": float((pred["fp32"] == y).mean()),
+        "int8_acc": float((pred["int8"] == y).mean()),
+        "int8_agreement": float((pred["int8"] == pred["fp32"]).mean()),
+        "test_images": len(y),
+    }
     one = runtime.normalize(splits.test_x[:1].numpy(), splits.mean, splits.std)
     for precision, path in (("fp32", fp32), ("int8", int8)):
         median, iqr = measure_latency(path, one, settings)
-        metrics.update({f"onnx_{precision}_bytes": path.stat().st_size, f"onnx_{precision}_weight_bytes": weight_bytes(path),
-                        f"latency_{precision}_ms": median, f"latency_{precision}_iqr_ms": iqr})
-    metrics.update(latency_threads=settings.threads, latency_runs=settings.runs, latency_warmup=settings.warmup,
-                   latency_how=latency_how(settings))
+        metrics.update(
+            {
+                f"onnx_{precision}_bytes": path.stat().st_size,
+                f"onnx_{precision}_weight_bytes": weight_bytes(path),
+                f"latency_{precision}_ms": median,
+                f"latency_{precision}_iqr_ms": iqr,
+            }
+        )
+    metrics.update(
+        latency_threads=settings.threads,
+        latency_runs=settings.runs,
+        latency_warmup=settings.warmup,
+        latency_how=latency_how(settings),
+    )
     return metrics
 
 
@@ -303,8 +263,14 @@ def write_torch_files(folder: Path, model: nn.Module, cfg: ModelConfig, splits: 
     """weights.safetensors and config.json: what `load_bundle_model` rebuilds the PyTorch model from."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "weights.safetensors"), metadata={"format": FORMAT, "paper_name": paper_name(cfg)})
-    config = {"format": FORMAT, "model": asdict(cfg), "num_classes": splits.num_classes,
-              "in_channels": splits.in_channels, "input_shape": list(splits.test_x.shape[1:]), "dse": dse.__version__}
+    config = {
+        "format": FORMAT,
+        "model": asdict(cfg),
+        "num_classes": splits.num_classes,
+        "in_channels": splits.in_channels,
+        "input_shape": list(splits.test_x.shape[1:]),
+        "dse": dse.__version__,
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
@@ -314,44 +280,80 @@ def describe(cfg: ModelConfig, splits: Splits, fp32: Path, int8: Path, settings:
     opset, ir = onnx_versions(fp32)
     ort_min = min_onnxruntime([fp32, int8])
     return {
-        "paper_name": paper_name(cfg), "model": asdict(cfg),
+        "paper_name": paper_name(cfg),
+        "model": asdict(cfg),
         "input": {
-            "name": INPUT, "shape": [1, *shape], "dtype": "float32", "layout": "NCHW", "batch_axis": "dynamic",
+            "name": INPUT,
+            "shape": [1, *shape],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "batch_axis": "dynamic",
             "channels": {3: "RGB", 1: "grey"}.get(shape[0], f"{shape[0]} channels"),
-            "mean": list(splits.mean), "std": list(splits.std),
+            "mean": list(splits.mean),
+            "std": list(splits.std),
             "preprocess": "uint8 image -> model channels -> centred crop to the model's aspect ratio -> area "
-                          "resize -> (x/255 - mean)/std (predict.to_model_input)",
+            "resize -> (x/255 - mean)/std (predict.to_model_input)",
         },
-        "output": {"name": OUTPUT, "shape": ["batch", splits.num_classes], "meaning": "logits; softmax gives probabilities"},
+        "output": {
+            "name": OUTPUT,
+            "shape": ["batch", splits.num_classes],
+            "meaning": "logits; softmax gives probabilities",
+        },
         "classes": list(splits.classes),
         "onnx": {"opset": opset, "ir_version": ir, "exporter": f"torch.onnx (TorchScript) {torch.__version__}"},
-        "int8": {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor",
-                 "calibration": "MinMax", "calibration_images": settings.calibration_images,
-                 "calibration_seed": settings.seed, "not_quantized": list(INT8_SKIP)},
-        "requires": {"python": f">={PYTHON_MIN}", "onnxruntime": f">={ort_min}",
-                     "packages": ["numpy", f"onnxruntime>={ort_min}", "pillow (image files only)"]},
-    }  # fmt: skip
+        "int8": {
+            "format": "QDQ",
+            "weights": "int8 per channel",
+            "activations": "uint8 per tensor",
+            "calibration": "MinMax",
+            "calibration_images": settings.calibration_images,
+            "calibration_seed": settings.seed,
+            "not_quantized": list(INT8_SKIP),
+        },
+        "requires": {
+            "python": f">={PYTHON_MIN}",
+            "onnxruntime": f">={ort_min}",
+            "packages": ["numpy", f"onnxruntime>={ort_min}", "pillow (image files only)"],
+        },
+    }
 
 
-def build_bundle(folder: Path, model: nn.Module, cfg: ModelConfig, splits: Splits, settings: ExportSettings,
-                 *, header: dict, shipped: dict[str, Path] | None = None) -> dict:
+def build_bundle(
+    folder: Path,
+    model: nn.Module,
+    cfg: ModelConfig,
+    splits: Splits,
+    settings: ExportSettings,
+    *,
+    header: dict,
+    shipped: dict[str, Path] | None = None,
+) -> dict:
     """Write every bundle file into the empty `folder` and return its meta.json content. The ONNX files are
     `shipped` (precision -> the file the sweep exported and evaluated, copied as they are) or exported now."""
     if shipped:
         fp32, int8 = (Path(shutil.copyfile(shipped[p], folder / runtime.MODELS[p])) for p in ("fp32", "int8"))
     else:
-        calibration = calibration_batches(splits.train_x, splits.mean, splits.std, n=settings.calibration_images,
-                                          seed=settings.seed)
+        calibration = calibration_batches(
+            splits.train_x, splits.mean, splits.std, n=settings.calibration_images, seed=settings.seed
+        )
         fp32, int8 = export_pair(model, folder, tuple(splits.test_x.shape[1:]), calibration)
     diff = check_against_torch(model, fp32, splits, settings)
     metrics = measure_models(fp32, int8, splits, settings)
-    metrics.update(onnx_max_abs_diff=diff, onnx_check_images=min(settings.check_images, len(splits.test_x)),
-                   onnx_from_sweep=bool(shipped))  # the files the sweep evaluated, or exported now
+    metrics.update(
+        onnx_max_abs_diff=diff,
+        onnx_check_images=min(settings.check_images, len(splits.test_x)),
+        onnx_from_sweep=bool(shipped),
+    )  # the files the sweep evaluated, or exported now
     write_torch_files(folder, model, cfg, splits)
     for name in RUNTIME_FILES:
         shutil.copyfile(TEMPLATES / name, folder / name)
-    meta = {"format": FORMAT, **header, **describe(cfg, splits, fp32, int8, settings), "metrics": metrics,
-            "samples": write_samples(folder, splits, settings.samples)}
+    meta = {
+        "format": FORMAT,
+        **header,
+        **describe(cfg, splits, fp32, int8, settings),
+        "metrics": metrics,
+        "samples": write_samples(folder, splits, settings.samples),
+    }
     _sample_classes(folder, meta)
     _finish(folder, meta)
     return meta
@@ -361,17 +363,27 @@ def _header(study: optuna.Study, trial: optuna.trial.FrozenTrial, storage: str, 
     """Where the bundle comes from: study, trial, its objectives, config, split and provenance, the export."""
     trained = trial.user_attrs.get("provenance", {})
     return {
-        "study": study.study_name, "storage": _storage_label(storage), "trial": trial.number,
+        "study": study.study_name,
+        "storage": _storage_label(storage),
+        "trial": trial.number,
         "objectives": dict(zip(study.metric_names or [], trial.values)),
-        "torch_test_acc": trial.user_attrs.get("test_acc"), "config": _config(trial), "split": dict(splits.split),
+        "torch_test_acc": trial.user_attrs.get("test_acc"),
+        "config": trial_config(trial),
+        "split": dict(splits.split),
         "provenance": {k: trained.get(k) for k in ("git_commit", "versions", "host")},
         "export": {
-            "dse": dse.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "numpy": np.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version(), "host": socket.gethostname(), "cpu": runtime.cpu_name(),
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dse": dse.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+            "safetensors": safetensors.__version__,
+            "python": platform.python_version(),
+            "host": socket.gethostname(),
+            "cpu": runtime.cpu_name(),
+            "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
-    }  # fmt: skip
+    }
 
 
 def export_trial(
@@ -392,28 +404,39 @@ def export_trial(
     out = Path(out) if out is not None else study_bundles(study.study_name) / bundle_name(trial)
     _check_out(out, force)
     splits = load_trial_data(trial, data_root)
-    model, cfg = load_trial_model(study, trial, storage=storage, workdir=workdir,
-                                  num_classes=splits.num_classes, in_channels=splits.in_channels)
+    model, cfg = load_trial_model(
+        study, trial, storage=storage, workdir=workdir, num_classes=splits.num_classes, in_channels=splits.in_channels
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         shipped = shipped_files(study, trial, Path(tmp), storage=storage, workdir=workdir)
         if shipped:  # int8 was calibrated as the sweep did: say so in meta.json
             made = trial.user_attrs.get("deployed_calibration", {})
-            settings = replace(settings, calibration_images=made.get("images", settings.calibration_images),
-                               seed=made.get("seed", settings.seed))
+            settings = replace(
+                settings,
+                calibration_images=made.get("images", settings.calibration_images),
+                seed=made.get("seed", settings.seed),
+            )
         folder = Path(tmp) / out.name
         folder.mkdir()
-        meta = build_bundle(folder, model, cfg, splits, settings, header=_header(study, trial, storage, splits),
-                            shipped=shipped)
+        meta = build_bundle(
+            folder, model, cfg, splits, settings, header=_header(study, trial, storage, splits), shipped=shipped
+        )
         _replace(folder, out)
     _tar(out)
     m = meta["metrics"]
     record = {
-        "trial": number, "paper_name": meta["paper_name"], "fp32_acc": m["fp32_acc"], "int8_acc": m["int8_acc"],
-        "onnx_fp32_bytes": m["onnx_fp32_bytes"], "onnx_int8_bytes": m["onnx_int8_bytes"],
-        "latency_fp32_ms": m["latency_fp32_ms"], "latency_int8_ms": m["latency_int8_ms"],
-        "latency_how": m["latency_how"], "bundle": str(out.resolve()),
-    }  # fmt: skip
+        "trial": number,
+        "paper_name": meta["paper_name"],
+        "fp32_acc": m["fp32_acc"],
+        "int8_acc": m["int8_acc"],
+        "onnx_fp32_bytes": m["onnx_fp32_bytes"],
+        "onnx_int8_bytes": m["onnx_int8_bytes"],
+        "latency_fp32_ms": m["latency_fp32_ms"],
+        "latency_int8_ms": m["latency_int8_ms"],
+        "latency_how": m["latency_how"],
+        "bundle": str(out.resolve()),
+    }
     record_on_study(study.study_name, storage, number, record)
     return record
 
@@ -440,14 +463,25 @@ def write_index(out: Path, records: list[dict]) -> Path:
     """out/index.md: one row per bundle (fp32/int8 test accuracy, ONNX bytes, batch-1 latency, folder)."""
     import pandas as pd
 
-    frame = pd.DataFrame([{
-        "trial": r["trial"], "model": r["paper_name"], "fp32_acc_%": round(100 * r["fp32_acc"], 2),
-        "int8_acc_%": round(100 * r["int8_acc"], 2), "fp32_bytes": r["onnx_fp32_bytes"], "int8_bytes": r["onnx_int8_bytes"],
-        "fp32_ms": round(r["latency_fp32_ms"], 3), "int8_ms": round(r["latency_int8_ms"], 3),
-        "bundle": os.path.relpath(r["bundle"], out.resolve()),
-    } for r in records])  # fmt: skip
+    frame = pd.DataFrame(
+        [
+            {
+                "trial": r["trial"],
+                "model": r["paper_name"],
+                "fp32_acc_%": round(100 * r["fp32_acc"], 2),
+                "int8_acc_%": round(100 * r["int8_acc"], 2),
+                "fp32_bytes": r["onnx_fp32_bytes"],
+                "int8_bytes": r["onnx_int8_bytes"],
+                "fp32_ms": round(r["latency_fp32_ms"], 3),
+                "int8_ms": round(r["latency_int8_ms"], 3),
+                "bundle": os.path.relpath(r["bundle"], out.resolve()),
+            }
+            for r in records
+        ]
+    )
     how = records[0]["latency_how"] if records else ""
     path = out / "index.md"
-    path.write_text(f"# Pareto-front bundles\n\nAccuracy on the test set; latency {how}.\n\n"
-                    f"{frame.to_markdown(index=False)}\n")
+    path.write_text(
+        f"# Pareto-front bundles\n\nAccuracy on the test set; latency {how}.\n\n{frame.to_markdown(index=False)}\n"
+    )
     return path

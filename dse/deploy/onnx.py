@@ -19,9 +19,22 @@ from dse.deploy.front import DeployError
 from dse.measure import median_iqr, time_calls
 from dse.models import build_model, config_from_name, paper_name
 from dse.onnx import (
-    CALIBRATION_IMAGES, CALIBRATION_SEED, INPUT, INT8_SKIP, OPSET, OUTPUT, calibration_batches, compact_names,
-    as_trained, export_onnx, export_pair, normalized_batches, ort_logits, quantize_int8, random_calibration,
-)  # fmt: skip
+    CALIBRATION_IMAGES,
+    CALIBRATION_SEED,
+    INPUT,
+    INT8_SKIP,
+    OPSET,
+    OUTPUT,
+    as_trained,
+    calibration_batches,
+    compact_names,
+    export_onnx,
+    export_pair,
+    normalized_batches,
+    ort_logits,
+    quantize_int8,
+    random_calibration,
+)
 
 __all__ = [
     "INPUT",
@@ -110,15 +123,18 @@ def measure_latency(path: Path, x: np.ndarray, settings: ExportSettings) -> tupl
 
 
 def latency_how(settings: ExportSettings) -> str:
-    return (f"batch 1, {settings.threads} intra-op thread(s), median of {settings.runs} runs after {settings.warmup} "
-            f"warm-up, ONNX Runtime {ort.__version__} CPUExecutionProvider, {runtime.cpu_name()}")
+    return (
+        f"batch 1, {settings.threads} intra-op thread(s), median of {settings.runs} runs after {settings.warmup} "
+        f"warm-up, ONNX Runtime {ort.__version__} CPUExecutionProvider, {runtime.cpu_name()}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- a shape alone
 
 
-def measure_shape(name: str, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,
-                  settings: ExportSettings | None = None) -> dict:
+def measure_shape(
+    name: str, *, num_classes: int = 10, in_channels: int = 3, size: int = 32, settings: ExportSettings | None = None
+) -> dict:
     """ONNX file sizes and batch-1 ONNX Runtime latency, fp32 and int8, of a freshly initialised model
     (seed 0) of a registry or paper name: no training, so no accuracy. BatchNorm weights and statistics
     are drawn at random, as training leaves them: at their initial 1s and 0s the exporter would store
@@ -131,7 +147,9 @@ def measure_shape(name: str, *, num_classes: int = 10, in_channels: int = 3, siz
     model = as_trained(build_model(cfg, num_classes=num_classes, in_channels=in_channels).eval())
     shape = (in_channels, size, size)
     stats = ((0.5,) * in_channels, (0.25,) * in_channels)
-    images = torch.randint(0, 256, (1, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(settings.seed))
+    images = torch.randint(
+        0, 256, (1, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(settings.seed)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         calibration = random_calibration(shape, settings.calibration_images, settings.seed)
         fp32, int8 = export_pair(model, Path(tmp), shape, calibration)
@@ -139,7 +157,13 @@ def measure_shape(name: str, *, num_classes: int = 10, in_channels: int = 3, siz
         row = {"model": paper_name(cfg), "params": sum(p.numel() for p in model.parameters())}
         for precision, path in (("fp32", fp32), ("int8", int8)):
             median, iqr = measure_latency(path, one, settings)
-            row.update({f"{precision}_bytes": path.stat().st_size, f"{precision}_weight_bytes": weight_bytes(path),
-                        f"{precision}_ms": median, f"{precision}_iqr_ms": iqr})
+            row.update(
+                {
+                    f"{precision}_bytes": path.stat().st_size,
+                    f"{precision}_weight_bytes": weight_bytes(path),
+                    f"{precision}_ms": median,
+                    f"{precision}_iqr_ms": iqr,
+                }
+            )
     row["latency_how"] = latency_how(settings)
     return row

@@ -17,6 +17,7 @@ from dse.models import ModelConfig, build_model
 
 __all__ = ["load_bundle_model", "unpack_bundle", "verify_bundle"]
 
+
 def verify_bundle(bundle: str | os.PathLike) -> dict:
     """Check every file of a bundle, its folder or the .tar.gz export wrote, against SHA256SUMS and meta.json;
     return the meta or raise DeployError. An archive is unpacked into a temporary folder first (`unpack_bundle`)."""
@@ -40,8 +41,10 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
     """Refuse a member that could write outside the folder it is unpacked into, or is not a file or a folder."""
     path = PurePosixPath(member.name)
     if path.is_absolute() or ".." in path.parts:
-        raise DeployError(f"{archive}: member {member.name!r} is an absolute path or climbs out with '..'; a bundle "
-                          "archive holds relative paths only")
+        raise DeployError(
+            f"{archive}: member {member.name!r} is an absolute path or climbs out with '..'; a bundle "
+            "archive holds relative paths only"
+        )
     if not (member.isfile() or member.isdir()):
         kind = "a link" if member.issym() or member.islnk() else "not a file or a folder"
         raise DeployError(f"{archive}: member {member.name!r} is {kind}; a bundle archive holds files and folders only")
@@ -57,7 +60,9 @@ def unpack_bundle(archive: Path, into: Path) -> Path:
                 _check_member(archive, member)
             tar.extractall(into, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DeployError(f"{archive} is neither a bundle folder nor a readable bundle archive (.tar.gz): {e}") from None
+        raise DeployError(
+            f"{archive} is neither a bundle folder nor a readable bundle archive (.tar.gz): {e}"
+        ) from None
     tops = {PurePosixPath(m.name).parts[0] for m in members if PurePosixPath(m.name).parts}
     top = into / tops.pop() if len(tops) == 1 else into
     return top if top.is_dir() else into
@@ -67,7 +72,8 @@ def load_bundle_model(folder: str | os.PathLike) -> nn.Module:
     """The PyTorch model of a bundle, rebuilt with dse from config.json and weights.safetensors (checked)."""
     verify_bundle(folder)
     config = json.loads((Path(folder) / "config.json").read_text())
-    model = build_model(ModelConfig(**config["model"]), num_classes=config["num_classes"], in_channels=config["in_channels"])
+    model = build_model(
+        ModelConfig(**config["model"]), num_classes=config["num_classes"], in_channels=config["in_channels"]
+    )
     model.load_state_dict(load_file(str(Path(folder) / "weights.safetensors")))
     return model.eval()
-

@@ -23,7 +23,12 @@ def paper_rows(tables: list[str]) -> list[dict]:
     rows = []
     for table in tables:
         for _, row in paper_table(table).iterrows():
-            base = {"table": table, "model": row["model"], "paper_mb": row["size_mb"], "num_classes": CLASSES[row["dataset"]]}
+            base = {
+                "table": table,
+                "model": row["model"],
+                "paper_mb": row["size_mb"],
+                "num_classes": CLASSES[row["dataset"]],
+            }
             blocks = row.get("blocks") if isinstance(row.get("blocks"), list) else None
             try:
                 cfg = parse_name(row["model"], blocks=blocks)
@@ -90,7 +95,14 @@ def parser() -> argparse.ArgumentParser:
         "batch-1 CPU latency). With no names: the paper's Table 1 beside its published sizes.",
     )
     parser.add_argument("names", nargs="*", help="registry names or paper names, e.g. 'Shallow SqueezeNext-06-0.4x'")
-    parser.add_argument("--tables", nargs="+", default=None, choices=TABLES, metavar="N", help="paper tables whose rows to measure (default 1)")
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        default=None,
+        choices=TABLES,
+        metavar="N",
+        help="paper tables whose rows to measure (default 1)",
+    )
     parser.add_argument("--list", action="store_true", help="list the registered models and exit")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--in-channels", type=int, default=3)
@@ -110,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = [{"model": n, "cfg": config_from_name(n), "num_classes": args.num_classes} for n in args.names]
         rows += paper_rows(tables)
-        frame = measure_rows(rows, in_channels=args.in_channels, size=args.size, threads=args.threads, repeats=args.repeats)
+        frame = measure_rows(
+            rows, in_channels=args.in_channels, size=args.size, threads=args.threads, repeats=args.repeats
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

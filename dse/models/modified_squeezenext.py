@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
@@ -24,6 +24,11 @@ def modified_squeezenext(
     """Modified SqueezeNext: the first block of every stage feeds a 2x2 max-pool (Figure 3, right), the
     other blocks do not (Figure 3, left); no strided convolutions."""
     return build_squeezenext(
-        blocks=blocks, width=width, num_classes=num_classes, in_channels=in_channels,
-        unit=conv_bn_relu_noscale, act=lambda: nn.ReLU(inplace=True), downsample="maxpool",
+        blocks=blocks,
+        width=width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        unit=conv_bn_relu_noscale,
+        act=lambda: nn.ReLU(inplace=True),
+        downsample="maxpool",
     )

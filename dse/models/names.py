@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
 from dse.models.registry import (
-    ModelConfig, build_registered, check_blocks, check_width, list_models, model_family, resolve_config,
-)  # fmt: skip
+    ModelConfig,
+    build_registered,
+    check_blocks,
+    check_width,
+    list_models,
+    model_family,
+    resolve_config,
+)
 from dse.paper import load_paper
 
 __all__ = ["config_from_name", "create_model", "parse_name", "paper_name", "paper_blocks", "candidate_blocks", "depth"]
@@ -66,9 +72,7 @@ def _shallow_blocks(name: str, dd: int, width: float, blocks: Sequence[int] | No
         return candidates[0]
     if candidates:
         options = " or ".join(f"R={_fmt_blocks(c)}" for c in candidates)
-        raise ValueError(
-            f"{name!r} is ambiguous: depth {dd:02d} is {options} in the paper; pass blocks=[...]"
-        )
+        raise ValueError(f"{name!r} is ambiguous: depth {dd:02d} is {options} in the paper; pass blocks=[...]")
     raise ValueError(
         f"the paper gives no stage counts for {name!r}; pass blocks= (four positive integers summing to {dd - 2})"
     )
@@ -112,7 +116,9 @@ def parse_name(name: str, *, blocks: Sequence[int] | None = None) -> ModelConfig
     elif blocks is None:
         key = m["depth"] + ("v5" if m["v5"] else "")
         if key not in SQUEEZENEXT_BLOCKS:
-            raise ValueError(f"no known stage counts for {name!r}; known depths: {', '.join(SQUEEZENEXT_BLOCKS)}; pass blocks=")
+            raise ValueError(
+                f"no known stage counts for {name!r}; known depths: {', '.join(SQUEEZENEXT_BLOCKS)}; pass blocks="
+            )
         blocks = SQUEEZENEXT_BLOCKS[key]
     return ModelConfig(name=family, blocks=list(blocks), width=width)
 

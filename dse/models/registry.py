@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Callable, Sequence
 
 import torch.nn as nn
 
@@ -60,9 +60,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | 
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         params = inspect.signature(fn).parameters
-        knobs = {
-            n: p.default for n, p in params.items() if n not in ("num_classes", "in_channels")
-        }
+        knobs = {n: p.default for n, p in params.items() if n not in ("num_classes", "in_channels")}
         _REGISTRY[fn.__name__] = _Entry(fn, family or fn.__name__, knobs)
         return fn
 

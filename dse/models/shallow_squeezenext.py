@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn as nn
 
@@ -46,6 +46,12 @@ def shallow_squeezenext(
         raise ValueError(f"{dropout=} must be in [0, 1)")
     act = make_activation(activation, inplace)
     return build_squeezenext(
-        blocks=blocks, width=width, num_classes=num_classes, in_channels=in_channels,
-        unit=conv_act_bn(act), act=act, separable=((3, 1), (1, 3)), dropout=float(dropout),
+        blocks=blocks,
+        width=width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        unit=conv_act_bn(act),
+        act=act,
+        separable=((3, 1), (1, 3)),
+        dropout=float(dropout),
     )

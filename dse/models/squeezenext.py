@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,7 @@ def conv_bn_relu(i: int, o: int, kernel: tuple[int, int], stride: int = 1) -> nn
 class Bottleneck(nn.Module):
     """Two-stage squeeze (1x1, 1x1), separable 3x3 (1x3 and 3x1 in `separable` order), 1x1 expand, skip."""
 
-    def __init__(
-        self, i: int, o: int, stride: int, unit: Unit, act: nn.Module, separable: Sequence[tuple[int, int]]
-    ):
+    def __init__(self, i: int, o: int, stride: int, unit: Unit, act: nn.Module, separable: Sequence[tuple[int, int]]):
         super().__init__()
         r = 1.0 if stride == 2 else 0.25 if i > o else 0.5
         a, b = int(i * r), int(i * r * 0.5)
@@ -40,7 +38,11 @@ class Bottleneck(nn.Module):
             raise ValueError(f"a {i}->{o} channel bottleneck would squeeze to {b} channels")
         k1, k2 = separable
         self.body = nn.Sequential(
-            unit(i, a, (1, 1), stride), unit(a, b, (1, 1), 1), unit(b, a, k1, 1), unit(a, a, k2, 1), unit(a, o, (1, 1), 1)
+            unit(i, a, (1, 1), stride),
+            unit(a, b, (1, 1), 1),
+            unit(b, a, k1, 1),
+            unit(a, a, k2, 1),
+            unit(a, o, (1, 1), 1),
         )
         identity = stride == 1 and i == o
         self.shortcut = nn.Identity() if identity else nn.Sequential(conv(i, o, (1, 1), stride), nn.BatchNorm2d(o))
@@ -101,8 +103,12 @@ def squeezenext(
 ) -> nn.Module:
     """SqueezeNext, CIFAR variant: any stage counts and width (defaults: SqueezeNext-23-1x)."""
     return build_squeezenext(
-        blocks=blocks, width=width, num_classes=num_classes, in_channels=in_channels,
-        unit=conv_bn_relu, act=lambda: nn.ReLU(inplace=True),
+        blocks=blocks,
+        width=width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        unit=conv_bn_relu,
+        act=lambda: nn.ReLU(inplace=True),
     )
 
 

@@ -19,13 +19,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(several studies are combined into OUT/<a>+<b>/).",
     )
     parser.add_argument("--study", nargs="+", required=True, metavar="NAME", help="the study (or studies) to report")
-    parser.add_argument("--storage", nargs="+", default=[], metavar="URL",
-                        help="storage URL: one for all studies or one per study (default: sqlite:///studies/<name>.db)")
+    parser.add_argument(
+        "--storage",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="storage URL: one for all studies or one per study (default: sqlite:///studies/<name>.db)",
+    )
     parser.add_argument("--out", default="reports", help="the folder the report folder goes in (default: reports)")
-    parser.add_argument("--format", nargs="+", default=["markdown"], choices=list(FORMATS), dest="formats",
-                        help="table formats to write (default: markdown); index.md and the PNGs are always written")
-    parser.add_argument("--target", help="mark and plot the front of this target's objectives (conf/target/: paper, "
-                        "onnx, int8) instead of each study's own")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        default=["markdown"],
+        choices=list(FORMATS),
+        dest="formats",
+        help="table formats to write (default: markdown); index.md and the PNGs are always written",
+    )
+    parser.add_argument(
+        "--target",
+        help="mark and plot the front of this target's objectives (conf/target/: paper, "
+        "onnx, int8) instead of each study's own",
+    )
     return parser.parse_args(argv)
 
 
@@ -39,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dse.report: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     complete = int((data.trials["state"] == "COMPLETE").sum()) if len(data.trials) else 0
-    print(f"report of {data.name} ({complete} complete of {len(data.trials)} trials) in {folder}/: "
-          f"index.md (every trial first), trials, configs and table1-7 ({', '.join(args.formats)}), figure9.png, pareto.png")
+    print(
+        f"report of {data.name} ({complete} complete of {len(data.trials)} trials) in {folder}/: "
+        f"index.md (every trial first), trials, configs and table1-7 ({', '.join(args.formats)}), figure9.png, pareto.png"
+    )
     if not complete:
         print(f"no complete trial: {why_no_front(data.trials)}")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -17,16 +18,51 @@ from dse.metrics import DEPLOYED, METRICS
 from dse.models import parse_name
 from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
 
-__all__ = ["CONFIG", "BUDGET", "LATENCY", "MEASURED_ALONE", "StudyData", "load_studies", "completed", "aggregate", "clean", "val_acc"]
+__all__ = [
+    "CONFIG",
+    "BUDGET",
+    "LATENCY",
+    "MEASURED_ALONE",
+    "StudyData",
+    "load_studies",
+    "completed",
+    "aggregate",
+    "clean",
+    "val_acc",
+]
 
 # Two trials are repeats of one experiment when these agree (they differ in the seed only).
 CONFIG = ("family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer")
 BUDGET = ("epochs", "lr", "train_images")
 # The user attributes the report reads; a study written before one existed still loads.
 ATTRS = (
-    "paper_name", "family", "blocks", "width", "dropout", "activation", "inplace", "dataset", "optimizer", "lr",
-    "epochs_planned", "seed", "params", "macs", "size_mb", "int8_mb", "latency_ms", "test_acc", "s_per_epoch",
-    "curves", "split", "device", "provenance", "pruned_reason", "latency_key", "latency_iqr_ms", *DEPLOYED,
+    "paper_name",
+    "family",
+    "blocks",
+    "width",
+    "dropout",
+    "activation",
+    "inplace",
+    "dataset",
+    "optimizer",
+    "lr",
+    "epochs_planned",
+    "seed",
+    "params",
+    "macs",
+    "size_mb",
+    "int8_mb",
+    "latency_ms",
+    "test_acc",
+    "s_per_epoch",
+    "curves",
+    "split",
+    "device",
+    "provenance",
+    "pruned_reason",
+    "latency_key",
+    "latency_iqr_ms",
+    *DEPLOYED,
 )
 
 
@@ -56,8 +92,10 @@ def load_studies(names: Sequence[str], storages: Sequence[str] = ()) -> StudyDat
         raise ValueError(f"studies={list(names)} name a study twice")
     if len(storages) not in (0, 1, len(names)):
         raise ValueError(f"{len(storages)} storages for {len(names)} studies: give none, one for all, or one per study")
-    urls = {name: storages[i] if len(storages) == len(names) else storages[0] if storages else default_storage(name)
-            for i, name in enumerate(names)}
+    urls = {
+        name: storages[i] if len(storages) == len(names) else storages[0] if storages else default_storage(name)
+        for i, name in enumerate(names)
+    }
     frames, attrs, objectives = [], {}, {}
     for name, url in urls.items():
         study = _load(name, url)
@@ -125,13 +163,18 @@ def completed(trials: pd.DataFrame) -> pd.DataFrame:
     for row in trials[trials["state"] == "COMPLETE"].to_dict("records"):
         split = row["split"] if isinstance(row["split"], dict) else {}
         config = config_key(row)
-        records.append({
-            **row, **dict(zip(CONFIG, config)), "config": config,
-            "epochs": clean(row["epochs_planned"]), "train_images": split.get("train"),
-            "budget": (clean(row["epochs_planned"]), clean(row["lr"]), split.get("train")),
-            "test_pct": 100 * row["test_acc"] if row["test_acc"] is not None else math.nan,
-            "val_pct": 100 * val_acc(row),
-        })
+        records.append(
+            {
+                **row,
+                **dict(zip(CONFIG, config)),
+                "config": config,
+                "epochs": clean(row["epochs_planned"]),
+                "train_images": split.get("train"),
+                "budget": (clean(row["epochs_planned"]), clean(row["lr"]), split.get("train")),
+                "test_pct": 100 * row["test_acc"] if row["test_acc"] is not None else math.nan,
+                "val_pct": 100 * val_acc(row),
+            }
+        )
     columns = [*trials.columns, *CONFIG, "config", "epochs", "train_images", "budget", "test_pct", "val_pct"]
     return pd.DataFrame(records, columns=list(dict.fromkeys(columns)))
 
@@ -147,21 +190,55 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
         for column, name in (("test_pct", "acc"), ("val_pct", "val"), ("s_per_epoch", "s_per_epoch")):
             values = g[column].astype(float)
             stats |= {f"{name}_mean": values.mean(), f"{name}_std": values.std(ddof=1)}
-        rows.append({
-            "config": first["config"], **dict(zip(CONFIG, first["config"])), "budget": first["budget"],
-            **dict(zip(BUDGET, first["budget"])), "model": first["paper_name"], "n": len(g),
-            "seeds": sorted(int(s) for s in g["seed"]), "studies": sorted(set(g["study"])),
-            "trials": sorted(zip(g["study"], g["number"].astype(int))), **stats,
-            "size_mb": g["size_mb"].astype(float).mean(), "int8_mb": g["int8_mb"].astype(float).mean(),
-            "params": int(first["params"]), "macs": int(first["macs"]),
-            "latency_ms": g["latency_ms"].astype(float).mean(), "latency_iqr_ms": g["latency_iqr_ms"].astype(float).mean(),
-            "latency_under_load": bool(g["latency_under_load"].eq(True).any()),
-            "device": ", ".join(sorted(set(map(str, g["device"])))),
-            **{m: _mean(g[m]) * (100 if METRICS[m].unit == "fraction" else 1) for m in DEPLOYED},  # accuracies in %
-        })
-    columns = ["config", *CONFIG, "budget", *BUDGET, "model", "n", "seeds", "studies", "trials", "acc_mean", "acc_std",
-               "val_mean", "val_std", "s_per_epoch_mean", "s_per_epoch_std", "size_mb", "int8_mb", "params", "macs",
-               "latency_ms", "latency_iqr_ms", "latency_under_load", "device", *DEPLOYED]
+        rows.append(
+            {
+                "config": first["config"],
+                **dict(zip(CONFIG, first["config"])),
+                "budget": first["budget"],
+                **dict(zip(BUDGET, first["budget"])),
+                "model": first["paper_name"],
+                "n": len(g),
+                "seeds": sorted(int(s) for s in g["seed"]),
+                "studies": sorted(set(g["study"])),
+                "trials": sorted(zip(g["study"], g["number"].astype(int))),
+                **stats,
+                "size_mb": g["size_mb"].astype(float).mean(),
+                "int8_mb": g["int8_mb"].astype(float).mean(),
+                "params": int(first["params"]),
+                "macs": int(first["macs"]),
+                "latency_ms": g["latency_ms"].astype(float).mean(),
+                "latency_iqr_ms": g["latency_iqr_ms"].astype(float).mean(),
+                "latency_under_load": bool(g["latency_under_load"].eq(True).any()),
+                "device": ", ".join(sorted(set(map(str, g["device"])))),
+                **{m: _mean(g[m]) * (100 if METRICS[m].unit == "fraction" else 1) for m in DEPLOYED},  # accuracies in %
+            }
+        )
+    columns = [
+        "config",
+        *CONFIG,
+        "budget",
+        *BUDGET,
+        "model",
+        "n",
+        "seeds",
+        "studies",
+        "trials",
+        "acc_mean",
+        "acc_std",
+        "val_mean",
+        "val_std",
+        "s_per_epoch_mean",
+        "s_per_epoch_std",
+        "size_mb",
+        "int8_mb",
+        "params",
+        "macs",
+        "latency_ms",
+        "latency_iqr_ms",
+        "latency_under_load",
+        "device",
+        *DEPLOYED,
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

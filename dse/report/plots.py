@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 from matplotlib import colors
@@ -16,8 +16,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.transforms import Bbox
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.transforms import Bbox
 
 from dse.config import TargetConfig
 from dse.front import non_dominated
@@ -66,7 +66,13 @@ def pick_figure9(groups: pd.DataFrame) -> list[tuple[str, dict, int]]:
     for name, letter, families, preferred in PANELS:
         mine = [g for g in records if g["family"] in families]
         if mine:
-            out.append((f"{name} (paper: Figure 9 ({letter}))", min(mine, key=lambda g: _rank(g, preferred, defaults)), len(mine)))
+            out.append(
+                (
+                    f"{name} (paper: Figure 9 ({letter}))",
+                    min(mine, key=lambda g: _rank(g, preferred, defaults)),
+                    len(mine),
+                )
+            )
     return out
 
 
@@ -114,14 +120,19 @@ def plot_figure9(done: pd.DataFrame, groups: pd.DataFrame, path: Path, *, empty:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         by_epoch = _curves(done, group).groupby("epoch")
-        for column, name, style, colour in (("train_acc", "training", "--", "C0"), ("val_acc", "validation", "-", "C1")):
+        for column, name, style, colour in (
+            ("train_acc", "training", "--", "C0"),
+            ("val_acc", "validation", "-", "C1"),
+        ):
             stats = by_epoch[column].agg(["mean", "min", "max"])
             ax.plot(stats.index, stats["mean"], style, color=colour, marker="o", markersize=3, label=name)
             if group["n"] > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.2, linewidth=0)
         ax.legend(loc="lower right")
-        shown.append(f"{panel}: {what}, {group['epochs']} epochs" + (f" (1 of {of} configurations of the family; all "
-                                                                       "are in the Pareto plot)" if of > 1 else ""))
+        shown.append(
+            f"{panel}: {what}, {group['epochs']} epochs"
+            + (f" (1 of {of} configurations of the family; all are in the Pareto plot)" if of > 1 else "")
+        )
     axes[0].set_ylabel("accuracy (%)")
     fig.suptitle(title)
     fig.savefig(path, dpi=DPI)
@@ -148,13 +159,23 @@ def _declutter(fig: Figure, notes: list) -> None:
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw_without_rendering()
     to_points = 72 / fig.dpi
-    taken = [Bbox.from_bounds(x - 9, y - 9, 18, 18)  # every marker drawn, in display pixels
-             for ax in {n.axes for n in notes} for c in ax.collections if isinstance(c, PathCollection)
-             for x, y in ax.transData.transform(c.get_offsets())]
+    taken = [
+        Bbox.from_bounds(x - 9, y - 9, 18, 18)  # every marker drawn, in display pixels
+        for ax in {n.axes for n in notes}
+        for c in ax.collections
+        if isinstance(c, PathCollection)
+        for x, y in ax.transData.transform(c.get_offsets())
+    ]
     for note in notes:
         box = note.get_window_extent(renderer)
         w, h = box.width * to_points, box.height * to_points
-        places = [(6, 4), (6, -4 - h), (-6 - w, 4), (-6 - w, -4 - h), *((6, 4 + k * h) for k in (1, -2, 2, -3, 3, -4, 4))]
+        places = [
+            (6, 4),
+            (6, -4 - h),
+            (-6 - w, 4),
+            (-6 - w, -4 - h),
+            *((6, 4 + k * h) for k in (1, -2, 2, -3, 3, -4, 4)),
+        ]
         for place in places:
             note.xyann = place
             box = note.get_window_extent(renderer)
@@ -179,9 +200,17 @@ def _by_size(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -
     ax.scatter(size[ringed], acc[ringed], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
     front = sorted(non_dominated(list(zip(-acc, size))), key=lambda i: (size[i], -acc[i]))
     ax.step(size[front], acc[front], where="post", color="C3", linewidth=1.5, zorder=3)
-    notes = [ax.annotate(label(ours.loc[i], swept), (size[i], acc[i]), xytext=(6, 4), textcoords="offset points",
-                         fontsize=8, color="black" if i in front else "0.35")
-             for i in [*front, *(i for i in range(len(ours)) if i not in front)]]
+    notes = [
+        ax.annotate(
+            label(ours.loc[i], swept),
+            (size[i], acc[i]),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=8,
+            color="black" if i in front else "0.35",
+        )
+        for i in [*front, *(i for i in range(len(ours)) if i not in front)]
+    ]
     return notes, front
 
 
@@ -190,21 +219,35 @@ def _error_bars(ax, x, acc: pd.Series, ours: pd.DataFrame) -> None:
     several = (ours["n"] > 1).to_numpy()
     if several.any():
         x = pd.Series(list(x))
-        ax.errorbar(x[several], acc[several], yerr=ours["val_std"].astype(float)[several], fmt="none", ecolor="0.6", zorder=3)
+        ax.errorbar(
+            x[several], acc[several], yerr=ours["val_std"].astype(float)[several], fmt="none", ecolor="0.6", zorder=3
+        )
 
 
 def _by_knob(ax, ours: pd.DataFrame, swept: list[str], norm: colors.Normalize) -> tuple[list, list[int]]:
     """Every model has one size: accuracy against the swept knob(s), one column per configuration in order."""
-    order = sorted(range(len(ours)), key=lambda i: [(v is None, v if v is not None else 0) for v in
-                                                     (ours.loc[i, k] for k in ("dropout", "activation", "optimizer", "lr", "dataset"))])
+    order = sorted(
+        range(len(ours)),
+        key=lambda i: [
+            (v is None, v if v is not None else 0)
+            for v in (ours.loc[i, k] for k in ("dropout", "activation", "optimizer", "lr", "dataset"))
+        ],
+    )
     ours = ours.loc[order].reset_index(drop=True)
     x, acc = range(len(ours)), ours["val_mean"].astype(float)
     _error_bars(ax, x, acc, ours)
     ax.scatter(x, acc, c=ours["latency_ms"].astype(float), cmap="viridis", norm=norm, s=55, zorder=4)
-    ax.set_xticks(list(x), [label(r, swept) for r in ours.to_dict("records")], rotation=30 if len(ours) > 6 else 0,
-                  ha="right" if len(ours) > 6 else "center", fontsize=8)
+    ax.set_xticks(
+        list(x),
+        [label(r, swept) for r in ours.to_dict("records")],
+        rotation=30 if len(ours) > 6 else 0,
+        ha="right" if len(ours) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_xlim(-0.6, len(ours) - 0.4)
-    ax.set_xlabel(f"every model is {ours['size_mb'].iloc[0]:.3f} MB: accuracy against {', '.join(swept) or 'the configuration'}")
+    ax.set_xlabel(
+        f"every model is {ours['size_mb'].iloc[0]:.3f} MB: accuracy against {', '.join(swept) or 'the configuration'}"
+    )
     best = [int(acc.idxmax())]
     ax.scatter([best[0]], [acc[best[0]]], s=170, facecolors="none", edgecolors="black", linewidths=1.1, zorder=5)
     return [], [order[best[0]]]
@@ -215,11 +258,17 @@ def as_target(groups: pd.DataFrame, target: TargetConfig) -> pd.DataFrame:
     (`conf/target/`): the Pareto plot of what ships as fp32 or int8 ONNX. No spread over seeds is drawn for them."""
     size = groups[target.size].astype(float) / (1 if target.size == "size_mb" else 1e3)  # KB -> MB
     accuracy = groups["val_mean"] if target.accuracy == "val_acc" else groups[target.accuracy]
-    return groups.assign(val_mean=accuracy, size_mb=size, latency_ms=groups[target.latency],
-                         val_std=groups["val_std"] if target.accuracy == "val_acc" else float("nan"))
+    return groups.assign(
+        val_mean=accuracy,
+        size_mb=size,
+        latency_ms=groups[target.latency],
+        val_std=groups["val_std"] if target.accuracy == "val_acc" else float("nan"),
+    )
 
 
-def plot_pareto(groups: pd.DataFrame, path: Path, target: TargetConfig | None = None, *, empty: str = EMPTY) -> list[str]:
+def plot_pareto(
+    groups: pd.DataFrame, path: Path, target: TargetConfig | None = None, *, empty: str = EMPTY
+) -> list[str]:
     """Write the Pareto plot to `path`: validation accuracy vs fp32 size, one panel per dataset, colour = batch-1
     latency, the (accuracy, size) front drawn, every point labelled, points non-dominated in all three objectives ringed,
     the paper's published points overlaid where it has them. A panel whose models all have one size plots
@@ -257,13 +306,23 @@ def plot_pareto(groups: pd.DataFrame, path: Path, target: TargetConfig | None = 
     axes[0].set_ylabel("validation accuracy (%), " + ("mean over seeds (bar: ± std)" if several else "one seed"))
     legend = [
         Line2D([], [], marker="o", linestyle="none", color="0.7", label="ours (colour: latency)"),
-        Line2D([], [], marker="o", markersize=11, linestyle="none", markerfacecolor="none", markeredgecolor="black",
-               label="ringed: non-dominated in (accuracy, size, latency)"),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            markersize=11,
+            linestyle="none",
+            markerfacecolor="none",
+            markeredgecolor="black",
+            label="ringed: non-dominated in (accuracy, size, latency)",
+        ),
     ]
     if stepped:
         legend.insert(1, Line2D([], [], color="C3", label="non-dominated front (accuracy, size)"))
     if paper_drawn:
-        legend.insert(0, Line2D([], [], marker="x", linestyle="none", color="0.55", label="paper (published test accuracy)"))
+        legend.insert(
+            0, Line2D([], [], marker="x", linestyle="none", color="0.55", label="paper (published test accuracy)")
+        )
         title = "Accuracy vs model size: our experiments and the paper's published points"
     if not stepped and not shipped:
         title = "Accuracy vs the swept knobs (every model of a dataset has one size)"
@@ -272,8 +331,11 @@ def plot_pareto(groups: pd.DataFrame, path: Path, target: TargetConfig | None = 
         for ax in axes:
             ax.set_xlabel(f"{target.size} in MB: {METRICS[target.size].what} (log scale)")
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=9)
-    bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes),
-                       label=f"{target.latency} (ms)" if shipped else "batch-1 CPU latency (ms)")
+    bar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap="viridis"),
+        ax=list(axes),
+        label=f"{target.latency} (ms)" if shipped else "batch-1 CPU latency (ms)",
+    )
     bar.ax.yaxis.set_major_formatter(PLAIN)
     bar.ax.yaxis.set_minor_formatter(PLAIN)
     fig.suptitle(title)

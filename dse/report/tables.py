@@ -16,8 +16,14 @@ from dse.report.frame import CONFIG, StudyData, clean
 __all__ = ["PAPER_TABLES", "targets", "compare", "deployments", "formatted", "notes", "title"]
 
 PAPER_TABLES = ("1", "2", "3", "4", "5", "6")  # Table 7 (deployment) comes from dse.deploy's records
-KNOB_COLUMNS = {None: (), "blocks": ("R",), "width": ("W",), "dropout": ("p",), "blocks_width": ("R", "W"),
-                "optimizer": ("optimizer",)}
+KNOB_COLUMNS = {
+    None: (),
+    "blocks": ("R",),
+    "width": ("W",),
+    "dropout": ("p",),
+    "blocks_width": ("R", "W"),
+    "optimizer": ("optimizer",),
+}
 MATCHED_ON = {
     "1": "the model (family, stage counts R, width)",
     "2": "the model (family, stage counts R, width)",
@@ -57,8 +63,18 @@ def _target(table: str, row: dict, dataset: str) -> tuple | None:
     if "dropout" in row:
         cfg.dropout = row["dropout"]
     full = resolve_config(cfg)
-    return clean((full.name, full.blocks, full.width, full.dropout, full.activation, full.inplace, dataset,
-                  row.get("optimizer", "sgd")))
+    return clean(
+        (
+            full.name,
+            full.blocks,
+            full.width,
+            full.dropout,
+            full.activation,
+            full.inplace,
+            dataset,
+            row.get("optimizer", "sgd"),
+        )
+    )
 
 
 def _setting(table: str) -> dict[int, object]:
@@ -89,7 +105,8 @@ def compare(table: str, groups: pd.DataFrame, study_tables: dict[str, list[str]]
     setting = _setting(table)
     known = {t for other in PAPER_TABLES for t in targets(other)}
     extras = [
-        g for g in records
+        g
+        for g in records
         if g["config"] not in known
         and any(table in study_tables.get(s, ()) for s in g["studies"])
         and all(g["config"][i] == v for i, v in setting.items())
@@ -109,20 +126,36 @@ def _line(table: str, number: int | None, row: dict, group: dict | None, config:
     knobs = {"R": ",".join(map(str, config[1] or ())), "W": config[2], "p": config[3], "optimizer": config[7]}
     acc, size, speed = g.get("acc_mean", NAN), g.get("size_mb", NAN), g.get("s_per_epoch_mean", NAN)
     return {
-        "table": table, "row": number, "paper_model": row.get("model"),
+        "table": table,
+        "row": number,
+        "paper_model": row.get("model"),
         **{k: knobs[k] for k in KNOB_COLUMNS[load_paper()["tables"][table]["knob"]]},
-        "our_model": g.get("model") or _our_name(config), "n": g.get("n", 0),
-        "seeds": " ".join(map(str, g.get("seeds", []))), "epochs": g.get("epochs"), "train_images": g.get("train_images"),
-        "paper_acc": row.get("acc", NAN), "acc_mean": acc, "acc_std": g.get("acc_std", NAN),
+        "our_model": g.get("model") or _our_name(config),
+        "n": g.get("n", 0),
+        "seeds": " ".join(map(str, g.get("seeds", []))),
+        "epochs": g.get("epochs"),
+        "train_images": g.get("train_images"),
+        "paper_acc": row.get("acc", NAN),
+        "acc_mean": acc,
+        "acc_std": g.get("acc_std", NAN),
         "acc_diff": acc - row.get("acc", NAN),
-        "paper_size_mb": row.get("size_mb", NAN), "size_mb": size,
-        "size_diff": size - row.get("size_mb", NAN) if _comparable(row) else NAN, "size_comparable": _comparable(row),
-        "paper_s_per_epoch": row.get("speed_s", NAN), "s_per_epoch_mean": speed,
-        "s_per_epoch_std": g.get("s_per_epoch_std", NAN), "s_per_epoch_diff": speed - row.get("speed_s", NAN),
-        "val_acc_mean": g.get("val_mean", NAN), "val_acc_std": g.get("val_std", NAN),
-        "params": g.get("params"), "mmacs": g.get("macs", NAN) / 1e6, "latency_ms": g.get("latency_ms", NAN),
-        "int8_mb": g.get("int8_mb", NAN), "device": g.get("device", ""),
-        "studies": " ".join(g.get("studies", [])), "note": row.get("note", ""),
+        "paper_size_mb": row.get("size_mb", NAN),
+        "size_mb": size,
+        "size_diff": size - row.get("size_mb", NAN) if _comparable(row) else NAN,
+        "size_comparable": _comparable(row),
+        "paper_s_per_epoch": row.get("speed_s", NAN),
+        "s_per_epoch_mean": speed,
+        "s_per_epoch_std": g.get("s_per_epoch_std", NAN),
+        "s_per_epoch_diff": speed - row.get("speed_s", NAN),
+        "val_acc_mean": g.get("val_mean", NAN),
+        "val_acc_std": g.get("val_std", NAN),
+        "params": g.get("params"),
+        "mmacs": g.get("macs", NAN) / 1e6,
+        "latency_ms": g.get("latency_ms", NAN),
+        "int8_mb": g.get("int8_mb", NAN),
+        "device": g.get("device", ""),
+        "studies": " ".join(g.get("studies", [])),
+        "note": row.get("note", ""),
     }
 
 
@@ -131,9 +164,12 @@ def deployments(data: StudyData, done: pd.DataFrame) -> pd.DataFrame:
     `deploy:<trial>`, matched by the deployed trial's configuration; bundles of other models follow."""
     configs = {(s, int(n)): c for s, n, c in zip(done["study"], done["number"], done["config"])}
     records = sorted(
-        ({**rec, "study": study, "config": configs.get((study, int(rec["trial"])))}
-         for study, attrs in data.attrs.items() for key, rec in attrs.items()
-         if key.startswith("deploy:") and isinstance(rec, dict)),
+        (
+            {**rec, "study": study, "config": configs.get((study, int(rec["trial"])))}
+            for study, attrs in data.attrs.items()
+            for key, rec in attrs.items()
+            if key.startswith("deploy:") and isinstance(rec, dict)
+        ),
         key=lambda r: (r["study"], int(r["trial"])),
     )
     lines, used = [], set()
@@ -150,14 +186,27 @@ def _deploy_line(number: int | None, row: dict, rec: dict | None) -> dict:
     pct = lambda key: 100 * r[key] if r.get(key) is not None else NAN  # noqa: E731  (fractions -> %)
     mb = lambda key: r[key] / 1e6 if r.get(key) is not None else NAN  # noqa: E731
     return {
-        "table": "7", "row": number, "paper_model": row.get("model"), "paper_acc": row.get("acc", NAN),
-        "paper_size_mb": row.get("size_mb", NAN), "paper_s_per_epoch": row.get("speed_s", NAN),
-        "study": r.get("study", ""), "trial": r.get("trial"), "our_model": r.get("paper_name", ""),
-        "fp32_acc": pct("fp32_acc"), "int8_acc": pct("int8_acc"), "acc_diff": pct("fp32_acc") - row.get("acc", NAN),
-        "onnx_fp32_mb": mb("onnx_fp32_bytes"), "onnx_int8_mb": mb("onnx_int8_bytes"),
+        "table": "7",
+        "row": number,
+        "paper_model": row.get("model"),
+        "paper_acc": row.get("acc", NAN),
+        "paper_size_mb": row.get("size_mb", NAN),
+        "paper_s_per_epoch": row.get("speed_s", NAN),
+        "study": r.get("study", ""),
+        "trial": r.get("trial"),
+        "our_model": r.get("paper_name", ""),
+        "fp32_acc": pct("fp32_acc"),
+        "int8_acc": pct("int8_acc"),
+        "acc_diff": pct("fp32_acc") - row.get("acc", NAN),
+        "onnx_fp32_mb": mb("onnx_fp32_bytes"),
+        "onnx_int8_mb": mb("onnx_int8_bytes"),
         "size_diff": mb("onnx_fp32_bytes") - row.get("size_mb", NAN) if _comparable(row) else NAN,
-        "size_comparable": _comparable(row), "latency_fp32_ms": r.get("latency_fp32_ms", NAN), "latency_int8_ms": r.get("latency_int8_ms", NAN),
-        "latency_how": r.get("latency_how", ""), "bundle": r.get("bundle", ""), "note": row.get("note", ""),
+        "size_comparable": _comparable(row),
+        "latency_fp32_ms": r.get("latency_fp32_ms", NAN),
+        "latency_int8_ms": r.get("latency_int8_ms", NAN),
+        "latency_how": r.get("latency_how", ""),
+        "bundle": r.get("bundle", ""),
+        "note": row.get("note", ""),
     }
 
 
@@ -165,7 +214,11 @@ def _deploy_line(number: int | None, row: dict, rec: dict | None) -> dict:
 
 
 def _fmt(value, spec: str) -> str:
-    return "—" if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return (
+        "—"
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+        else format(value, spec)
+    )
 
 
 def _text(value, default: str = "—") -> str:
@@ -196,20 +249,28 @@ def formatted(lines: pd.DataFrame, table: str) -> pd.DataFrame:
     out = []
     for r in lines.to_dict("records"):
         ran = r["n"] > 0
-        out.append({
-            "paper model": _text(r["paper_model"], "(not in the paper)"),
-            **{k: _fmt(r[k], "g") if k in ("W", "p") else r[k] for k in knobs},
-            "our model": r["our_model"], "n": str(r["n"]), "epochs": _fmt(r["epochs"], "d"),
-            "acc % paper": _fmt(r["paper_acc"], "g"), "acc % ours": _pm(r["acc_mean"], r["acc_std"], 2) if ran else "not run",
-            "Δ acc": _fmt(r["acc_diff"], "+.2f"),
-            "MB paper": _fmt(r["paper_size_mb"], "g"), "MB ours": _fmt(r["size_mb"], ".3f"),
-            "Δ MB": _fmt(r["size_diff"], "+.3f") if r["size_comparable"] else NOT_COMPARABLE,
-            "s/epoch paper (RTX 2080 Ti)": _fmt(r["paper_s_per_epoch"], "g"),
-            f"s/epoch ours ({devices(lines)})": _pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 2) if ran else "—",
-            "Δ s/epoch": _fmt(r["s_per_epoch_diff"], "+.2f"),
-            "params": _fmt(r["params"], ","), "MMACs": _fmt(r["mmacs"], ".1f"),
-            "latency ms": _fmt(r["latency_ms"], ".2f"), "int8 MB": _fmt(r["int8_mb"], ".3f"),
-        })
+        out.append(
+            {
+                "paper model": _text(r["paper_model"], "(not in the paper)"),
+                **{k: _fmt(r[k], "g") if k in ("W", "p") else r[k] for k in knobs},
+                "our model": r["our_model"],
+                "n": str(r["n"]),
+                "epochs": _fmt(r["epochs"], "d"),
+                "acc % paper": _fmt(r["paper_acc"], "g"),
+                "acc % ours": _pm(r["acc_mean"], r["acc_std"], 2) if ran else "not run",
+                "Δ acc": _fmt(r["acc_diff"], "+.2f"),
+                "MB paper": _fmt(r["paper_size_mb"], "g"),
+                "MB ours": _fmt(r["size_mb"], ".3f"),
+                "Δ MB": _fmt(r["size_diff"], "+.3f") if r["size_comparable"] else NOT_COMPARABLE,
+                "s/epoch paper (RTX 2080 Ti)": _fmt(r["paper_s_per_epoch"], "g"),
+                f"s/epoch ours ({devices(lines)})": _pm(r["s_per_epoch_mean"], r["s_per_epoch_std"], 2) if ran else "—",
+                "Δ s/epoch": _fmt(r["s_per_epoch_diff"], "+.2f"),
+                "params": _fmt(r["params"], ","),
+                "MMACs": _fmt(r["mmacs"], ".1f"),
+                "latency ms": _fmt(r["latency_ms"], ".2f"),
+                "int8 MB": _fmt(r["int8_mb"], ".3f"),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -217,17 +278,28 @@ def _formatted_deploy(lines: pd.DataFrame) -> pd.DataFrame:
     out = []
     for r in lines.to_dict("records"):
         ran = r["trial"] is not pd.NA and r["trial"] is not None
-        out.append({
-            "paper model": _text(r["paper_model"], "(not in the paper)"), "acc % paper": _fmt(r["paper_acc"], "g"),
-            "MB paper": _fmt(r["paper_size_mb"], "g"), "s/epoch paper": _fmt(r["paper_s_per_epoch"], "g"),
-            "our trial": f"{r['study']} #{r['trial']}" if ran else "—", "our model": _text(r["our_model"]),
-            "fp32 acc %": _fmt(r["fp32_acc"], ".2f") if ran else "not run", "int8 acc %": _fmt(r["int8_acc"], ".2f"),
-            "Δ acc (fp32)": _fmt(r["acc_diff"], "+.2f"),
-            "ONNX fp32 MB": _fmt(r["onnx_fp32_mb"], ".3f"), "ONNX int8 MB": _fmt(r["onnx_int8_mb"], ".3f"),
-            "Δ MB (ONNX fp32 − paper checkpoint)": _fmt(r["size_diff"], "+.3f") if r["size_comparable"] else NOT_COMPARABLE,
-            "fp32 ms": _fmt(r["latency_fp32_ms"], ".2f"), "int8 ms": _fmt(r["latency_int8_ms"], ".2f"),
-            "latency measured": _text(r["latency_how"]), "bundle": _text(r["bundle"]),
-        })
+        out.append(
+            {
+                "paper model": _text(r["paper_model"], "(not in the paper)"),
+                "acc % paper": _fmt(r["paper_acc"], "g"),
+                "MB paper": _fmt(r["paper_size_mb"], "g"),
+                "s/epoch paper": _fmt(r["paper_s_per_epoch"], "g"),
+                "our trial": f"{r['study']} #{r['trial']}" if ran else "—",
+                "our model": _text(r["our_model"]),
+                "fp32 acc %": _fmt(r["fp32_acc"], ".2f") if ran else "not run",
+                "int8 acc %": _fmt(r["int8_acc"], ".2f"),
+                "Δ acc (fp32)": _fmt(r["acc_diff"], "+.2f"),
+                "ONNX fp32 MB": _fmt(r["onnx_fp32_mb"], ".3f"),
+                "ONNX int8 MB": _fmt(r["onnx_int8_mb"], ".3f"),
+                "Δ MB (ONNX fp32 − paper checkpoint)": _fmt(r["size_diff"], "+.3f")
+                if r["size_comparable"]
+                else NOT_COMPARABLE,
+                "fp32 ms": _fmt(r["latency_fp32_ms"], ".2f"),
+                "int8 ms": _fmt(r["latency_int8_ms"], ".2f"),
+                "latency measured": _text(r["latency_how"]),
+                "bundle": _text(r["bundle"]),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -244,8 +316,12 @@ def notes(lines: pd.DataFrame, table: str) -> list[str]:
             "Δ = ours (fp32) − paper.",
         ]
         if not ran.any():
-            out.insert(0, "**Not yet run**: no deployment bundle is recorded on these studies (run `python -m dse.deploy`).")
-        out.append("The paper does not say which SqueezeNet its 'Squeezed CNN' is, so no trial of ours matches that row.")
+            out.insert(
+                0, "**Not yet run**: no deployment bundle is recorded on these studies (run `python -m dse.deploy`)."
+            )
+        out.append(
+            "The paper does not say which SqueezeNet its 'Squeezed CNN' is, so no trial of ours matches that row."
+        )
     else:
         ran = lines["n"] > 0
         dataset = DATASETS[load_paper()["dataset"][table]]
@@ -261,9 +337,12 @@ def notes(lines: pd.DataFrame, table: str) -> list[str]:
             "(ms, mean over seeds), int8 MB (an estimate).",
         ]
         if table == "3":
-            out.insert(1, "The paper's Table 3 mixes depths (12-0.4x, 14-0.5x, 07-0.7x, 12-1.0x sit among 06 models) and "
-                          "does not give their R. We run every width on R = 1,1,1,1 (`conf/space/width.yaml`) and set each "
-                          "paper row beside our R = 1,1,1,1 model of the same width: compare 'paper model' with 'our model'.")
+            out.insert(
+                1,
+                "The paper's Table 3 mixes depths (12-0.4x, 14-0.5x, 07-0.7x, 12-1.0x sit among 06 models) and "
+                "does not give their R. We run every width on R = 1,1,1,1 (`conf/space/width.yaml`) and set each "
+                "paper row beside our R = 1,1,1,1 model of the same width: compare 'paper model' with 'our model'.",
+            )
     run_rows = lines.loc[ran & lines["row"].notna(), "row"].nunique()
     out.append(f"Paper rows with figures of ours: {run_rows} of {paper_rows}; the others show 'not run' (never 0).")
     extra = lines["row"].isna().sum()

@@ -34,14 +34,20 @@ def _sweep(cfg: DictConfig | None, cli: list[str]) -> None:
     except (ValueError, StudyError, DataError) as e:
         raise SystemExit(f"dse.sweep: {e}") from None
     except KeyboardInterrupt:
-        print("dse.sweep: interrupted; finished trials are kept in the study; run the same command again to resume "
-              "(interrupted trials continue from their last checkpoint)", file=sys.stderr, flush=True)
+        print(
+            "dse.sweep: interrupted; finished trials are kept in the study; run the same command again to resume "
+            "(interrupted trials continue from their last checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(130) from None
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         if not transient(e):
             raise
-        raise SystemExit(f"dse.sweep: the storage was unreachable for over study.storage_retry_seconds; "
-                         f"run the same command again to resume ({type(e).__name__})") from None
+        raise SystemExit(
+            f"dse.sweep: the storage was unreachable for over study.storage_retry_seconds; "
+            f"run the same command again to resume ({type(e).__name__})"
+        ) from None
     if not outcome.ok:
         raise SystemExit(f"dse.sweep: {outcome.problems()}")
 

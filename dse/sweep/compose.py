@@ -21,24 +21,54 @@ from omegaconf import DictConfig, OmegaConf
 
 from dse import identity
 from dse.config import (
-    DataConfig, SpaceConfig, StudyConfig, SweepConfig, TrainConfig, finite, register_schemas, to_object,
-)  # fmt: skip
+    DataConfig,
+    SpaceConfig,
+    StudyConfig,
+    SweepConfig,
+    TrainConfig,
+    finite,
+    register_schemas,
+    to_object,
+)
 from dse.models import ModelConfig, build_model, config_from_name, resolve_config
 
 __all__ = [
-    "CONF_DIR", "CONFIG_PATH_ENV", "REPO", "SCHEMAS", "TrialSetup", "override_key", "quote", "hydra_value",
-    "param_value", "merge_overrides", "model_overrides", "point_label", "point_parts", "trial_overrides", "portable",
-    "folder_override", "config_folders", "group_options", "key_problem", "compose", "typed", "trial_identity",
+    "CONF_DIR",
+    "CONFIG_PATH_ENV",
+    "REPO",
+    "SCHEMAS",
+    "TrialSetup",
+    "override_key",
+    "quote",
+    "hydra_value",
+    "param_value",
+    "merge_overrides",
+    "model_overrides",
+    "point_label",
+    "point_parts",
+    "trial_overrides",
+    "portable",
+    "folder_override",
+    "config_folders",
+    "group_options",
+    "key_problem",
+    "compose",
+    "typed",
+    "trial_identity",
     "data_key",
-]  # fmt: skip
+]
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 REPO = CONF_DIR.parent
 CONFIG_PATH_ENV = "DSE_CONFIG_PATH"  # folders (os.pathsep between them) searched after conf/, as hydra.searchpath
 SCHEMAS = {  # the config's top-level nodes and their schemas: what keys an override may set
-    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "study": StudyConfig, "space": SpaceConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "study": StudyConfig,
+    "space": SpaceConfig,
     "sweep": SweepConfig,
-}  # fmt: skip
+}
 _SEARCHPATH = "hydra.searchpath"
 _WHOLE = ("space.grid", "space.search")  # dicts the command line replaces as a whole (Hydra would merge them)
 _HIDDEN = ("schema",)  # group options that are no config to pick (the schemas registered by register_schemas)
@@ -357,7 +387,9 @@ def typed(cfg: DictConfig) -> TrialSetup:
         with torch.device("meta"):  # builds every layer (checks every knob) without allocating weights
             build_model(model, num_classes=10, in_channels=1 if data.name == "fashion_mnist" else 3)
     except (RuntimeError, OverflowError, MemoryError) as e:  # e.g. a width so large that sizes overflow
-        raise ValueError(f"model {model.name} with {model.overrides()} cannot be built: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"model {model.name} with {model.overrides()} cannot be built: {str(e).splitlines()[0]}"
+        ) from None
     return TrialSetup(model, data, train_cfg, OmegaConf.to_container(cfg, resolve=True), full)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
 
 import optuna
 import torch
@@ -23,12 +23,39 @@ from dse.models import ModelConfig, build_model, paper_name
 from dse.storage import check_storage
 from dse.study import check_workdir, default_storage, study_workdir
 from dse.sweep.compose import (
-    TrialSetup, compose, data_key, group_options, hydra_value, key_problem, merge_overrides, override_key, param_value,
-    point_label, portable, quote, trial_identity, trial_overrides, typed,
-)  # fmt: skip
+    TrialSetup,
+    compose,
+    data_key,
+    group_options,
+    hydra_value,
+    key_problem,
+    merge_overrides,
+    override_key,
+    param_value,
+    point_label,
+    portable,
+    quote,
+    trial_identity,
+    trial_overrides,
+    typed,
+)
 
-__all__ = ["GRID", "SAMPLED", "Plan", "grid_params", "params_key", "usable_cpus", "workers_and_threads", "draft_plan",
-           "plan_sweep", "training_cost", "check_budgets", "definition", "make_sampler", "make_pruner"]
+__all__ = [
+    "GRID",
+    "SAMPLED",
+    "Plan",
+    "grid_params",
+    "params_key",
+    "usable_cpus",
+    "workers_and_threads",
+    "draft_plan",
+    "plan_sweep",
+    "training_cost",
+    "check_budgets",
+    "definition",
+    "make_sampler",
+    "make_pruner",
+]
 
 GRID, SAMPLED = "grid", "sampled"  # a plan's modes: a queue of every grid trial, or trials TPE/NSGA-II sample
 
@@ -143,11 +170,23 @@ def draft_plan(cfg: DictConfig, cli: list[str]) -> Plan:
     mode = GRID if space.sampler == "grid" else SAMPLED
     grid = grid_params(space, seeds) if mode == GRID else []
     return Plan(
-        study_name=study.name, storage=storage, workdir=str(workdir),
-        static=static, cli=cli, fixed=fixed, space=asdict(space), study=asdict(study), workers=workers,
-        threads=threads, progress=sweep.progress, group_size=sweep.group_size,
-        mode=mode, total=len(grid) if mode == GRID else space.n_trials, grid=grid, seeds=seeds,
-    )  # fmt: skip
+        study_name=study.name,
+        storage=storage,
+        workdir=str(workdir),
+        static=static,
+        cli=cli,
+        fixed=fixed,
+        space=asdict(space),
+        study=asdict(study),
+        workers=workers,
+        threads=threads,
+        progress=sweep.progress,
+        group_size=sweep.group_size,
+        mode=mode,
+        total=len(grid) if mode == GRID else space.n_trials,
+        grid=grid,
+        seeds=seeds,
+    )
 
 
 def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
@@ -157,8 +196,10 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
     space, study = plan.space_cfg, plan.study_cfg
     if plan.mode == GRID:
         cells = plan.grid[:: len(plan.seeds)]
-        setups = {_cell_label(p): typed(compose(plan.overrides(p)))
-                  for p in tqdm(cells, desc="checking configs", leave=False, disable=len(plan.grid) < 20)}  # fmt: skip
+        setups = {
+            _cell_label(p): typed(compose(plan.overrides(p)))
+            for p in tqdm(cells, desc="checking configs", leave=False, disable=len(plan.grid) < 20)
+        }
         _check_distinct(space, setups)
     else:
         setups = _check_search(space, merge_overrides(plan.static, plan.cli, plan.fixed))
@@ -208,8 +249,10 @@ def check_budgets(plan: Plan, latency_ms: Mapping[str, float] | None = None) -> 
         counts.append(f"{sum(mine)} over study.{setting}={limit:g}" if any(mine) else "")
     if not any(over):
         return ""
-    return (f"budget: {sum(over)} of {len(over)} trials are over it ({', '.join(c for c in counts if c)}); they are "
-            "pruned without training")
+    return (
+        f"budget: {sum(over)} of {len(over)} trials are over it ({', '.join(c for c in counts if c)}); they are "
+        "pruned without training"
+    )
 
 
 def training_cost(setup: TrialSetup, splits: Splits) -> float:
@@ -284,7 +327,9 @@ def _check_data(setup: TrialSetup, splits: Splits, study: StudyConfig) -> None:
             f"(data.subset={setup.data.subset}, val_size={setup.data.val_size}); lower train.batch_size or use more images"
         )
     if not len(splits.val_x) and ("val_acc" in study.objectives or study.pruner != "none"):
-        raise ValueError(f"data val_size={setup.data.val_size}: the sweep optimises validation accuracy; set data.val_size > 0")
+        raise ValueError(
+            f"data val_size={setup.data.val_size}: the sweep optimises validation accuracy; set data.val_size > 0"
+        )
 
 
 def _check_search(space: SpaceConfig, base: list[str]) -> dict[str, TrialSetup]:

@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import TextIO
 
 import optuna
 import pandas as pd
@@ -27,8 +28,19 @@ from dse.study import FINISHED, STUDIES, StudyError, default_storage, load_study
 from dse.sweep.plan import params_key
 from dse.sweep.queue import INTERRUPTED
 
-__all__ = ["CURVES_CHART", "describe", "params_of", "trial_line", "fraction_done", "duration", "watching",
-           "save_curves_chart", "start_line", "summary", "list_studies"]
+__all__ = [
+    "CURVES_CHART",
+    "describe",
+    "params_of",
+    "trial_line",
+    "fraction_done",
+    "duration",
+    "watching",
+    "save_curves_chart",
+    "start_line",
+    "summary",
+    "list_studies",
+]
 
 CURVES_CHART = "validation-accuracy-per-epoch"  # its id among the study's optuna-dashboard charts
 # How the sweep's params are named in its lines (the report's column names); others show as key=value.
@@ -64,8 +76,10 @@ def trial_line(trial: FrozenTrial, worker: int | None = None) -> str:
     a = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
         loaded = " (measured under load)" if a.get("latency_under_load") else ""
-        result = (f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
-                  f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms{loaded}  {a.get('s_per_epoch', 0):.1f} s/epoch")
+        result = (
+            f"val {100 * a['curves'][-1]['val_acc']:.2f}%  test {100 * a.get('test_acc', float('nan')):.2f}%  "
+            f"{a['size_mb']:.3f} MB  {a['latency_ms']:.2f} ms{loaded}  {a.get('s_per_epoch', 0):.1f} s/epoch"
+        )
     else:
         result = a.get("pruned_reason") or a.get("fail_reason") or trial.state.name
     what, model = describe(params_of(trial)), a.get("paper_name", "")
@@ -128,8 +142,9 @@ class _Bar:
     """On a terminal: a bar rewritten in place, the trial lines above it."""
 
     def __init__(self, stream: TextIO, total: int):
-        self.bar = tqdm(total=total, file=stream, bar_format="sweep |{bar:20}| {desc}", mininterval=0.5,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, file=stream, bar_format="sweep |{bar:20}| {desc}", mininterval=0.5, dynamic_ncols=True
+        )
 
     def show(self, done: float, text: str, final: bool = False) -> None:
         self.bar.set_description_str(text, refresh=False)
@@ -162,8 +177,15 @@ class _Lines:
 
 
 @contextmanager
-def watching(study: optuna.Study, *, costs: dict[str, float] | None, n_trials: int, enabled: bool = True,
-             every: float = 2.0, stream: TextIO | None = None) -> Iterator[None]:
+def watching(
+    study: optuna.Study,
+    *,
+    costs: dict[str, float] | None,
+    n_trials: int,
+    enabled: bool = True,
+    every: float = 2.0,
+    stream: TextIO | None = None,
+) -> Iterator[None]:
     """Where the sweep stands while the block runs: trials done of the space's, the epoch each running trial is at,
     and the time left at the rate of this run (grid points weighed by their training cost); a `trial_line` per trial
     that ends. On a terminal (`stream`, default stderr) a bar rewritten in place with the lines above it; else plain
@@ -231,12 +253,25 @@ def save_curves_chart(study: optuna.Study, trials: Sequence[FrozenTrial] | None 
     from optuna_dashboard import save_plotly_graph_object
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    lines = [go.Scatter(x=sorted(t.intermediate_values), y=[t.intermediate_values[e] for e in sorted(t.intermediate_values)],
-                        mode="lines+markers", name=f"#{t.number} {describe(params_of(t))} ({t.state.name.lower()})")
-             for t in trials if t.intermediate_values]
+    lines = [
+        go.Scatter(
+            x=sorted(t.intermediate_values),
+            y=[t.intermediate_values[e] for e in sorted(t.intermediate_values)],
+            mode="lines+markers",
+            name=f"#{t.number} {describe(params_of(t))} ({t.state.name.lower()})",
+        )
+        for t in trials
+        if t.intermediate_values
+    ]
     if lines:
-        figure = go.Figure(lines, layout={"title": "Validation accuracy per epoch", "xaxis_title": "epoch",
-                                          "yaxis_title": "validation accuracy"})
+        figure = go.Figure(
+            lines,
+            layout={
+                "title": "Validation accuracy per epoch",
+                "xaxis_title": "epoch",
+                "yaxis_title": "validation accuracy",
+            },
+        )
         save_plotly_graph_object(study, figure, graph_object_id=CURVES_CHART)
 
 
@@ -258,16 +293,19 @@ def start_line(study: optuna.Study, storage: str, total: int, workers: int, thre
     parts.append(f"{len(waiting) - again} queued")
     if running:
         parts.append(f"{running} running elsewhere or stale (retried after the heartbeat's grace period)")
-    return (f"study {study.study_name!r} in {storage}: {total} trials in the space: {', '.join(parts)}; "
-            f"{workers} worker(s) x {threads} thread(s)")
+    return (
+        f"study {study.study_name!r} in {storage}: {total} trials in the space: {', '.join(parts)}; "
+        f"{workers} worker(s) x {threads} thread(s)"
+    )
 
 
 def _commands(name: str, storage: str, front: bool = True) -> list[str]:
     """The next commands: the report, deploy (only with a front: without one it has nothing to list) and the
     dashboard."""
     where = "" if storage == default_storage(name) else f" --storage {shlex.quote(storage)}"
-    dashboard = (f"make dashboard STUDY={name}" if not where
-                 else f"make dashboard STUDY={name} STORAGE={shlex.quote(storage)}")
+    dashboard = (
+        f"make dashboard STUDY={name}" if not where else f"make dashboard STUDY={name} STORAGE={shlex.quote(storage)}"
+    )
     deploy = [
         f"  python -m dse.deploy list --study {name}{where}   # the Pareto front, with filters",
         f"  python -m dse.deploy export --study {name}{where} --pick most-accurate   # a bundle for the board",
@@ -290,20 +328,35 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
     front = front_frame(study)
     if len(front):
         by_number = {t.number: t for t in trials}
-        shown = pd.DataFrame({
-            "trial": front["trial"], "swept": [describe(params_of(by_number[int(n)])) for n in front["trial"]],
-            "model": front["model"], "val %": [f"{100 * v:.2f}" for v in front["val_acc"]],
-            "KB": [f"{kb:.1f}" for kb in front["size_kb"]],
-            "latency ms": [f"{ms:.3f}" + (" †" if u else "") for ms, u in zip(front["latency_ms"], front["under_load"])],
-        })  # fmt: skip
+        shown = pd.DataFrame(
+            {
+                "trial": front["trial"],
+                "swept": [describe(params_of(by_number[int(n)])) for n in front["trial"]],
+                "model": front["model"],
+                "val %": [f"{100 * v:.2f}" for v in front["val_acc"]],
+                "KB": [f"{kb:.1f}" for kb in front["size_kb"]],
+                "latency ms": [
+                    f"{ms:.3f}" + (" †" if u else "") for ms, u in zip(front["latency_ms"], front["under_load"])
+                ],
+            }
+        )
         if front["val_acc_int8"].notna().any():  # as deployed: the ONNX files in ONNX Runtime (fp32 / int8)
-            shown = shown.assign(**{
-                "ONNX val % fp32/int8": [f"{100 * a:.2f}/{100 * b:.2f}" for a, b in zip(front["val_acc_onnx"], front["val_acc_int8"])],
-                "ONNX KB fp32/int8": [f"{a:.1f}/{b:.1f}" for a, b in zip(front["onnx_kb"], front["int8_kb"])],
-                "ORT ms fp32/int8": [f"{a:.3f}/{b:.3f}" for a, b in zip(front["latency_onnx_ms"], front["latency_int8_ms"])],
-            })  # fmt: skip
-        lines += [f"Pareto front ({', '.join(study.metric_names or [])}): {len(front)} of "
-                  f"{states[TrialState.COMPLETE]} complete trials", shown.to_markdown(index=False, disable_numparse=True)]
+            shown = shown.assign(
+                **{
+                    "ONNX val % fp32/int8": [
+                        f"{100 * a:.2f}/{100 * b:.2f}" for a, b in zip(front["val_acc_onnx"], front["val_acc_int8"])
+                    ],
+                    "ONNX KB fp32/int8": [f"{a:.1f}/{b:.1f}" for a, b in zip(front["onnx_kb"], front["int8_kb"])],
+                    "ORT ms fp32/int8": [
+                        f"{a:.3f}/{b:.3f}" for a, b in zip(front["latency_onnx_ms"], front["latency_int8_ms"])
+                    ],
+                }
+            )
+        lines += [
+            f"Pareto front ({', '.join(study.metric_names or [])}): {len(front)} of "
+            f"{states[TrialState.COMPLETE]} complete trials",
+            shown.to_markdown(index=False, disable_numparse=True),
+        ]
         if front["under_load"].any():
             lines.append("† latency measured under load (other processes kept the cores busy)")
     else:
@@ -318,8 +371,12 @@ def summary(study: optuna.Study, storage: str, counts: str) -> str:
 def _counts(name: str, url: str) -> dict:
     trials = load_study(name, url).get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
-    return {"study": name, "storage": url, "trials": len(trials),
-            **{s: states[s] for s in ("complete", "pruned", "fail", "running", "waiting")}}
+    return {
+        "study": name,
+        "storage": url,
+        "trials": len(trials),
+        **{s: states[s] for s in ("complete", "pruned", "fail", "running", "waiting")},
+    }
 
 
 def _studies_in(url: str) -> list[str]:
@@ -339,7 +396,11 @@ def list_studies(argv: Sequence[str]) -> int:
         if args.name:
             rows = [_counts(args.name, args.storage or default_storage(args.name))]
         else:
-            urls = [args.storage] if args.storage else [default_storage(p.stem) for p in sorted(Path(STUDIES).glob("*.db"))]
+            urls = (
+                [args.storage]
+                if args.storage
+                else [default_storage(p.stem) for p in sorted(Path(STUDIES).glob("*.db"))]
+            )
             rows = [_counts(name, url) for url in urls for name in _studies_in(url)]
     except (StudyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
         hint = "; run a sweep first: python -m dse.sweep +space=NAME" if str(e).startswith("no study '") else ""

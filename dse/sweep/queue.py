@@ -7,8 +7,8 @@ each retry counts the chain's failures (`dse:failures`) so that `study.max_retry
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import optuna
 from optuna.storages import RDBStorage
@@ -19,9 +19,24 @@ from dse.study import ALIVE, FINISHED
 from dse.sweep.plan import GRID, Plan, params_key
 
 __all__ = [
-    "INTERRUPTED", "sweep_storage", "chain_of", "chains", "chain_state", "queue_trial", "enqueue_missing", "requeue",
-    "stale_callback", "fail_stale", "fail_trial", "fixed_params", "claim_trial", "claim_trials", "next_step", "Outcome", "tally",
-]  # fmt: skip
+    "INTERRUPTED",
+    "sweep_storage",
+    "chain_of",
+    "chains",
+    "chain_state",
+    "queue_trial",
+    "enqueue_missing",
+    "requeue",
+    "stale_callback",
+    "fail_stale",
+    "fail_trial",
+    "fixed_params",
+    "claim_trial",
+    "claim_trials",
+    "next_step",
+    "Outcome",
+    "tally",
+]
 
 INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by Ctrl-C: queued again, it gets no line
 
@@ -30,9 +45,13 @@ def sweep_storage(plan: Plan, *, retries: bool = True) -> RDBStorage:
     """The study's storage as the sweep uses it: stale trials are retried (`stale_callback`); storage calls retried
     (or not, for the heartbeat thread and the ownership check, which must not block)."""
     cfg = plan.study_cfg
-    return open_storage(plan.storage, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-                        on_stale=stale_callback(cfg.max_retry),
-                        retry_seconds=cfg.storage_retry_seconds if retries else 0)
+    return open_storage(
+        plan.storage,
+        heartbeat_interval=cfg.heartbeat_interval,
+        grace_period=cfg.grace_period,
+        on_stale=stale_callback(cfg.max_retry),
+        retry_seconds=cfg.storage_retry_seconds if retries else 0,
+    )
 
 
 def chain_of(t: FrozenTrial) -> str:
@@ -55,8 +74,9 @@ def chain_state(trials: list[FrozenTrial]) -> TrialState | None:
     return next((s for s in (*FINISHED, *ALIVE, TrialState.FAIL) if s in states), None)
 
 
-def queue_trial(study: optuna.Study, params: dict, chain: str, failures: int,
-                retry_of: FrozenTrial | None = None) -> None:
+def queue_trial(
+    study: optuna.Study, params: dict, chain: str, failures: int, retry_of: FrozenTrial | None = None
+) -> None:
     """Add a WAITING trial with these fixed params to the chain; a retry carries its predecessor's curves."""
     attrs = {"fixed_params": params, "dse:chain": chain, "dse:failures": failures}
     if retry_of is not None:
@@ -119,7 +139,9 @@ def fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str, *, counted
     if frozen is None:
         return "taken over by another worker"
     if requeue(study, frozen, counted=counted, max_retry=max_retry):
-        return "retry queued" + (f" ({frozen.system_attrs.get('dse:failures', 0) + 1} of {max_retry})" if counted else "")
+        return "retry queued" + (
+            f" ({frozen.system_attrs.get('dse:failures', 0) + 1} of {max_retry})" if counted else ""
+        )
     return f"no retry left (study.max_retry={max_retry})"
 
 
@@ -138,8 +160,10 @@ def claim_trial(study: optuna.Study, storage: RDBStorage, plan: Plan) -> optuna.
         if trial is None:
             continue
         if plan.mode == GRID:  # the point's first live or finished trial keeps it
-            kept = min((o for o in chains(trials)[chain_of(t)] if o.state in (*FINISHED, *ALIVE)),
-                       key=lambda o: (o.state not in FINISHED, o.number))
+            kept = min(
+                (o for o in chains(trials)[chain_of(t)] if o.state in (*FINISHED, *ALIVE)),
+                key=lambda o: (o.state not in FINISHED, o.number),
+            )
             if kept.number != t.number:
                 tell(study, trial, state=TrialState.FAIL, reason=f"duplicate of trial {kept.number} (same grid point)")
                 return None
@@ -187,8 +211,11 @@ class Outcome:
         return f"{self.complete} complete, {self.pruned} pruned, {self.failed} failed, {self.left} left"
 
     def problems(self) -> str:
-        parts = [f"{n} of {self.total} trials {what}" for n, what in
-                 ((self.failed, "FAILED with no retry left"), (self.left, "not finished")) if n]  # fmt: skip
+        parts = [
+            f"{n} of {self.total} trials {what}"
+            for n, what in ((self.failed, "FAILED with no retry left"), (self.left, "not finished"))
+            if n
+        ]
         if self.reasons:
             parts.append("last failures: " + "; ".join(self.reasons))
         parts += self.workers

@@ -10,8 +10,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import sqlalchemy
@@ -37,10 +37,19 @@ def prepare_study(plan: Plan, *, seams: Seams = Seams()) -> tuple[optuna.Study, 
     take turns here (`storage_lock`): one creates and queues, the others find it done."""
     storage = seams.storage(sweep_storage(plan))
     with storage_lock(plan.storage):
-        study = create_or_check_study(plan.study_name, storage, objectives=plan.study_cfg.objectives,
-                                      definition=plan.definition, sampler=make_sampler(plan), user_attrs={
-            "space": plan.space, "tables": plan.space["tables"], "command_line": plan.cli, "created_by": f"dse {dse.__version__}",
-        })  # fmt: skip
+        study = create_or_check_study(
+            plan.study_name,
+            storage,
+            objectives=plan.study_cfg.objectives,
+            definition=plan.definition,
+            sampler=make_sampler(plan),
+            user_attrs={
+                "space": plan.space,
+                "tables": plan.space["tables"],
+                "command_line": plan.cli,
+                "created_by": f"dse {dse.__version__}",
+            },
+        )
         fail_stale(study, storage, plan)
         return study, enqueue_missing(study, plan)
 
@@ -78,7 +87,10 @@ def run_sweep(plan: Plan, *, seams: Seams = Seams()) -> Outcome:
             _wait(procs, lambda: reap(study, procs, plan, died))
     save_curves_chart(study)
     outcome = tally(study, plan, died)
-    print(summary(study, plan.storage, f"done in {duration(time.perf_counter() - started)}: {outcome.counts()}"), flush=True)
+    print(
+        summary(study, plan.storage, f"done in {duration(time.perf_counter() - started)}: {outcome.counts()}"),
+        flush=True,
+    )
     print(f"checkpoints and artifacts: {Path(plan.workdir)}", flush=True)
     return outcome
 
@@ -95,12 +107,19 @@ def measure_grid_latency(plan: Plan) -> dict[str, dict]:
     for key, figure in _held_figures(plan).items():
         scratch.set_user_attr(ATTR + key, figure)
     how = "before training, in one sitting by the sweep's main process, training on this machine paused"
-    measured = ensure(scratch, {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()}, how,
-                      ort=plan.study_cfg.deployed)  # ONNX Runtime fp32 and int8 too
+    measured = ensure(
+        scratch,
+        {k: (lambda spec=spec: build(spec)) for k, spec in plan.archs.items()},
+        how,
+        ort=plan.study_cfg.deployed,
+    )  # ONNX Runtime fp32 and int8 too
     loaded = sum(f["under_load"] for f in measured.values())
     ms = [f["ms"] for f in measured.values()]
-    print(f"latency of the {len(measured)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"
-          + (f"; {loaded} measured under load (other processes kept the cores busy)" if loaded else ""), flush=True)
+    print(
+        f"latency of the {len(measured)} architecture(s): {min(ms):.3f}-{max(ms):.3f} ms batch-1 CPU"
+        + (f"; {loaded} measured under load (other processes kept the cores busy)" if loaded else ""),
+        flush=True,
+    )
     return measured
 
 
@@ -139,8 +158,10 @@ def _worker_entry(plan: Plan, worker: int) -> None:
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         if not transient(e):
             raise
-        raise SystemExit(f"[worker {worker}] stopped: storage unreachable for over {plan.study_cfg.storage_retry_seconds:g} s "
-                         "(study.storage_retry_seconds)") from None
+        raise SystemExit(
+            f"[worker {worker}] stopped: storage unreachable for over {plan.study_cfg.storage_retry_seconds:g} s "
+            "(study.storage_retry_seconds)"
+        ) from None
 
 
 def reap(study: optuna.Study, procs: list, plan: Plan, died: list[str]) -> None:
@@ -152,8 +173,13 @@ def reap(study: optuna.Study, procs: list, plan: Plan, died: list[str]) -> None:
         host_pid = f"{socket.gethostname()}:{p.pid}"
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("worker") == host_pid:
-                note = fail_trial(study, live_trial(study, t), f"its worker process died (exit code {p.exitcode})",
-                                  counted=True, max_retry=plan.study_cfg.max_retry)
+                note = fail_trial(
+                    study,
+                    live_trial(study, t),
+                    f"its worker process died (exit code {p.exitcode})",
+                    counted=True,
+                    max_retry=plan.study_cfg.max_retry,
+                )
                 tqdm.write(f"[worker {i}] died (exit code {p.exitcode}) in trial {t.number}; {note}")
 
 

@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 import torch
@@ -42,9 +42,18 @@ from dse.sweep.queue import fixed_params
 from dse.train import EpochRecord, TrainResult
 
 __all__ = [
-    "ReadyTrial", "worker_id", "worker_settings", "load_cached", "trial_folder", "run_folder", "hold_run_dir",
-    "setup_trial", "over_budget", "epoch_reporter", "record_result",
-]  # fmt: skip
+    "ReadyTrial",
+    "worker_id",
+    "worker_settings",
+    "load_cached",
+    "trial_folder",
+    "run_folder",
+    "hold_run_dir",
+    "setup_trial",
+    "over_budget",
+    "epoch_reporter",
+    "record_result",
+]
 
 
 @dataclass
@@ -145,19 +154,41 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
     latency = _latency(trial, setup, splits, model, plan.study_cfg.deployed)
     numerics, choice = _numerics(trial, setup, splits, model, probe)
     full = setup.full
-    _set_attrs(trial, {
-        "paper_name": paper_name(setup.model), "family": full.name, "blocks": full.blocks, "width": full.width,
-        "dropout": full.dropout, "activation": full.activation, "inplace": full.inplace,
-        "dataset": setup.data.name, "optimizer": setup.train.optimizer, "lr": setup.train.lr,
-        "epochs_planned": setup.train.epochs, "seed": setup.train.seed,
-        "params": prof.params, "macs": prof.macs, "size_bytes": prof.size_bytes, "size_mb": prof.size_mb,
-        "size_kb": prof.size_bytes / 1e3, "int8_mb": prof.int8_mb, **latency, **numerics, "overrides": overrides,
-        "provenance": _provenance(setup.resolved),
-    })  # fmt: skip
-    known = {"size_mb": prof.size_mb, "size_kb": prof.size_bytes / 1e3,
-             **{k: v for k, v in latency.items() if k in METRICS}}  # fmt: skip
-    return ReadyTrial(trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started,
-                      choice, known)  # fmt: skip
+    _set_attrs(
+        trial,
+        {
+            "paper_name": paper_name(setup.model),
+            "family": full.name,
+            "blocks": full.blocks,
+            "width": full.width,
+            "dropout": full.dropout,
+            "activation": full.activation,
+            "inplace": full.inplace,
+            "dataset": setup.data.name,
+            "optimizer": setup.train.optimizer,
+            "lr": setup.train.lr,
+            "epochs_planned": setup.train.epochs,
+            "seed": setup.train.seed,
+            "params": prof.params,
+            "macs": prof.macs,
+            "size_bytes": prof.size_bytes,
+            "size_mb": prof.size_mb,
+            "size_kb": prof.size_bytes / 1e3,
+            "int8_mb": prof.int8_mb,
+            **latency,
+            **numerics,
+            "overrides": overrides,
+            "provenance": _provenance(setup.resolved),
+        },
+    )
+    known = {
+        "size_mb": prof.size_mb,
+        "size_kb": prof.size_bytes / 1e3,
+        **{k: v for k, v in latency.items() if k in METRICS},
+    }
+    return ReadyTrial(
+        trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started, choice, known
+    )
 
 
 def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
@@ -166,8 +197,11 @@ def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
     limits, trial = plan.study_cfg.before_training(), ready.trial
     for name, limit in limits.items():
         trial.set_constraint(name, ready.known[name] - limit)
-    over = [f"{name} {ready.known[name]:.4g} > {limit:g} {METRICS[name].unit}"
-            for name, limit in limits.items() if ready.known[name] > limit]
+    over = [
+        f"{name} {ready.known[name]:.4g} > {limit:g} {METRICS[name].unit}"
+        for name, limit in limits.items()
+        if ready.known[name] > limit
+    ]
     if not over:
         return None
     reason = "over budget: " + ", ".join(over)
@@ -195,8 +229,9 @@ def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torc
     return {**trial_attrs(figure), "latency_key": key}
 
 
-def _numerics(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module,
-              probe) -> tuple[dict, layouts.Numerics]:  # fmt: skip
+def _numerics(
+    trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module, probe
+) -> tuple[dict, layouts.Numerics]:
     """The trial's numerics attributes (the layout it trains in unless its checkpoint says otherwise; the result
     records the one it did) and the study's choice for its architecture on this device kind (`dse.layouts`),
     decided now by the rule at the first such trial. A CUDA-graph choice overrides `train.cuda_graph` (it changes no
@@ -209,18 +244,35 @@ def _numerics(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: tor
     attr, choice = layouts.ensure(trial.study, kind, key, lambda: layouts.rule(setup.train, device), advice=advice)
     if device.type == "cuda" and choice.cuda_graph != setup.train.cuda_graph:
         asked, stored = str(setup.train.cuda_graph).lower(), str(choice.cuda_graph).lower()
-        tqdm.write(f"trial {trial.number}: train.cuda_graph={asked} is not the study's choice for this architecture "
-                   f"on {kind}; it steps as the study stores: cuda_graph={stored}")
+        tqdm.write(
+            f"trial {trial.number}: train.cuda_graph={asked} is not the study's choice for this architecture "
+            f"on {kind}; it steps as the study stores: cuda_graph={stored}"
+        )
         setup.train.cuda_graph = choice.cuda_graph
     layout = choose_memory_format(setup.train, device, auto=choice.memory_format)
-    return {"device_kind": kind, "layout_key": attr, "memory_format": layout, "vmapped": choice.vmapped,
-            "cuda_graph": choice.cuda_graph}, choice  # fmt: skip
+    return {
+        "device_kind": kind,
+        "layout_key": attr,
+        "memory_format": layout,
+        "vmapped": choice.vmapped,
+        "cuda_graph": choice.cuda_graph,
+    }, choice
 
 
 def _provenance(resolved: dict) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
     import torchvision
@@ -229,8 +281,11 @@ def _provenance(resolved: dict) -> dict:
         "config": resolved,
         "git_commit": commit + ("-dirty" if dirty else ""),
         "versions": {
-            "dse": dse.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "optuna": optuna.__version__,
+            "dse": dse.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "optuna": optuna.__version__,
         },
         "host": socket.gethostname(),
     }
@@ -244,8 +299,9 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
 # ---------------------------------------------------------------- per epoch, and the result
 
 
-def epoch_reporter(ready: ReadyTrial, plan: Plan, check: Callable[[], None],
-                   boundary: Callable[[], None]) -> Callable[[EpochRecord], str | None]:
+def epoch_reporter(
+    ready: ReadyTrial, plan: Plan, check: Callable[[], None], boundary: Callable[[], None]
+) -> Callable[[EpochRecord], str | None]:
     """The trial's per-epoch callback (`Member.on_epoch`): check that it is still ours (`check` raises TrialLost),
     let a waiting latency measurement run (`boundary`), record the curves so far (for the dashboard and the
     pruner), and return why the pruner stops the trial, or None to go on."""
@@ -268,14 +324,18 @@ def epoch_reporter(ready: ReadyTrial, plan: Plan, check: Callable[[], None],
             if decision is not None:
                 return _pruned(trial, decision.epoch, decision.accuracy, decision.dominated_by, decision.reason())
         elif study_cfg.pruner not in ("none", "pareto") and trial.should_prune():
-            return _pruned(trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}")
+            return _pruned(
+                trial, record.epoch, record.val_acc, None, f"{study_cfg.pruner} pruner at epoch {record.epoch}"
+            )
         return None
 
     return on_epoch
 
 
 def _pruned(trial: optuna.Trial, epoch: int, accuracy: float, by: int | None, reason: str) -> str:
-    _set_attrs(trial, {"pruned_at_epoch": epoch, "pruned_val_acc": accuracy, "dominated_by": by, "pruned_reason": reason})
+    _set_attrs(
+        trial, {"pruned_at_epoch": epoch, "pruned_val_acc": accuracy, "dominated_by": by, "pruned_reason": reason}
+    )
     return reason
 
 
@@ -283,23 +343,40 @@ def record_result(ready: ReadyTrial, result: TrainResult, plan: Plan, train_star
     """Record a finished training (curves, test accuracy, speed, artifacts); return the objective values."""
     trial = ready.trial
     curves = [asdict(r) for r in result.epochs]
-    train_seconds = sum(r["seconds"] for r in curves[result.resumed_from:]) if curves else 0.0
-    _set_attrs(trial, {
-        "curves": curves, "test_acc": result.test_acc, "s_per_epoch": result.seconds_per_epoch,
-        "images_per_s": curves[-1]["images_per_s"] if curves else None, "resumed_from": result.resumed_from,
-        "split": result.split, "device": str(result.device), "precision": result.precision,
-        "memory_format": result.memory_format, "cuda_graph": result.cuda_graph, "train_seconds": train_seconds,
-        "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
-    })  # fmt: skip
+    train_seconds = sum(r["seconds"] for r in curves[result.resumed_from :]) if curves else 0.0
+    _set_attrs(
+        trial,
+        {
+            "curves": curves,
+            "test_acc": result.test_acc,
+            "s_per_epoch": result.seconds_per_epoch,
+            "images_per_s": curves[-1]["images_per_s"] if curves else None,
+            "resumed_from": result.resumed_from,
+            "split": result.split,
+            "device": str(result.device),
+            "precision": result.precision,
+            "memory_format": result.memory_format,
+            "cuda_graph": result.cuda_graph,
+            "train_seconds": train_seconds,
+            "train_call_seconds": time.perf_counter() - train_started,  # training + evaluation; the rest is overhead
+        },
+    )
     # As it ships: the evaluated model (its weight average when on) in ONNX, fp32 and int8, through ONNX Runtime.
-    deployed = evaluate_deployed(ready.model, ready.splits, ready.folder, threads=plan.threads) \
-        if plan.study_cfg.deployed else None  # fmt: skip
+    deployed = (
+        evaluate_deployed(ready.model, ready.splits, ready.folder, threads=plan.threads)
+        if plan.study_cfg.deployed
+        else None
+    )
     _set_attrs(trial, deployed.attrs if deployed else {})
     files = {"onnx": deployed.fp32, "int8": deployed.int8} if deployed else {}
     _upload(trial, plan, ready.folder, curves, files)
     trial.set_user_attr("trial_seconds", time.perf_counter() - ready.started)
-    metrics = {**ready.known, "val_acc": result.epochs[-1].val_acc, "test_acc": result.test_acc,
-               **(deployed.attrs if deployed else {})}
+    metrics = {
+        **ready.known,
+        "val_acc": result.epochs[-1].val_acc,
+        "test_acc": result.test_acc,
+        **(deployed.attrs if deployed else {}),
+    }
     return [metrics[m] for m in plan.study_cfg.objectives]
 
 
@@ -312,9 +389,12 @@ def _upload(trial: optuna.Trial, plan: Plan, run_dir: Path, curves: list[dict], 
     curves_path = run_dir / "curves.json"
     curves_path.write_text(json.dumps(curves, indent=1))
     for path, mimetype in ((run_dir / "checkpoint.pt", "application/octet-stream"), (curves_path, "application/json")):
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype=mimetype)
+        artifact_id = upload_artifact(
+            artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype=mimetype
+        )
         trial.set_user_attr(f"artifact_{path.stem}", artifact_id)
     for name, path in files.items():  # the ONNX files: `dse.deploy export` ships these very files
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
-                                      mimetype="application/octet-stream")
+        artifact_id = upload_artifact(
+            artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="application/octet-stream"
+        )
         trial.set_user_attr(f"artifact_{name}", artifact_id)

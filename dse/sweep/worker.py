@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import optuna
 import torch
@@ -17,21 +17,28 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from dse.autotune import pick_group_size
+from dse.fused import group_key
 from dse.latency import training_turns
 from dse.layouts import Numerics
 from dse.models import build_model, paper_name
+from dse.step import resolve_device
 from dse.storage import Heartbeat, TrialLost, check_ours, read_trial, tell, trial_id
 from dse.sweep.compose import compose, data_key, typed
 from dse.sweep.plan import GRID, Plan, make_pruner, make_sampler
 from dse.sweep.progress import trial_line
 from dse.sweep.queue import INTERRUPTED, claim_trials, fail_stale, fail_trial, next_step, sweep_storage
 from dse.sweep.trial import (
-    ReadyTrial, epoch_reporter, hold_run_dir, load_cached, over_budget, record_result, setup_trial, worker_id,
+    ReadyTrial,
+    epoch_reporter,
+    hold_run_dir,
+    load_cached,
+    over_budget,
+    record_result,
+    setup_trial,
+    worker_id,
     worker_settings,
-)  # fmt: skip
-from dse.autotune import pick_group_size
-from dse.fused import group_key
-from dse.step import resolve_device
+)
 from dse.train import Failed, Finished, Member, Stopped, TrainingDiverged, train_group
 from dse.train import Outcome as TrainOutcome  # one member's end (the sweep's own Outcome is a run's tally)
 
@@ -91,8 +98,13 @@ def _outcomes(members: Sequence[Member], splits, numerics: Numerics) -> Iterator
             yield i, Failed(e)
 
 
-def train_together(group: list[ReadyTrial], plan: Plan, seams: Seams, checks: list[Callable[[], None]],
-                   end: Callable[[ReadyTrial, TrainOutcome, float], None]) -> None:
+def train_together(
+    group: list[ReadyTrial],
+    plan: Plan,
+    seams: Seams,
+    checks: list[Callable[[], None]],
+    end: Callable[[ReadyTrial, TrainOutcome, float], None],
+) -> None:
     """Train set-up trials that fuse (one `fuse_key`) as one group, each in its run folder (held locked), resuming
     its checkpoint; after each epoch each checks it is still ours (its `check`), records its curves and lets the
     pruner decide. Each trial lets go of its folder and goes to `end` as soon as the trainer yields its outcome;
@@ -112,16 +124,32 @@ def train_together(group: list[ReadyTrial], plan: Plan, seams: Seams, checks: li
             return
         # The run folders first: a process waiting for one must not hold up latency measurements meanwhile.
         boundary = stack.enter_context(training_turns())
-        members = [Member(group[i].model, group[i].setup.train, group[i].folder / "checkpoint.pt",
-                          epoch_reporter(group[i], plan, checks[i], boundary), writer=seams.writer) for i in held]
+        members = [
+            Member(
+                group[i].model,
+                group[i].setup.train,
+                group[i].folder / "checkpoint.pt",
+                epoch_reporter(group[i], plan, checks[i], boundary),
+                writer=seams.writer,
+            )
+            for i in held
+        ]
         with contextlib.closing(_outcomes(members, group[held[0]].splits, group[held[0]].numerics)) as outcomes:
             for j, outcome in outcomes:
                 folders[held[j]].close()
                 end(group[held[j]], outcome, started)
 
 
-def end_trial(study: optuna.Study, trial: optuna.Trial, outcome: TrainOutcome, plan: Plan, *,
-              ready: ReadyTrial | None = None, started: float = 0.0, worker: int = 0) -> None:
+def end_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    outcome: TrainOutcome,
+    plan: Plan,
+    *,
+    ready: ReadyTrial | None = None,
+    started: float = 0.0,
+    worker: int = 0,
+) -> None:
     """End a trial with its outcome: Finished -> its result recorded, COMPLETE; Stopped -> PRUNED (its reason is
     recorded); Failed -> PRUNED when it diverged, else FAIL with its retry queued, not counted against
     `max_retry` when the trial was taken over (TrialLost) or the sweep stopped. One line says which."""
@@ -156,8 +184,17 @@ def _end_failed(study: optuna.Study, trial: optuna.Trial, error: BaseException, 
     return None, fail_trial(study, trial, f"{type(error).__name__}: {error}", counted=True, max_retry=max_retry)
 
 
-def run_trials(study: optuna.Study, trials: list[optuna.Trial], plan: Plan, cache: dict, beat: Heartbeat,
-               raw: RDBStorage, *, seams: Seams = Seams(), worker: int = 0) -> None:
+def run_trials(
+    study: optuna.Study,
+    trials: list[optuna.Trial],
+    plan: Plan,
+    cache: dict,
+    beat: Heartbeat,
+    raw: RDBStorage,
+    *,
+    seams: Seams = Seams(),
+    worker: int = 0,
+) -> None:
     """Claimed trials from set-up to their end states, their heartbeats beating meanwhile. Those that fuse
     (`fuse_key`) train as one group; groups that do not train one after the other (whether separate CUDA
     streams would gain over that is unmeasured). Each trial ends on its own and at once: pruned, failed (its
@@ -247,6 +284,8 @@ def group_size(plan: Plan, cache: dict, worker: int = 0) -> int:
         tqdm.write(f"[worker {worker}] sweep.trials_per_gpu=auto: 1 (the probe failed: {type(e).__name__}: {e})")
         return 1
     measured = ", ".join(f"{n}: {rate:.0f}" for n, rate in rates.items())
-    tqdm.write(f"[worker {worker}] sweep.trials_per_gpu=auto: {size} on {resolve_device(setup.train.device)} "
-               f"(training images/s of {paper_name(setup.model)} by group size, {measured}; the largest adding 10 % is kept)")
+    tqdm.write(
+        f"[worker {worker}] sweep.trials_per_gpu=auto: {size} on {resolve_device(setup.train.device)} "
+        f"(training images/s of {paper_name(setup.model)} by group size, {measured}; the largest adding 10 % is kept)"
+    )
     return size

@@ -36,17 +36,28 @@ def main(argv=None) -> int:
         image = predict.load_image(os.path.join(args.bundle, meta["samples"][0]["file"]))
         x = predict.to_model_input(image, meta)
         load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-        print("%s: batch 1, %d thread(s), median and IQR of %d runs after %d warm-up" % (
-            meta["paper_name"], args.threads, args.runs, args.warmup))
-        print("machine: %s, %s, Python %s, ONNX Runtime %s, load average %s" % (
-            predict.cpu_name(), platform.machine(), platform.python_version(), onnxruntime.__version__,
-            " ".join("%.2f" % v for v in load) or "n/a"))
+        print(
+            "%s: batch 1, %d thread(s), median and IQR of %d runs after %d warm-up"
+            % (meta["paper_name"], args.threads, args.runs, args.warmup)
+        )
+        print(
+            "machine: %s, %s, Python %s, ONNX Runtime %s, load average %s"
+            % (
+                predict.cpu_name(),
+                platform.machine(),
+                platform.python_version(),
+                onnxruntime.__version__,
+                " ".join("%.2f" % v for v in load) or "n/a",
+            )
+        )
         for precision in args.precision:
             sess = predict.open_session(args.bundle, precision, args.threads, meta=meta)
             median, iqr = predict.summarize(predict.time_session(sess, x, warmup=args.warmup, runs=args.runs))
             size = os.path.getsize(os.path.join(args.bundle, predict.MODELS[precision]))
-            print("%-5s %9.3f ms  (IQR %.3f ms)  %8d bytes   at export: %.3f ms" % (
-                precision, median, iqr, size, meta["metrics"]["latency_%s_ms" % precision]))
+            print(
+                "%-5s %9.3f ms  (IQR %.3f ms)  %8d bytes   at export: %.3f ms"
+                % (precision, median, iqr, size, meta["metrics"]["latency_%s_ms" % precision])
+            )
         print("export figures were measured %s" % meta["metrics"]["latency_how"])
     except predict.BundleError as e:
         print("bench_latency.py: error: %s" % e, file=sys.stderr)

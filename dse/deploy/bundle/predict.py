@@ -288,9 +288,12 @@ def main(argv=None) -> int:
         for path in args.images:
             probs = softmax(run(sess, to_model_input(load_image(path), meta)))[0]
             top = np.argsort(-probs, kind="stable")[: max(1, args.top)]
-            results.append({"file": path, "top": [
-                {"class": int(k), "name": meta["classes"][k], "probability": float(probs[k])} for k in top
-            ]})
+            results.append(
+                {
+                    "file": path,
+                    "top": [{"class": int(k), "name": meta["classes"][k], "probability": float(probs[k])} for k in top],
+                }
+            )
     except (BundleError, OSError, ValueError, KeyError) as e:
         print("predict.py: error: %s" % e, file=sys.stderr)
         return 2

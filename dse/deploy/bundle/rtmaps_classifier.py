@@ -75,8 +75,9 @@ class rtmaps_python(BaseComponent):
         except predict.BundleError as e:
             rt.report_error("rtmaps_classifier: %s" % e)
             raise
-        rt.report_info("rtmaps_classifier: %s, %s, %d thread(s), from %s"
-                       % (self.meta["paper_name"], precision, threads, folder))
+        rt.report_info(
+            "rtmaps_classifier: %s, %s, %d thread(s), from %s" % (self.meta["paper_name"], precision, threads, folder)
+        )
 
     def Core(self):
         element = self.inputs["image"].ioelt
@@ -87,8 +88,11 @@ class rtmaps_python(BaseComponent):
         x = predict.to_model_input(np.asarray(frame.image_data), self.meta, order)
         probs = predict.softmax(predict.run(self.session, x))[0]
         best = int(np.argmax(probs))
-        for name, value in (("class_id", best), ("label", self.meta["classes"][best]),
-                            ("scores", probs.astype(np.float64))):
+        for name, value in (
+            ("class_id", best),
+            ("label", self.meta["classes"][best]),
+            ("scores", probs.astype(np.float64)),
+        ):
             out = rtmaps.types.Ioelt()
             out.data = value
             out.ts = element.ts
