@@ -38,13 +38,12 @@ from dse.deploy.onnx import (
     ExportSettings,
     calibration_batches,
     export_pair,
+    file_figures,
     latency_how,
-    measure_latency,
     min_onnxruntime,
     onnx_versions,
     ort_logits,
     torch_logits,
-    weight_bytes,
 )
 from dse.deploy.trial import find_trial, load_trial_data, load_trial_model, shipped_files, trial_config
 from dse.models import ModelConfig, paper_name
@@ -241,15 +240,9 @@ def measure_models(fp32: Path, int8: Path, splits: Splits, settings: ExportSetti
     }
     one = runtime.normalize(splits.test_x[:1].numpy(), splits.mean, splits.std)
     for precision, path in (("fp32", fp32), ("int8", int8)):
-        median, iqr = measure_latency(path, one, settings)
-        metrics.update(
-            {
-                f"onnx_{precision}_bytes": path.stat().st_size,
-                f"onnx_{precision}_weight_bytes": weight_bytes(path),
-                f"latency_{precision}_ms": median,
-                f"latency_{precision}_iqr_ms": iqr,
-            }
-        )
+        figures = file_figures(path, one, settings)
+        metrics.update({f"onnx_{precision}_{key}": figures[key] for key in ("bytes", "weight_bytes")})
+        metrics.update({f"latency_{precision}_{key}": figures[key] for key in ("ms", "iqr_ms")})
     metrics.update(
         latency_threads=settings.threads,
         latency_runs=settings.runs,

@@ -45,6 +45,7 @@ __all__ = [
     "calibration_batches",
     "compact_names",
     "export_onnx",
+    "file_figures",
     "export_pair",
     "latency_how",
     "measure_latency",
@@ -122,6 +123,12 @@ def measure_latency(path: Path, x: np.ndarray, settings: ExportSettings) -> tupl
     return median_iqr(time_calls(lambda: sess.run(None, feed), warmup=settings.warmup, runs=settings.runs))
 
 
+def file_figures(path: Path, one: np.ndarray, settings: ExportSettings) -> dict:
+    """An ONNX file's bytes, weight bytes and batch-1 ONNX Runtime latency on the input `one`: ms and its IQR."""
+    median, iqr = measure_latency(path, one, settings)
+    return {"bytes": path.stat().st_size, "weight_bytes": weight_bytes(path), "ms": median, "iqr_ms": iqr}
+
+
 def latency_how(settings: ExportSettings) -> str:
     return (
         f"batch 1, {settings.threads} intra-op thread(s), median of {settings.runs} runs after {settings.warmup} "
@@ -156,14 +163,6 @@ def measure_shape(
         one = runtime.normalize(images[:1].numpy(), *stats)
         row = {"model": paper_name(cfg), "params": sum(p.numel() for p in model.parameters())}
         for precision, path in (("fp32", fp32), ("int8", int8)):
-            median, iqr = measure_latency(path, one, settings)
-            row.update(
-                {
-                    f"{precision}_bytes": path.stat().st_size,
-                    f"{precision}_weight_bytes": weight_bytes(path),
-                    f"{precision}_ms": median,
-                    f"{precision}_iqr_ms": iqr,
-                }
-            )
+            row.update({f"{precision}_{key}": value for key, value in file_figures(path, one, settings).items()})
     row["latency_how"] = latency_how(settings)
     return row
