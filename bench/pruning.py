@@ -70,7 +70,6 @@ def run(pruner: str, args: argparse.Namespace, folder: Path) -> optuna.Study:
         f"study.storage={storage}",
         f"study.pruner={pruner}",
         f"study.sampler_seed={args.seed}",
-        f"hydra.run.dir={folder / 'hydra' / name}",  # Hydra's run folder too stays out of the checkout
         f"space.search={{model.width:{{low:{args.min_width},high:{args.max_width},log:true}}}}",
         *(f"study.pruning.{k}" for k in knobs),
         *args.overrides,

@@ -56,7 +56,6 @@ def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_chec
     [folder] = tmp_path.glob("dse-bench-pruning-*")
     names = ["bench-pruning-quick-none", "bench-pruning-quick-pareto"]
     assert sorted(p.stem for p in folder.glob("*.db")) == names
-    assert sorted(p.name for p in (folder / "hydra").iterdir()) == names
 
 
 def test_trainer_bench_imports_what_it_measures_and_describes_itself():
