@@ -162,11 +162,13 @@ def test_elu_and_relu_get_onnx_runtime_latencies_in_the_ratio_onnx_runtime_gives
         for name in ("onnx", "int8"):
             assert figure[name]["clock"] in ("wall", "thread cpu time") and figure[f"{name}_kb"] > 0
             assert figure[name]["ms"] in (figure[name]["wall_ms"], figure[name]["cpu_ms"])
+    direct = {k: _direct_ort_ms(*build(spec)) for k, spec in specs.items()}
+    # The study's ORT figures are those of an ORT session on the exported file, not PyTorch's (2-7x slower here,
+    # and with another ELU/ReLU ratio). Shared cores drift, so the bands are wide.
+    for k in specs:
+        assert 0.6 < got[k]["onnx"]["ms"] / direct[k] < 1.6, (k, got[k]["onnx"]["ms"], direct[k])
     ort_ratio = got[elu]["onnx"]["ms"] / got[relu]["onnx"]["ms"]
-    direct = _direct_ort_ms(*build(specs[elu])) / _direct_ort_ms(*build(specs[relu]))
-    torch_ratio = got[elu]["cpu_ms"] / got[relu]["cpu_ms"]  # PyTorch's, on the same clock
-    assert abs(ort_ratio / direct - 1) < 0.25, (ort_ratio, direct)
-    assert direct > 1.4 * torch_ratio, (direct, torch_ratio)  # ORT fuses Conv+ReLU, not Conv+ELU: PyTorch can't tell
+    assert 0.6 < ort_ratio / (direct[elu] / direct[relu]) < 1.6, (ort_ratio, direct)
 
 
 def test_old_figures_without_onnx_runtime_ones_are_completed_and_a_paper_study_measures_none(tmp_path, locks):

@@ -114,5 +114,7 @@ def test_optuna_pruners_need_a_single_objective():
     with pytest.raises(ValueError, match="pruner='median' works on single-objective studies only"):
         StudyConfig(pruner="median")
     assert StudyConfig(pruner="median", objectives=["val_acc"]).objectives == ["val_acc"]
-    with pytest.raises(ValueError, match="objectives=\\['accuracy'\\] must be distinct names from val_acc"):
+    with pytest.raises(ValueError, match="metric 'accuracy' is unknown; allowed: val_acc, test_acc"):
         StudyConfig(objectives=["accuracy"])
+    with pytest.raises(ValueError, match="must be 1 to 3 distinct metric names"):
+        StudyConfig(objectives=["val_acc", "val_acc"])

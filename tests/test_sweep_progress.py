@@ -189,7 +189,7 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the main process and its workers
     out, err = proc.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("sweep ")]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("sweep ", "sweep: "))]
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err + out and len(lines) == 1 and lines[0].startswith("dse.sweep: interrupted;")
     study = optuna.load_study(study_name="ux", storage=f"sqlite:///{db}")
