@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn as nn
-from onnxruntime.quantization import CalibrationDataReader
 
 from dse.data import normalize
 
@@ -69,6 +67,8 @@ def compact_names(path: Path) -> None:
     """Rewrite an ONNX file with short tensor names and no node names, doc strings or inferred shapes:
     a QDQ graph otherwise spends more bytes on names than on int8 weights. Input and output keep theirs;
     the named PyTorch weights are in weights.safetensors."""
+    import onnx  # here, not above: 0.7 s that every sweep and report process would pay for a first export
+
     model = onnx.load(str(path))
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
@@ -116,15 +116,6 @@ def ort_logits(sess, x: torch.Tensor, mean, std, *, batch_size: int = 256) -> np
     return np.concatenate([sess.run(None, {name: b})[0] for b in normalized_batches(x, (mean, std), batch_size)])
 
 
-class _Calibration(CalibrationDataReader):
-    def __init__(self, batches_: list[np.ndarray]) -> None:
-        self._batches = iter(batches_)
-
-    def get_next(self) -> dict | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT: batch}
-
-
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """ONNX Runtime's quantizer warns through the root logger about choices made on purpose here."""
@@ -140,8 +131,23 @@ def _quiet_root_logger() -> Iterator[None]:
 def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
     """Static int8 quantization with ONNX Runtime: QDQ format, per-channel int8 weights, uint8 activations,
     MinMax ranges over the calibration batches (normalised float32 N x C x H x W)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT: batch}
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
@@ -150,7 +156,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
         quantize_static(
             str(prepared),
             str(out),
-            _Calibration(calibration),
+            Calibration(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

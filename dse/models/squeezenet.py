@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from torchvision.models.squeezenet import SqueezeNet
 
 from dse.models.registry import register_model
 
@@ -12,6 +11,10 @@ __all__ = ["squeezenet_v1_0", "squeezenet_v1_1"]
 
 def build_squeezenet(version: str, *, num_classes: int, in_channels: int) -> nn.Module:
     """torchvision's SqueezeNet; the first conv is rebuilt when the input is not RGB."""
+    # Imported here: torchvision.models pulls in torch._dynamo (1.5-2 s), which every process that lists the
+    # registry (each sweep worker, each CLI) would pay for a family it rarely builds.
+    from torchvision.models.squeezenet import SqueezeNet
+
     model = SqueezeNet(version=version, num_classes=num_classes)
     if in_channels != 3:
         old = model.features[0]
