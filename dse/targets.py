@@ -1,0 +1,132 @@
+"""Latency measured on a target machine (a board): a kit's latency.json checked, stored on the study per
+architecture and target (`latency@<target>:<architecture>`, with provenance), and read back."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import optuna
+
+from dse.kit import KIT_FORMAT, PRECISIONS, kit_id
+
+__all__ = ["RESULTS_FORMAT", "TARGETS", "ResultsError", "attr", "check_target", "read_results", "store", "measured"]
+
+RESULTS_FORMAT = "dse-latency-results/1"  # what the shipped latency_runner.py writes
+# The machines a kit's figures may come from: the sweep's own machine, and the board.
+TARGETS = {
+    "host": "the machine that runs the sweep (ONNX Runtime, as the kit's runner times it there)",
+    "bluebox": "Bluebox 2.0: ARM Cortex-A cores, ONNX Runtime under RTMaps",
+}
+
+
+class ResultsError(ValueError):
+    """A latency.json that cannot be imported: malformed, or made for another study's architectures."""
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ResultsError(f"{target=} is unknown; allowed: {', '.join(TARGETS)}")
+    return target
+
+
+def attr(target: str, key: str) -> str:
+    """The study attribute that holds an architecture's figures on a target."""
+    return f"latency@{target}:{key}"
+
+
+def _positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ResultsError(f"{what}: latency {value!r} ms is not a positive finite number")
+    return float(value)
+
+
+def read_results(path: Path, study: optuna.Study) -> dict:
+    """The figures of a latency.json made by a kit of this study, checked: {architecture: {"latency_onnx_ms", ...}},
+    plus "missing" (the graphs it has no figure of) and "machine". Raises ResultsError naming what is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ResultsError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ResultsError(f"{path} is not valid JSON ({e}); a truncated copy? copy it from the board again") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ResultsError(f"{path}: format {found!r} is not a kit's results; allowed: {RESULTS_FORMAT}")
+    kit = data.get("kit") or {}
+    if kit.get("format") != KIT_FORMAT:
+        raise ResultsError(f"{path}: kit format {kit.get('format')!r} is unknown; allowed: {KIT_FORMAT}")
+    if kit.get("study") != study.study_name:
+        raise ResultsError(
+            f"{path} was made by a kit of study {kit.get('study')!r}, not of {study.study_name!r}: its architectures "
+            "are another study's"
+        )
+    mine = study.user_attrs.get("definition_sha256")
+    if kit.get("definition_sha256") != mine:
+        raise ResultsError(
+            f"{path} was made by a kit of another definition of study {study.study_name!r} "
+            f"(definition {str(kit.get('definition_sha256'))[:12]}, the study's {str(mine)[:12]}): a study of the same "
+            "name elsewhere"
+        )
+    graphs = data.get("graphs")
+    if not isinstance(graphs, dict):
+        raise ResultsError(f"{path}: 'graphs' is missing or not an object")
+    figures: dict[str, dict] = {}
+    missing = []
+    rounds = data.get("settings", {}).get("rounds")
+    for gid, g in graphs.items():
+        if (
+            not isinstance(g, dict)
+            or g.get("precision") not in PRECISIONS
+            or not isinstance(g.get("architecture"), str)
+        ):
+            raise ResultsError(f"{path}: graph {gid!r} lacks an architecture or a precision ({', '.join(PRECISIONS)})")
+        if "ms" not in g:
+            missing.append(gid)
+            continue
+        word = PRECISIONS[g["precision"]]
+        times = [t for r in g.get("rounds", []) for t in r.get("times_ms", [])]
+        for t in [g["ms"], *times]:
+            _positive(t, f"{path}: graph {gid!r}")
+        if not math.isfinite(g.get("iqr_ms", math.nan)) or g["iqr_ms"] < 0:
+            raise ResultsError(f"{path}: graph {gid!r}: IQR {g.get('iqr_ms')!r} ms is not a finite number >= 0")
+        if rounds and len(g.get("rounds", [])) < rounds:
+            missing.append(f"{gid} (rounds {len(g['rounds'])} of {rounds})")
+        figures.setdefault(g["architecture"], {}).update(
+            {
+                f"latency_{word}_ms": float(g["ms"]),
+                f"latency_{word}_iqr_ms": float(g["iqr_ms"]),
+                f"{word}_runs": g.get("runs"),
+            }
+        )
+    if kit_id(study.study_name, list({g["architecture"] for g in graphs.values()})) != kit.get("kit"):
+        raise ResultsError(
+            f"{path}: its graphs are not those of kit {kit.get('kit')!r} (edited, or merged from two kits)"
+        )
+    return {"figures": figures, "missing": missing, "machine": data.get("machine", {}), "kit": kit, "file": str(path)}
+
+
+def store(study: optuna.Study, target: str, results: Mapping) -> int:
+    """Store each architecture's figures on the study for `target` (replacing that target's earlier figures of it,
+    predicted or measured; no other target's), with where they came from. Returns how many were stored."""
+    check_target(target)
+    provenance = {
+        "measured": True,
+        "file": results["file"],
+        "kit": results["kit"].get("kit"),
+        "machine": results["machine"],
+        "imported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    for key, figure in results["figures"].items():
+        study.set_user_attr(attr(target, key), {**figure, **provenance})
+    return len(results["figures"])
+
+
+def measured(study_attrs: Mapping, target: str) -> dict[str, dict]:
+    """The figures a study holds for a target, by architecture key."""
+    prefix = attr(target, "")
+    return {k.removeprefix(prefix): v for k, v in study_attrs.items() if k.startswith(prefix) and isinstance(v, dict)}

@@ -1,0 +1,161 @@
+"""`deploy latency-kit` and `deploy import-latency` on a study: kit -> run on this machine -> import, for a grid
+(`width`) and a sampled (`open`) space; a partial run; the front's kit replacing figures; and refusals of a file
+of another study, a truncated or malformed file, a negative or NaN latency, an unknown target, with the study
+untouched."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+from kits import make_study, run_kit
+
+from dse.deploy.__main__ import main
+from dse.targets import attr, measured
+
+WIDTH = {"grid": {"model.width": [0.125, 0.25, 0.5]}}  # the width space, three of its widths
+
+
+def kit(tmp_path, storage, name, *args) -> dict:
+    out = tmp_path / f"kit-{name}"
+    assert main(["latency-kit", "--study", name, "--storage", storage, "--out", str(out), *args]) == 0
+    return json.loads((out / "kit.json").read_text()) | {"folder": out}
+
+
+def figures(storage, name, target="host") -> dict:
+    return measured(optuna.load_study(study_name=name, storage=storage).user_attrs, target)
+
+
+@pytest.fixture(scope="module")
+def width(tmp_path_factory):
+    """A `width` study's kit, run on this machine."""
+    tmp = tmp_path_factory.mktemp("width")
+    storage = f"sqlite:///{tmp / 'w.db'}"
+    make_study(storage, "w", "width", grid=WIDTH["grid"])
+    made = kit(tmp, storage, "w")
+    run_kit(made["folder"])
+    return storage, made
+
+
+def test_a_grid_kit_holds_the_study_s_and_the_grid_s_architectures_and_imports_them_all(width, capsys):
+    storage, made = width
+    sets = {}
+    for g in made["graphs"]:
+        sets.setdefault(g["set"], set()).add(g["architecture"])
+    assert len(sets["study"]) == 2 and len(sets["grid"]) == 1  # the grid's third width is not yet a trial
+    path = made["folder"] / "latency.json"
+    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "host"]) == 0
+    assert "stored the latency of 3 architecture(s)" in capsys.readouterr().out
+    stored = figures(storage, "w")
+    assert set(stored) == sets["study"] | sets["grid"]
+    for figure in stored.values():
+        assert figure["latency_onnx_ms"] > 0 and figure["latency_int8_ms"] > 0 and figure["measured"]
+        assert figure["kit"] == made["kit"] and figure["machine"]["onnxruntime"]
+    assert figures(storage, "w", "bluebox") == {}
+
+
+def test_an_open_kit_adds_a_calibration_draw_and_its_figures_come_back(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    make_study(storage, "o", "open")
+    made = kit(tmp_path, storage, "o", "--calibration", "3")
+    assert sum(g["set"] == "calibration" for g in made["graphs"]) == 6
+    run_kit(made["folder"])
+    path = made["folder"] / "latency.json"
+    assert main(["import-latency", str(path), "--study", "o", "--storage", storage, "--target", "bluebox"]) == 0
+    assert len(figures(storage, "o", "bluebox")) == 5 and figures(storage, "o", "host") == {}
+
+
+def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp_path, capsys):
+    storage, made = width
+    data = json.loads((made["folder"] / "latency.json").read_text())
+    gone = made["graphs"][-1]["id"]
+    data["graphs"][gone] = {k: v for k, v in data["graphs"][gone].items() if k in ("architecture", "precision")}
+    data["complete"] = False
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(data))
+    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "bluebox"]) == 0
+    out = capsys.readouterr().out
+    assert "stored the latency of 3 architecture(s)" in out and f"missing: 1 graph(s) not (fully) timed: {gone}" in out
+    last = figures(storage, "w", "bluebox")[made["graphs"][-1]["architecture"]]
+    assert "latency_onnx_ms" in last and "latency_int8_ms" not in last
+
+
+def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width, tmp_path, capsys):
+    storage, _ = width
+    before = figures(storage, "w")
+    made = kit(tmp_path, storage, "w", "--front")
+    front = {g["architecture"] for g in made["graphs"]}
+    assert {g["set"] for g in made["graphs"]} == {"front"} and len(front) == 2
+    run_kit(made["folder"])
+    assert (
+        main(
+            [
+                "import-latency",
+                str(made["folder"] / "latency.json"),
+                "--study",
+                "w",
+                "--storage",
+                storage,
+                "--target",
+                "host",
+            ]
+        )
+        == 0
+    )
+    after = figures(storage, "w")
+    assert set(after) == set(before)
+    assert all(after[k]["kit"] == made["kit"] for k in front)
+    assert all(after[k] == before[k] for k in set(before) - front)
+
+
+def _bad(storage, name, tmp_path, data, capsys, target="host") -> str:
+    before = optuna.load_study(study_name=name, storage=storage).user_attrs
+    path = tmp_path / "bad.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    assert main(["import-latency", str(path), "--study", name, "--storage", storage, "--target", target]) == 2
+    assert optuna.load_study(study_name=name, storage=storage).user_attrs == before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dse.deploy: error: ")
+    return err
+
+
+def test_a_kit_result_of_another_study_is_refused(width, tmp_path, capsys):
+    storage, made = width
+    make_study(storage, "other", "width", grid=WIDTH["grid"])
+    text = (made["folder"] / "latency.json").read_text()
+    assert "made by a kit of study 'w', not of 'other'" in _bad(storage, "other", tmp_path, text, capsys)
+    # the same name in another storage: another definition
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    make_study(elsewhere, "w", "width", grid={"model.width": [0.3]})
+    assert "another definition of study 'w'" in _bad(elsewhere, "w", tmp_path, text, capsys)
+
+
+def test_a_truncated_or_malformed_file_is_refused(width, tmp_path, capsys):
+    storage, made = width
+    text = (made["folder"] / "latency.json").read_text()
+    assert "is not valid JSON" in _bad(storage, "w", tmp_path, text[: len(text) // 2], capsys)
+    assert "format None is not a kit's results" in _bad(storage, "w", tmp_path, {"graphs": {}}, capsys)
+    data = json.loads(text)
+    data["graphs"]["extra-fp32"] = data["graphs"][made["graphs"][0]["id"]] | {"architecture": '{"model": {}}'}
+    assert "are not those of kit" in _bad(storage, "w", tmp_path, data, capsys)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, 0.0, "fast"])
+def test_a_latency_that_is_not_a_positive_finite_number_is_refused(width, tmp_path, capsys, value):
+    storage, made = width
+    data = json.loads((made["folder"] / "latency.json").read_text())
+    gid = made["graphs"][1]["id"]
+    data["graphs"][gid]["ms"] = value
+    err = _bad(storage, "w", tmp_path, json.dumps(data), capsys)  # json.dumps writes NaN and Infinity as they come
+    assert f"graph '{gid}': latency {value!r} ms is not a positive finite number" in err
+
+
+def test_an_unknown_target_is_refused(width, capsys):
+    storage, made = width
+    before = figures(storage, "w")
+    path = made["folder"] / "latency.json"
+    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "board"]) == 2
+    assert "target='board' is unknown; allowed: host, bluebox" in capsys.readouterr().err
+    assert figures(storage, "w") == before and attr("host", "k") == "latency@host:k"
