@@ -10,12 +10,31 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import optuna
+import pandas as pd
 
 from dse.kit import KIT_FORMAT, PRECISIONS, kit_id
+from dse.predict import Fitted, fit, spec_features
 
-__all__ = ["RESULTS_FORMAT", "TARGETS", "ResultsError", "attr", "check_target", "read_results", "store", "measured"]
+__all__ = [
+    "FEATURES_ATTR",
+    "METRICS",
+    "RESULTS_FORMAT",
+    "TARGETS",
+    "ResultsError",
+    "attr",
+    "check_target",
+    "read_results",
+    "store",
+    "measured",
+    "study_features",
+    "predict_target",
+]
 
-RESULTS_FORMAT = "dse-latency-results/1"  # what the shipped latency_runner.py writes
+RESULTS_FORMAT = "dse-latency-results/1"
+FEATURES_ATTR = "features:"  # an architecture's graph features (dse.predict), computed once per study
+METRICS = tuple(
+    f"latency_{word}_ms" for word in PRECISIONS.values()
+)  # what a target's figure holds  # what the shipped latency_runner.py writes
 # The machines a kit's figures may come from: the sweep's own machine, and the board.
 TARGETS = {
     "host": "the machine that runs the sweep (ONNX Runtime, as the kit's runner times it there)",
@@ -44,9 +63,10 @@ def _positive(value, what: str) -> float:
     return float(value)
 
 
-def read_results(path: Path, study: optuna.Study) -> dict:
-    """The figures of a latency.json made by a kit of this study, checked: {architecture: {"latency_onnx_ms", ...}},
-    plus "missing" (the graphs it has no figure of) and "machine". Raises ResultsError naming what is wrong."""
+def read_results(path: Path, study: str, definition_sha256: str | None) -> dict:
+    """The figures of a latency.json made by a kit of this study (name and definition), checked: "figures"
+    ({architecture: {"latency_onnx_ms", ...}}), "missing" (graphs without a figure, or not every round), "machine",
+    "kit", "file". Raises ResultsError naming what is wrong."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -60,17 +80,16 @@ def read_results(path: Path, study: optuna.Study) -> dict:
     kit = data.get("kit") or {}
     if kit.get("format") != KIT_FORMAT:
         raise ResultsError(f"{path}: kit format {kit.get('format')!r} is unknown; allowed: {KIT_FORMAT}")
-    if kit.get("study") != study.study_name:
+    if kit.get("study") != study:
         raise ResultsError(
-            f"{path} was made by a kit of study {kit.get('study')!r}, not of {study.study_name!r}: its architectures "
-            "are another study's"
+            f"{path} was made by a kit of study {kit.get('study')!r}, not of {study!r}: its architectures are another "
+            "study's"
         )
-    mine = study.user_attrs.get("definition_sha256")
-    if kit.get("definition_sha256") != mine:
+    if kit.get("definition_sha256") != definition_sha256:
         raise ResultsError(
-            f"{path} was made by a kit of another definition of study {study.study_name!r} "
-            f"(definition {str(kit.get('definition_sha256'))[:12]}, the study's {str(mine)[:12]}): a study of the same "
-            "name elsewhere"
+            f"{path} was made by a kit of another definition of study {study!r} (definition "
+            f"{str(kit.get('definition_sha256'))[:12]}, the study's {str(definition_sha256)[:12]}): a study of the "
+            "same name elsewhere"
         )
     graphs = data.get("graphs")
     if not isinstance(graphs, dict):
@@ -100,10 +119,11 @@ def read_results(path: Path, study: optuna.Study) -> dict:
             {
                 f"latency_{word}_ms": float(g["ms"]),
                 f"latency_{word}_iqr_ms": float(g["iqr_ms"]),
+                f"latency_{word}_clock": g.get("clock", "wall"),
                 f"{word}_runs": g.get("runs"),
             }
         )
-    if kit_id(study.study_name, list({g["architecture"] for g in graphs.values()})) != kit.get("kit"):
+    if kit_id(study, list({g["architecture"] for g in graphs.values()})) != kit.get("kit"):
         raise ResultsError(
             f"{path}: its graphs are not those of kit {kit.get('kit')!r} (edited, or merged from two kits)"
         )
@@ -112,7 +132,8 @@ def read_results(path: Path, study: optuna.Study) -> dict:
 
 def store(study: optuna.Study, target: str, results: Mapping) -> int:
     """Store each architecture's figures on the study for `target` (replacing that target's earlier figures of it,
-    predicted or measured; no other target's), with where they came from. Returns how many were stored."""
+    predicted or measured, but keeping measured metrics a partial run lacks; no other target's), with where they came
+    from. Returns how many were stored."""
     check_target(target)
     provenance = {
         "measured": True,
@@ -122,11 +143,61 @@ def store(study: optuna.Study, target: str, results: Mapping) -> int:
         "imported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     for key, figure in results["figures"].items():
-        study.set_user_attr(attr(target, key), {**figure, **provenance})
+        old = study.user_attrs.get(attr(target, key)) or {}
+        # a partial run's figure keeps the metrics an earlier measurement has and it lacks (never a prediction)
+        kept = (
+            {k: v for k, v in old.items() if k.startswith(("latency_", "onnx_", "int8_"))}
+            if old.get("measured")
+            else {}
+        )
+        study.set_user_attr(attr(target, key), {**kept, **figure, **provenance})
     return len(results["figures"])
 
 
-def measured(study_attrs: Mapping, target: str) -> dict[str, dict]:
-    """The figures a study holds for a target, by architecture key."""
+def measured(study_attrs: Mapping, target: str, *, predicted: bool = True) -> dict[str, dict]:
+    """The figures a study holds for a target (with `predicted=False`, those measured only), by architecture key."""
     prefix = attr(target, "")
-    return {k.removeprefix(prefix): v for k, v in study_attrs.items() if k.startswith(prefix) and isinstance(v, dict)}
+    return {
+        k.removeprefix(prefix): v
+        for k, v in study_attrs.items()
+        if k.startswith(prefix) and isinstance(v, dict) and (predicted or v.get("measured"))
+    }
+
+
+def study_features(study: optuna.Study, specs: Mapping[str, dict]) -> pd.DataFrame:
+    """The graph features (`dse.predict.spec_features`) of these architectures, one row each: stored on the study
+    as `features:<architecture>` the first time (an ONNX export each), read back after."""
+    rows = {}
+    for key, spec in specs.items():
+        rows[key] = study.user_attrs.get(FEATURES_ATTR + key)
+        if rows[key] is None:
+            rows[key] = spec_features(spec)
+            study.set_user_attr(FEATURES_ATTR + key, rows[key])
+    return pd.DataFrame(rows).T
+
+
+def predict_target(study: optuna.Study, target: str, specs: Mapping[str, dict]) -> list[Fitted]:
+    """Fit a predictor per metric on the target's measured architectures and store its figure of each of `specs`
+    the target has not measured (`predicted`: True, with the fit's held-out error); measured figures stay. Returns
+    the fits (none for a metric with fewer than 3 measured architectures)."""
+    check_target(target)
+    have = measured(study.user_attrs, target, predicted=False)
+    todo = {k: s for k, s in specs.items() if k not in have}
+    if not todo:
+        return []
+    known = {k: json.loads(k) for k in have}
+    features = study_features(study, {**known, **todo})
+    fits, figures = [], {k: {} for k in todo}
+    for metric in METRICS:
+        measured_ms = pd.Series({k: v[metric] for k, v in have.items() if metric in v}, dtype=float)
+        if len(measured_ms) < 3:
+            continue
+        fitted = fit(features, measured_ms, metric)
+        fits.append(fitted)
+        for key, ms in fitted.predict(features.loc[list(todo)]).items():
+            figures[key][metric] = float(ms)
+            figures[key][f"{metric}_how"] = fitted.summary()
+    for key, figure in figures.items():
+        if figure:
+            study.set_user_attr(attr(target, key), {**figure, "measured": False, "predicted": True})
+    return fits

@@ -15,7 +15,7 @@ from kits import make_study, run_kit
 from dse.deploy.__main__ import main
 from dse.targets import attr, measured
 
-WIDTH = {"grid": {"model.width": [0.125, 0.25, 0.5]}}  # the width space, three of its widths
+WIDTH = {"grid": {"model.width": [0.125, 0.25, 0.5, 0.8]}}  # the width space, four of its widths
 
 
 def kit(tmp_path, storage, name, *args) -> dict:
@@ -33,7 +33,7 @@ def width(tmp_path_factory):
     """A `width` study's kit, run on this machine."""
     tmp = tmp_path_factory.mktemp("width")
     storage = f"sqlite:///{tmp / 'w.db'}"
-    make_study(storage, "w", "width", grid=WIDTH["grid"])
+    make_study(storage, "w", "width", widths=(0.125, 0.25, 0.5), grid=WIDTH["grid"])
     made = kit(tmp, storage, "w")
     run_kit(made["folder"])
     return storage, made
@@ -44,10 +44,10 @@ def test_a_grid_kit_holds_the_study_s_and_the_grid_s_architectures_and_imports_t
     sets = {}
     for g in made["graphs"]:
         sets.setdefault(g["set"], set()).add(g["architecture"])
-    assert len(sets["study"]) == 2 and len(sets["grid"]) == 1  # the grid's third width is not yet a trial
+    assert len(sets["study"]) == 3 and len(sets["grid"]) == 1  # the grid's fourth width is not yet a trial
     path = made["folder"] / "latency.json"
     assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "host"]) == 0
-    assert "stored the latency of 3 architecture(s)" in capsys.readouterr().out
+    assert "stored the latency of 4 architecture(s)" in capsys.readouterr().out
     stored = figures(storage, "w")
     assert set(stored) == sets["study"] | sets["grid"]
     for figure in stored.values():
@@ -75,11 +75,12 @@ def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp
     data["complete"] = False
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(data))
-    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "bluebox"]) == 0
+    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "host"]) == 0
     out = capsys.readouterr().out
-    assert "stored the latency of 3 architecture(s)" in out and f"missing: 1 graph(s) not (fully) timed: {gone}" in out
-    last = figures(storage, "w", "bluebox")[made["graphs"][-1]["architecture"]]
-    assert "latency_onnx_ms" in last and "latency_int8_ms" not in last
+    assert "stored the latency of 4 architecture(s)" in out and f"missing: 1 graph(s) not (fully) timed: {gone}" in out
+    last = figures(storage, "w")[made["graphs"][-1]["architecture"]]
+    timed = json.loads((made["folder"] / "latency.json").read_text())["graphs"][gone]
+    assert last["latency_int8_ms"] == timed["ms"]  # measured by the earlier, whole run: kept
 
 
 def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width, tmp_path, capsys):
@@ -87,7 +88,7 @@ def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width,
     before = figures(storage, "w")
     made = kit(tmp_path, storage, "w", "--front")
     front = {g["architecture"] for g in made["graphs"]}
-    assert {g["set"] for g in made["graphs"]} == {"front"} and len(front) == 2
+    assert {g["set"] for g in made["graphs"]} == {"front"} and len(front) == 3
     run_kit(made["folder"])
     assert (
         main(
@@ -108,6 +109,43 @@ def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width,
     assert set(after) == set(before)
     assert all(after[k]["kit"] == made["kit"] for k in front)
     assert all(after[k] == before[k] for k in set(before) - front)
+
+
+def test_the_study_s_unmeasured_architectures_are_predicted_until_a_kit_measures_them(width, tmp_path, capsys):
+    storage, made = width
+    data = json.loads((made["folder"] / "latency.json").read_text())
+    study_graphs = [g for g in made["graphs"] if g["set"] == "study"]
+    left_out = study_graphs[0]["architecture"]
+    for g in study_graphs[:2]:  # both graphs of one of the study's architectures: not timed
+        data["graphs"][g["id"]] = {"architecture": g["architecture"], "precision": g["precision"], "rounds": []}
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(data))
+    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "bluebox"]) == 0
+    out = capsys.readouterr().out
+    assert "stored the latency of 3 architecture(s)" in out
+    assert "predicted latency_onnx_ms of the study's other architectures; latency_onnx_ms: held-out (3" in out
+    guess = figures(storage, "w", "bluebox")[left_out]
+    assert guess["predicted"] and not guess["measured"] and "held-out" in guess["latency_int8_ms_how"]
+    assert math.isfinite(guess["latency_onnx_ms"]) and math.isfinite(guess["latency_int8_ms"])
+    assert (
+        main(
+            [
+                "import-latency",
+                str(made["folder"] / "latency.json"),
+                "--study",
+                "w",
+                "--storage",
+                storage,
+                "--target",
+                "bluebox",
+            ]
+        )
+        == 0
+    )
+    now = figures(storage, "w", "bluebox")[left_out]
+    assert now["measured"] and "predicted" not in now
+    timed = json.loads((made["folder"] / "latency.json").read_text())["graphs"]
+    assert now["latency_onnx_ms"] == timed[study_graphs[0]["id"]]["ms"]
 
 
 def _bad(storage, name, tmp_path, data, capsys, target="host") -> str:

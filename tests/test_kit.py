@@ -108,7 +108,9 @@ def test_the_runner_times_every_graph_in_rounds_without_torch_or_dse_and_resumes
     assert set(data["graphs"]) == {g["id"] for g in manifest["graphs"]}
     for g in data["graphs"].values():
         assert len(g["rounds"]) == 2 and g["runs"] == 2 and g["ms"] > 0 and g["iqr_ms"] >= 0
-        assert len(g["rounds"][0]["times_ms"]) == 1 and "load_before" in g["rounds"][0]
+        assert len(g["rounds"][0]["times_ms"]) == len(g["rounds"][0]["cpu_times_ms"]) == 1
+        assert "load_before" in g["rounds"][0] and g["clock"] in ("wall", "thread cpu time")
+        assert g["ms"] == (g["wall_ms"] if g["clock"] == "wall" else g["cpu_ms"])
     # an interruption after the first round of the last graph: the rerun times that one round only
     last = manifest["graphs"][-1]["id"]
     data["graphs"][last]["rounds"].pop()

@@ -239,7 +239,7 @@ def cmd_latency_kit(args) -> int:
 
 def cmd_import_latency(args) -> int:
     study, _ = _study(args)
-    results = import_results(study, Path(args.file), args.target)
+    results, fits = import_results(study, Path(args.file), args.target)
     m = results["machine"]
     print(
         f"stored the latency of {len(results['figures'])} architecture(s) on study {study.study_name!r} for target "
@@ -248,6 +248,8 @@ def cmd_import_latency(args) -> int:
     if results["missing"]:
         shown = ", ".join(results["missing"][:10]) + (" ..." if len(results["missing"]) > 10 else "")
         print(f"missing: {len(results['missing'])} graph(s) not (fully) timed: {shown}; run the kit again to finish")
+    for fitted in fits:
+        print(f"predicted {fitted.metric} of the study's other architectures; {fitted.summary()}")
     return 0
 
 

@@ -12,8 +12,9 @@ import yaml
 
 from dse.deploy.front import DeployError
 from dse.kit import KitError, grid_architectures, sample_architectures, write_kit
+from dse.predict import Fitted
 from dse.sweep.compose import CONF_DIR
-from dse.targets import check_target, read_results, store
+from dse.targets import check_target, predict_target, read_results, store
 
 __all__ = ["CALIBRATION", "study_architectures", "load_space", "kit_sets", "write_study_kit", "import_results"]
 
@@ -78,10 +79,11 @@ def write_study_kit(study: optuna.Study, out: Path, *, force: bool = False, **wh
         raise DeployError(str(e)) from None
 
 
-def import_results(study: optuna.Study, path: Path, target: str) -> dict:
-    """Check a latency.json against the study, then store its figures for `target`; returns what `read_results`
-    read. Nothing is stored when anything is wrong."""
+def import_results(study: optuna.Study, path: Path, target: str) -> tuple[dict, list[Fitted]]:
+    """Check a latency.json against the study, then store its figures for `target` and predict the study's
+    architectures the target has not measured; returns what `read_results` read and the predictor's fits. Nothing
+    is stored when anything in the file is wrong."""
     check_target(target)
-    results = read_results(path, study)
+    results = read_results(path, study.study_name, study.user_attrs.get("definition_sha256"))
     store(study, target, results)
-    return results
+    return results, predict_target(study, target, study_architectures(study))
