@@ -13,12 +13,14 @@ import optuna
 import pandas as pd
 
 from dse.kit import KIT_FORMAT, PRECISIONS, kit_id
+from dse.metrics import TARGET_MACHINES, split_metric
 from dse.predict import Fitted, fit, spec_features
 
 __all__ = [
     "FEATURES_ATTR",
     "METRICS",
     "RESULTS_FORMAT",
+    "TEMPLATE_ATTR",
     "TARGETS",
     "ResultsError",
     "attr",
@@ -28,18 +30,18 @@ __all__ = [
     "measured",
     "study_features",
     "predict_target",
+    "figure_on_target",
+    "unmeasured_targets",
+    "with_targets",
 ]
 
 RESULTS_FORMAT = "dse-latency-results/1"
+TEMPLATE_ATTR = "architecture_template"  # a sweep's architecture a kit draws on, before the study has trials
 FEATURES_ATTR = "features:"  # an architecture's graph features (dse.predict), computed once per study
 METRICS = tuple(
     f"latency_{word}_ms" for word in PRECISIONS.values()
 )  # what a target's figure holds  # what the shipped latency_runner.py writes
-# The machines a kit's figures may come from: the sweep's own machine, and the board.
-TARGETS = {
-    "host": "the machine that runs the sweep (ONNX Runtime, as the kit's runner times it there)",
-    "bluebox": "Bluebox 2.0: ARM Cortex-A cores, ONNX Runtime under RTMaps",
-}
+TARGETS = TARGET_MACHINES  # the machines a kit's figures may come from (dse.metrics: they name metrics too)
 
 
 class ResultsError(ValueError):
@@ -201,3 +203,53 @@ def predict_target(study: optuna.Study, target: str, specs: Mapping[str, dict]) 
         if figure:
             study.set_user_attr(attr(target, key), {**figure, "measured": False, "predicted": True})
     return fits
+
+
+def figure_on_target(study: optuna.Study, name: str, key: str, spec: Mapping) -> tuple[float, bool]:
+    """(ms, predicted) of `latency_int8_ms@bluebox`-style metric `name` for an architecture: the target's measured
+    figure, else its stored prediction, else one predicted now (and stored)."""
+    metric, target = split_metric(name)
+    figure = measured(study.user_attrs, target).get(key, {})
+    if metric not in figure:
+        predict_target(study, target, {key: dict(spec)})
+        figure = measured(study.user_attrs, target).get(key, {})
+    if metric not in figure:
+        raise ResultsError(
+            f"{name}: study {study.study_name!r} has too few architectures measured on {target} to predict"
+        )
+    return float(figure[metric]), not figure.get("measured", False)
+
+
+def unmeasured_targets(study: optuna.Study, names: list[str], least: int = 3) -> list[str]:
+    """Of these metric names, those `x@target` whose target has fewer than `least` architectures measured on the
+    study (a predictor needs 3)."""
+    out = []
+    for name in names:
+        metric, target = split_metric(name)
+        if target and sum(metric in f for f in measured(study.user_attrs, target, predicted=False).values()) < least:
+            out.append(name)
+    return out
+
+
+def with_targets(trials: pd.DataFrame, attrs: Mapping[str, Mapping], names: list[str]) -> pd.DataFrame:
+    """The trials (a `study` and a `latency_key` column) with a column per `latency_int8_ms@bluebox`-style name and
+    its `<name>_predicted`, as their study (`attrs`: study name -> its user attributes) holds the figure now: a kit
+    imported after a trial replaced its prediction with a measurement. A trial whose study holds none keeps what it
+    recorded (predicted unless it says otherwise)."""
+    out = trials.copy()
+    for name in [n for n in dict.fromkeys(names) if split_metric(n)[1]]:
+        metric, target = split_metric(name)
+        stored = {study: measured(a, target) for study, a in attrs.items()}
+        values, predicted = [], []
+        for row in trials.to_dict("records"):
+            key = row.get("latency_key")
+            figure = stored.get(row["study"], {}).get(key, {}) if isinstance(key, str) else {}
+            if metric in figure:
+                values.append(float(figure[metric]))
+                predicted.append(not figure.get("measured", False))
+            else:
+                mine = row.get(name)
+                values.append(float(mine) if mine is not None and pd.notna(mine) else float("nan"))
+                predicted.append(bool(row.get(f"{name}_predicted", True)) if pd.notna(mine) else None)
+        out[name], out[f"{name}_predicted"] = values, predicted
+    return out

@@ -9,17 +9,20 @@ import json
 import math
 
 import optuna
+import pandas as pd
 import pytest
 from kits import make_study, run_kit
+from sweeps import run_tiny_plan
 
 from dse.deploy.__main__ import main
+from dse.report.__main__ import main as report_main
 from dse.targets import attr, measured
 
 WIDTH = {"grid": {"model.width": [0.125, 0.25, 0.5, 0.8]}}  # the width space, four of its widths
 
 
 def kit(tmp_path, storage, name, *args) -> dict:
-    out = tmp_path / f"kit-{name}"
+    out = tmp_path / f"kit-{name}-{len(list(tmp_path.glob('kit-*')))}"
     assert main(["latency-kit", "--study", name, "--storage", storage, "--out", str(out), *args]) == 0
     return json.loads((out / "kit.json").read_text()) | {"folder": out}
 
@@ -197,3 +200,77 @@ def test_an_unknown_target_is_refused(width, capsys):
     assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "board"]) == 2
     assert "target='board' is unknown; allowed: host, bluebox" in capsys.readouterr().err
     assert figures(storage, "w") == before and attr("host", "k") == "latency@host:k"
+
+
+@pytest.mark.slow
+def test_a_sampled_sweep_runs_on_predicted_latency_and_the_front_s_kit_replaces_it(tmp_path, capsys):
+    args = ["+space=open", "space.n_trials=3", "study.objectives=[val_acc_onnx,onnx_kb,latency_onnx_ms@host]"]
+    with pytest.raises(ValueError, match="latency_onnx_ms@host: study 'sampled' has fewer than 3 architectures"):
+        run_tiny_plan(tmp_path, *args, name="sampled")
+    storage = f"sqlite:///{tmp_path / 'sampled.db'}"
+    made = kit(tmp_path, storage, "sampled", "--calibration", "5")
+    assert {g["set"] for g in made["graphs"]} == {"calibration"}  # no trial yet: drawn on the sweep's architecture
+    run_kit(made["folder"])
+    assert (
+        main(
+            [
+                "import-latency",
+                str(made["folder"] / "latency.json"),
+                "--study",
+                "sampled",
+                "--storage",
+                storage,
+                "--target",
+                "host",
+            ]
+        )
+        == 0
+    )
+    assert run_tiny_plan(tmp_path, *args, name="sampled").ok
+    study = optuna.load_study(study_name="sampled", storage=storage)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 3 and study.metric_names == ["val_acc_onnx", "onnx_kb", "latency_onnx_ms@host"]
+    for t in done:
+        assert (
+            t.values[2] == t.user_attrs["latency_onnx_ms@host"] > 0 and t.user_attrs["latency_onnx_ms@host_predicted"]
+        )
+    capsys.readouterr()
+    assert main(["list", "--study", "sampled", "--storage", storage]) == 0
+    listed = capsys.readouterr()
+    assert "latency_onnx_ms@host_predicted" in listed.out and "latency_onnx_ms@host of trial(s)" in listed.err
+    assert reported(tmp_path, storage)["latency_onnx_ms@host_predicted"].eq(True).all()
+    front = kit(tmp_path, storage, "sampled", "--front")
+    run_kit(front["folder"])
+    assert (
+        main(
+            [
+                "import-latency",
+                str(front["folder"] / "latency.json"),
+                "--study",
+                "sampled",
+                "--storage",
+                storage,
+                "--target",
+                "host",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["list", "--study", "sampled", "--storage", storage]) == 0
+    listed = capsys.readouterr()
+    assert "is predicted" not in listed.err
+    stored = figures(storage, "sampled")
+    assert all(stored[g["architecture"]]["measured"] for g in front["graphs"])
+    trials = reported(tmp_path, storage).set_index("trial")
+    for t in done:
+        measured_now = stored[t.user_attrs["latency_key"]]
+        row = trials.loc[t.number]
+        assert row["latency_onnx_ms@host_predicted"] == (not measured_now["measured"])
+        assert row["latency_onnx_ms@host"] == pytest.approx(measured_now["latency_onnx_ms"])
+
+
+def reported(tmp_path, storage) -> pd.DataFrame:
+    """The trials table `python -m dse.report` writes for the sampled study (CSV)."""
+    report_main(["--study", "sampled", "--storage", storage, "--out", str(tmp_path / "reports"), "--format", "csv"])
+    return pd.read_csv(tmp_path / "reports" / "sampled" / "trials.csv")

@@ -85,6 +85,15 @@ def latency_warnings(study: optuna.Study, front) -> list[str]:
             f"warning: the latency of trial(s) {', '.join(map(str, loaded))} was measured under load; re-measure "
             f"the front in one sitting: python -m dse.deploy measure --study {study.study_name} --front"
         )
+    for column in [c for c in front.columns if c.endswith("_predicted")]:
+        guessed = [int(n) for n in front.loc[front[column].astype(bool), "trial"]]
+        if guessed:
+            name = column.removesuffix("_predicted")
+            out.append(
+                f"note: {name} of trial(s) {', '.join(map(str, guessed))} is predicted ({column} True), not measured; "
+                f"measure the front there: python -m dse.deploy latency-kit --study {study.study_name} --front, run "
+                f"it, then import-latency --target {name.partition('@')[2]}"
+            )
     keyed = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency_key")}
     old = [int(n) for n in front["trial"] if int(n) not in keyed]
     if old:

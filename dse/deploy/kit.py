@@ -14,7 +14,7 @@ from dse.deploy.front import DeployError
 from dse.kit import KitError, grid_architectures, sample_architectures, write_kit
 from dse.predict import Fitted
 from dse.sweep.compose import CONF_DIR
-from dse.targets import check_target, predict_target, read_results, store
+from dse.targets import TEMPLATE_ATTR, check_target, predict_target, read_results, store
 
 __all__ = ["CALIBRATION", "study_architectures", "load_space", "kit_sets", "write_study_kit", "import_results"]
 
@@ -51,14 +51,14 @@ def kit_sets(
     plus "grid" (a grid space's) or "calibration" (`calibration` drawn from a sampled space); the space is the
     study's own unless given."""
     own = study_architectures(study, front)
-    if not own:
+    template = next(iter(own.values()), None) or study.user_attrs.get(TEMPLATE_ATTR)
+    if template is None:
         raise DeployError(
             f"study {study.study_name!r} has no trial with an architecture (latency_key) yet: run its sweep first"
         )
     if front is not None:
         return {"front": own}
     space = space or study.user_attrs.get("definition", {}).get("space") or {}
-    template = next(iter(own.values()))
     try:
         if space.get("sampler", "grid") == "grid":
             return {"study": own, "grid": grid_architectures(template, space)}
