@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import yaml
 
 from dse.identity import architecture
 from dse.latency import build
@@ -60,6 +61,16 @@ def _model_changes(space: Mapping) -> dict[str, object]:
     return out
 
 
+def _fixed(space: Mapping) -> dict[str, object]:
+    """The model knobs a space file's `overrides` set for all its trials (`model.blocks=[1,1,1,1]`)."""
+    out = {}
+    for override in space.get("overrides") or []:
+        key, _, value = str(override).partition("=")
+        if key.startswith("model.") and key.removeprefix("model.") in MODEL_KNOBS - {"name", "dropout"}:
+            out[key.removeprefix("model.")] = yaml.safe_load(value)
+    return out
+
+
 def _spec_with(template: Mapping, changes: Mapping) -> tuple[str, dict]:
     """(key, spec) of the template architecture with some model knobs changed."""
     model = {k: v for k, v in template["model"].items() if k in MODEL_KNOBS}
@@ -68,13 +79,13 @@ def _spec_with(template: Mapping, changes: Mapping) -> tuple[str, dict]:
 
 
 def grid_architectures(template: Mapping, space: Mapping) -> dict[str, dict]:
-    """Every architecture of a grid space (its `model.*` keys) on a template spec (input shape, classes, the knobs
-    the space does not vary), by key."""
+    """Every architecture of a grid space (its `model.*` keys, and those its `overrides` fix) on a template spec
+    (input shape, classes, the knobs the space does not set), by key."""
     if space.get("points"):
         raise KitError("a space of named points is not supported; kits cover grid and search spaces of model.* keys")
     grid = _model_changes({"grid": space.get("grid", {})})
     combos = itertools.product(*grid.values())
-    return dict(_spec_with(template, dict(zip(grid, combo))) for combo in combos)
+    return dict(_spec_with(template, {**_fixed(space), **dict(zip(grid, combo))}) for combo in combos)
 
 
 def _draw(dist: Mapping, rng: random.Random):
@@ -99,7 +110,7 @@ def sample_architectures(
     for _ in range(100 * n):  # a space of few choices may hold fewer than n architectures
         if len(out) == n:
             break
-        key, spec = _spec_with(template, {k: _draw(d, rng) for k, d in search.items()})
+        key, spec = _spec_with(template, {**_fixed(space), **{k: _draw(d, rng) for k, d in search.items()}})
         if key not in exclude:
             out[key] = spec
     if len(out) < n:

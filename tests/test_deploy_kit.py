@@ -151,6 +151,21 @@ def test_the_study_s_unmeasured_architectures_are_predicted_until_a_kit_measures
     assert now["latency_onnx_ms"] == timed[study_graphs[0]["id"]]["ms"]
 
 
+def test_a_kit_of_another_space_draws_on_the_study_s_architecture_and_an_unknown_space_is_refused(
+    width, tmp_path, capsys
+):
+    storage, _ = width
+    made = kit(tmp_path, storage, "w", "--space", "open", "--calibration", "2")
+    drawn = {g["architecture"] for g in made["graphs"] if g["set"] == "calibration"}
+    assert len(drawn) == 2 and all(json.loads(k)["input_shape"] == [1, 16, 16] for k in drawn)
+    capsys.readouterr()
+    assert (
+        main(["latency-kit", "--study", "w", "--storage", storage, "--space", "nope", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "space 'nope' is unknown; allowed: activation, baselines" in capsys.readouterr().err
+
+
 def _bad(storage, name, tmp_path, data, capsys, target="host") -> str:
     before = optuna.load_study(study_name=name, storage=storage).user_attrs
     path = tmp_path / "bad.json"

@@ -42,6 +42,13 @@ def test_a_grid_space_gives_each_model_cell_once_on_the_template():
     assert all(s["input_shape"] == [1, 16, 16] and s["model"]["blocks"] == [1, 1, 1, 1] for s in archs.values())
 
 
+def test_a_space_file_s_model_overrides_hold_for_all_its_architectures():
+    deeper = architecture(ModelConfig(name="shallow_squeezenext", blocks=[1, 2, 2, 1]), (1, 16, 16), 4)[1]
+    space = {"overrides": ["model=shallow_squeezenext", "model.blocks=[1,1,1,1]"], "grid": {"model.width": [0.2]}}
+    [spec] = grid_architectures(deeper, space).values()
+    assert spec["model"]["blocks"] == [1, 1, 1, 1] and spec["model"]["width"] == 0.2
+
+
 def test_a_sampled_space_draws_distinct_architectures_reproducibly_within_its_ranges():
     archs = sample_architectures(TEMPLATE, OPEN, 8, seed=3)
     assert len(archs) == 8 and archs == sample_architectures(TEMPLATE, OPEN, 8, seed=3)
