@@ -13,10 +13,21 @@ What it measures, on this machine's CPU standing in for the board:
   within +-10 % of the measured figure, the median |error| and Spearman's rank correlation, beside the same fit on
   MACs alone and on params alone (non-negative linear with an intercept);
 - the measurement's own repeatability: the same kit run a second time, compared with the first as if it were a
-  predictor (no predictor can agree with a measurement better than the measurement agrees with itself).
+  predictor (no predictor can agree with a measurement better than the measurement agrees with itself), and the
+  predictor fitted on and compared with the mean of both runs (half the noise).
 
     python bench/latency_predictor.py [--calibration 60] [--held-out 30] [--python PY] [--runs 60] [--rounds 3]
                                         [--no-repeat] [--keep DIR]
+
+Found (2026-12-06, AMD EPYC x86, 2 cores shared with another engineer's test suite: load average 2.1-2.9 all
+along; ONNX Runtime 1.32, the runner under a fresh venv of numpy + onnxruntime only): the kit of 90 architectures
+was written in 112-147 s and run in 155-168 s. Held-out (30 architectures), within +-10 % / median |error| /
+Spearman: fp32: dse.predict 37 % / 13.4 % / 0.984, MACs 13 % / 33.6 % / 0.893, params 13 % / 34.6 % / 0.894;
+int8: dse.predict 37 % / 11.8 % / 0.933, MACs 7 % / 44.7 % / 0.719, params 7 % / 44.4 % / 0.710. The kit's
+second run agreed with its first within +-10 % for only 40 % (fp32) and 50 % (int8) of the held-out graphs
+(median |difference| 12.6 % and 11.1 %): on this loaded machine the measurement itself does not repeat to +-10 %,
+so the issue's goal (>= 90 % within +-10 %) cannot be judged here; the predictor is as close to a measurement as
+a second measurement is, and ranks far better than MACs or params. Rerun it on a quiet machine (or the board).
 """
 
 from __future__ import annotations
@@ -108,10 +119,14 @@ def main() -> None:
             summary.append(_row(metric, label, table))
             tables[metric, label] = table
         if args.repeat:
-            table = pd.DataFrame(
-                {"measured": measured.loc[list(test), metric], "predicted": again.loc[list(test), metric]}
-            )
+            first, second = measured[metric].astype(float), again[metric].astype(float)
+            table = pd.DataFrame({"measured": first.loc[list(test)], "predicted": second.loc[list(test)]})
             summary.append(_row(metric, "the kit's second run", table))
+            both = (first + second) / 2  # half the measurement's noise: what the predictor can be held to
+            fitted = fit(features, both.loc[list(calibration)], metric)
+            summary.append(
+                _row(metric, "dse.predict, vs the mean of both runs", held_out(fitted, features, both.loc[list(test)]))
+            )
     rows = pd.DataFrame({"architecture": [names[k] for k in test]}, index=list(test))
     for metric in METRICS:
         mine = tables[metric, "dse.predict"]

@@ -13,7 +13,10 @@ BatchNorm, Add and pooling, and node counts. So the predictor is scikit-learn's 
   to widths and depths outside the calibration set, where a tree model would predict a constant;
 - it has some fifteen coefficients: a calibration set of a few dozen timed architectures fits it;
 - non-negativity keeps correlated features (MACs and elements grow together with width) from cancelling with
-  opposite signs, which is what makes unregularised least squares overfit a few dozen points.
+  opposite signs, which is what makes unregularised least squares overfit a few dozen points;
+- it minimises the squared relative error (each architecture weighted by 1/latency^2): latencies of one space span
+  two orders of magnitude, and plain least squares would fit the largest models and miss the small ones by tens of
+  per cent (the +-10 % goal is relative too).
 
 A per-layer lookup summed (nn-Meter's kernels) needs every distinct layer timed alone; this model takes the
 architectures the kit already times, at the price of assuming the per-op rates do not depend on the layer's shape
@@ -29,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pandas as pd
 from scipy.stats import spearmanr
@@ -148,11 +152,14 @@ def fit(features: pd.DataFrame, measured: pd.Series, metric: str, *, columns=FEA
         raise ValueError(f"{metric}: {len(measured)} measured architecture(s); a predictor needs at least 3")
     x = features.loc[measured.index, list(columns)].to_numpy(dtype=float)
     y = measured.to_numpy(dtype=float)
-    model = LinearRegression(positive=True)
+    if not (np.isfinite(y).all() and (y > 0).all()):
+        raise ValueError(f"{metric}: measured latencies must be positive finite numbers")
+    weight = 1 / y**2  # least squares on the relative error: latencies span 100x, the +-10 % goal is relative
     folds = KFold(_folds(len(y)), shuffle=True, random_state=0)
-    predicted = cross_val_predict(LinearRegression(positive=True), x, y, cv=folds)
+    predicted = cross_val_predict(LinearRegression(positive=True), x, y, cv=folds, params={"sample_weight": weight})
+    model = LinearRegression(positive=True)
     held_out = pd.DataFrame({"measured": y, "predicted": predicted}, index=measured.index)
-    return Fitted(metric, tuple(columns), model.fit(x, y), held_out)
+    return Fitted(metric, tuple(columns), model.fit(x, y, sample_weight=weight), held_out)
 
 
 def held_out(fitted: Fitted, features: pd.DataFrame, measured: pd.Series) -> pd.DataFrame:

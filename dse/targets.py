@@ -35,12 +35,10 @@ __all__ = [
     "with_targets",
 ]
 
-RESULTS_FORMAT = "dse-latency-results/1"
+RESULTS_FORMAT = "dse-latency-results/1"  # what the shipped latency_runner.py writes
 TEMPLATE_ATTR = "architecture_template"  # a sweep's architecture a kit draws on, before the study has trials
 FEATURES_ATTR = "features:"  # an architecture's graph features (dse.predict), computed once per study
-METRICS = tuple(
-    f"latency_{word}_ms" for word in PRECISIONS.values()
-)  # what a target's figure holds  # what the shipped latency_runner.py writes
+METRICS = tuple(f"latency_{word}_ms" for word in PRECISIONS.values())  # what a target's figure holds
 TARGETS = TARGET_MACHINES  # the machines a kit's figures may come from (dse.metrics: they name metrics too)
 
 
@@ -98,7 +96,8 @@ def read_results(path: Path, study: str, definition_sha256: str | None) -> dict:
         raise ResultsError(f"{path}: 'graphs' is missing or not an object")
     figures: dict[str, dict] = {}
     missing = []
-    rounds = data.get("settings", {}).get("rounds")
+    settings = data.get("settings")
+    rounds = settings.get("rounds") if isinstance(settings, dict) else None
     for gid, g in graphs.items():
         if (
             not isinstance(g, dict)
@@ -113,10 +112,11 @@ def read_results(path: Path, study: str, definition_sha256: str | None) -> dict:
         times = [t for r in g.get("rounds", []) for t in r.get("times_ms", [])]
         for t in [g["ms"], *times]:
             _positive(t, f"{path}: graph {gid!r}")
-        if not math.isfinite(g.get("iqr_ms", math.nan)) or g["iqr_ms"] < 0:
-            raise ResultsError(f"{path}: graph {gid!r}: IQR {g.get('iqr_ms')!r} ms is not a finite number >= 0")
+        iqr = g.get("iqr_ms")
+        if isinstance(iqr, bool) or not isinstance(iqr, (int, float)) or not math.isfinite(iqr) or iqr < 0:
+            raise ResultsError(f"{path}: graph {gid!r}: IQR {iqr!r} ms is not a finite number >= 0")
         if rounds and len(g.get("rounds", [])) < rounds:
-            missing.append(f"{gid} (rounds {len(g['rounds'])} of {rounds})")
+            missing.append(f"{gid} (rounds {len(g.get('rounds', []))} of {rounds})")
         figures.setdefault(g["architecture"], {}).update(
             {
                 f"latency_{word}_ms": float(g["ms"]),
