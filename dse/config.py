@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dse.metrics import ARCHITECTURE, METRICS, PAPER, check_metric
+from dse.metrics import ARCHITECTURE, METRICS, PAPER, check_metric, metric
 from dse.models import ModelConfig
 from dse.optim import SCHEDULES, optimizer_kwargs
 from dse.pruning import PruningConfig
@@ -299,7 +299,7 @@ class StudyConfig:
         if self.pruner == "pareto" and not set(accuracies) & set(self.objectives):
             raise ValueError(f"study pruner='pareto' needs an accuracy among the objectives ({', '.join(accuracies)})")
         if not self.deployed:
-            needs = [m for m in (*self.objectives, *self.budgets) if METRICS[m].deployed]
+            needs = [m for m in (*self.objectives, *self.budgets) if metric(m).deployed]
             if needs:
                 raise ValueError(f"study deployed=false records no {', '.join(needs)}; drop them or set deployed=true")
         if self.pruner in OPTUNA_PRUNERS and len(self.objectives) > 1:
@@ -324,14 +324,14 @@ class StudyConfig:
     def limits(self) -> dict[str, float]:
         """Every budget by metric name: `budgets` with the shorthands `max_size_kb` (size_kb) and `max_latency_ms`."""
         out = dict(self.budgets)
-        for key, metric in (("max_size_kb", "size_kb"), ("max_latency_ms", "latency_ms")):
+        for key, name in (("max_size_kb", "size_kb"), ("max_latency_ms", "latency_ms")):
             if getattr(self, key) is not None:
-                out[metric] = min(getattr(self, key), out.get(metric, math.inf))
+                out[name] = min(getattr(self, key), out.get(name, math.inf))
         return out
 
     def before_training(self) -> dict[str, float]:
         """The budgets the architecture alone decides: checked before any training."""
-        return {m: v for m, v in self.limits().items() if METRICS[m].known == ARCHITECTURE}
+        return {m: v for m, v in self.limits().items() if metric(m).known == ARCHITECTURE}
 
 
 @dataclass

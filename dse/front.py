@@ -10,8 +10,9 @@ import optuna
 import pandas as pd
 
 from dse.latency import with_latency
-from dse.metrics import METRICS, sign
+from dse.metrics import METRICS, sign, split_metric
 from dse.study import OBJECTIVES, trials_frame
+from dse.targets import with_targets
 
 __all__ = ["DEPLOYED_COLUMNS", "DIRECTIONS", "non_dominated", "front_mask", "front_frame"]
 
@@ -32,7 +33,7 @@ def front_mask(frame: pd.DataFrame, objectives: Sequence[str], columns: dict[str
     from `columns` (objective -> column; default the objective's name). A missing value counts as the worst."""
     columns = {m: (columns or {}).get(m, m) for m in objectives}
     points = [
-        tuple(DIRECTIONS[m] * v if not math.isnan(v) else math.inf for m in objectives for v in [float(r[columns[m]])])
+        tuple(sign(m) * v if not math.isnan(v) else math.inf for m in objectives for v in [float(r[columns[m]])])
         for r in frame.to_dict("records")
     ]
     keep = set(non_dominated(points))
@@ -67,7 +68,9 @@ def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) ->
     for column in ("state", "val_acc", "latency_key", "latency_ms", "latency_iqr_ms", "curves", *DEPLOYED_COLUMNS):
         if column not in trials:
             trials[column] = None
-    done = with_latency(trials, {study.study_name: study.user_attrs})
+    on_target = [n for n in names if split_metric(n)[1]]
+    attrs = {study.study_name: study.user_attrs}
+    done = with_targets(with_latency(trials, attrs), attrs, on_target)
     rows = []
     for r in done[done["state"] == "COMPLETE"].to_dict("records"):
         curves = r["curves"] if isinstance(r["curves"], list) else []
@@ -87,6 +90,7 @@ def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) ->
                 "params": r.get("params"),
                 "mmacs": _num(r.get("macs")) / 1e6,
                 "bundle": deployed.get(str(int(r["number"])), {}).get("bundle", ""),
+                **{c: r[c] for n in on_target for c in (n, f"{n}_predicted")},
             }
         )
     columns = [
@@ -103,6 +107,7 @@ def front_frame(study: optuna.Study, objectives: Sequence[str] | None = None) ->
         "params",
         "mmacs",
         "bundle",
+        *[c for n in on_target for c in (n, f"{n}_predicted")],
     ]
     frame = pd.DataFrame(rows, columns=columns)
     on_front = front_mask(frame.assign(size_mb=frame["size_kb"] / 1e3), names)

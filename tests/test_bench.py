@@ -69,3 +69,25 @@ def test_trainer_bench_imports_what_it_measures_and_describes_itself():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trainer throughput" in result.stdout and "--skip-fused" in result.stdout
+
+
+@pytest.mark.slow
+def test_quick_latency_predictor_bench_prints_its_tables_and_writes_nothing_into_the_checkout(tmp_path):
+    before = checkout_status()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    tiny = ["--calibration", "4", "--held-out", "3", "--runs", "2", "--rounds", "1"]
+    result = subprocess.run(
+        [sys.executable, "bench/latency_predictor.py", *tiny],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "kit: 4 calibration + 3 held-out architectures of the open space, 14 graphs" in out
+    assert "latency_onnx_ms: held-out (4 architectures, 4-fold)" in out
+    for predictor in ("dse.predict", "MACs", "params", "the kit's second run"):
+        assert re.search(rf"^\| latency_int8_ms +\| {predictor} ", out, re.M), out
+    assert checkout_status() == before

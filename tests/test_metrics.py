@@ -3,10 +3,12 @@ closest) before a study DB is touched."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dse.config import StudyConfig, TargetConfig, to_object
-from dse.metrics import DEPLOYED, METRICS, PAPER, check_metric, sign
+from dse.metrics import DEPLOYED, METRICS, PAPER, check_metric, metric, sign
 from dse.sweep import compose, plan_sweep
 
 
@@ -84,3 +86,26 @@ def test_check_metric_limits_to_the_allowed_names():
     assert check_metric("onnx_kb", "x") == "onnx_kb"
     with pytest.raises(ValueError, match="allowed: size_mb$"):
         check_metric("latency_ms", "x", ["size_mb"])
+
+
+def test_a_kit_s_latency_on_a_target_machine_is_a_metric_of_its_own():
+    s = study(
+        "study.objectives=[val_acc_onnx,onnx_kb,latency_onnx_ms@host]", "study.budgets={latency_int8_ms@bluebox: 5}"
+    )
+    assert s.objectives[-1] == "latency_onnx_ms@host" and s.before_training() == {"latency_int8_ms@bluebox": 5}
+    assert sign("latency_int8_ms@bluebox") == 1 and metric("latency_int8_ms@bluebox").unit == "ms"
+    assert not metric("latency_onnx_ms@host").deployed  # the kit measured it: no per-trial ONNX evaluation needed
+
+
+@pytest.mark.parametrize(
+    "objective, error",
+    [
+        ("latency_onnx_ms@board", "target='board' is unknown; allowed: host, bluebox"),
+        ("size_kb@bluebox", "only latency_onnx_ms, latency_int8_ms take @<target>"),
+        ("latency_onnx_ms@", "metric 'latency_onnx_ms@' is unknown"),
+    ],
+)
+def test_an_unknown_target_in_the_objectives_is_refused(objective, error):
+    with pytest.raises(ValueError, match=re.escape(f"study objectives: metric {objective!r}")) as e:
+        study(f"study.objectives=[val_acc,{objective}]")
+    assert error in str(e.value)

@@ -1,4 +1,5 @@
-"""`python -m dse.deploy list|export|verify|measure`: the Pareto front, bundles for the board, their check."""
+"""`python -m dse.deploy list|export|verify|measure|latency-kit|import-latency`: the Pareto front, bundles for the
+board, their check, latency kits and their results."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dse.config import load_target
 from dse.data import DataError
 from dse.deploy.export import export_front, export_trial
 from dse.deploy.front import PICKS, DeployError, filter_front, front_frame, pick
+from dse.deploy.kit import CALIBRATION, import_results, load_space, write_study_kit
 from dse.deploy.onnx import ExportSettings, measure_shape
 from dse.deploy.verify import verify_bundle
 from dse.study import StudyError, default_storage, load_study, trials_frame, why_no_front
@@ -83,6 +85,15 @@ def latency_warnings(study: optuna.Study, front) -> list[str]:
             f"warning: the latency of trial(s) {', '.join(map(str, loaded))} was measured under load; re-measure "
             f"the front in one sitting: python -m dse.deploy measure --study {study.study_name} --front"
         )
+    for column in [c for c in front.columns if c.endswith("_predicted")]:
+        guessed = [int(n) for n in front.loc[front[column].astype(bool), "trial"]]
+        if guessed:
+            name = column.removesuffix("_predicted")
+            out.append(
+                f"note: {name} of trial(s) {', '.join(map(str, guessed))} is predicted ({column} True), not measured; "
+                f"measure the front there: python -m dse.deploy latency-kit --study {study.study_name} --front, run "
+                f"it, then import-latency --target {name.partition('@')[2]}"
+            )
     keyed = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latency_key")}
     old = [int(n) for n in front["trial"] if int(n) not in keyed]
     if old:
@@ -215,6 +226,42 @@ def measure_front(args) -> int:
     return 0
 
 
+def cmd_latency_kit(args) -> int:
+    study, _ = _study(args)
+    out = Path(args.out or f"kits/{study.study_name}{'-front' if args.front else ''}")
+    which = {"calibration": args.calibration}
+    if args.space:
+        which["space"] = load_space(args.space)
+    if args.front:
+        which = {"front": [int(n) for n in _front(study, args)["trial"]]}
+    manifest = write_study_kit(study, out, force=args.force, **which)
+    sets: dict[str, set] = {}
+    for g in manifest["graphs"]:
+        sets.setdefault(g["set"], set()).add(g["architecture"])
+    print(
+        f"wrote {out}: {len(manifest['graphs'])} ONNX graphs (fp32 and int8) of "
+        + ", ".join(f"{len(v)} {k}" for k, v in sets.items())
+        + f" architecture(s); on the board: python3 latency_runner.py (see {out / 'README.md'})"
+    )
+    return 0
+
+
+def cmd_import_latency(args) -> int:
+    study, _ = _study(args)
+    results, fits = import_results(study, Path(args.file), args.target)
+    m = results["machine"]
+    print(
+        f"stored the latency of {len(results['figures'])} architecture(s) on study {study.study_name!r} for target "
+        f"{args.target!r} (measured on {m.get('cpu')}, {m.get('cores')} cores, ONNX Runtime {m.get('onnxruntime')})"
+    )
+    if results["missing"]:
+        shown = ", ".join(results["missing"][:10]) + (" ..." if len(results["missing"]) > 10 else "")
+        print(f"missing: {len(results['missing'])} graph(s) not (fully) timed: {shown}; run the kit again to finish")
+    for fitted in fits:
+        print(f"predicted {fitted.metric} of the study's other architectures; {fitted.summary()}")
+    return 0
+
+
 def _add_study(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--study", required=required, help="study name")
     p.add_argument("--storage", help="study storage URL (default sqlite:///studies/<study>.db)")
@@ -282,10 +329,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--size", type=int, default=32, help="input height and width")
     _add_timing(p)
+    p = sub.add_parser("latency-kit", help="write a folder of ONNX graphs and a runner that times them on the board")
+    _add_study(p)
+    p.add_argument("--space", help="a grid or sampled space of conf/space/ (default: the study's own)")
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=CALIBRATION,
+        help=f"sampled spaces: architectures drawn for the predictor to fit on ({CALIBRATION})",
+    )
+    p.add_argument("--front", action="store_true", help="only the (filtered) front's architectures")
+    _add_filters(p)
+    p.add_argument("--out", help="kit folder (default kits/<study>[-front])")
+    p.add_argument("--force", action="store_true", help="replace an existing kit folder")
+    p = sub.add_parser("import-latency", help="store a kit's latency.json on the study, for one target machine")
+    p.add_argument("file", metavar="LATENCY_JSON", help="the latency.json the kit's runner wrote")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="study storage URL (default sqlite:///studies/<study>.db)")
+    p.add_argument("--target", required=True, help="the machine the kit ran on: host or bluebox")
     return top
 
 
-COMMANDS = {"list": cmd_list, "export": cmd_export, "verify": cmd_verify, "measure": cmd_measure}
+COMMANDS = {
+    "list": cmd_list,
+    "export": cmd_export,
+    "verify": cmd_verify,
+    "measure": cmd_measure,
+    "latency-kit": cmd_latency_kit,
+    "import-latency": cmd_import_latency,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

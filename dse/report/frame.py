@@ -17,6 +17,7 @@ from dse.latency import LATENCY, MEASURED_ALONE, with_latency
 from dse.metrics import DEPLOYED, METRICS
 from dse.models import parse_name
 from dse.study import OBJECTIVES, StudyError, default_storage, load_study, trials_frame
+from dse.targets import with_targets
 
 __all__ = [
     "CONFIG",
@@ -24,6 +25,7 @@ __all__ = [
     "LATENCY",
     "MEASURED_ALONE",
     "StudyData",
+    "on_target",
     "load_studies",
     "completed",
     "aggregate",
@@ -108,7 +110,8 @@ def load_studies(names: Sequence[str], storages: Sequence[str] = ()) -> StudyDat
     for column in ("number", "state", "val_acc", *ATTRS):
         if column not in trials:
             trials[column] = None
-    return StudyData(with_latency(trials, attrs), urls, attrs, objectives)
+    names = [m for ms in objectives.values() for m in ms]
+    return StudyData(with_targets(with_latency(trials, attrs), attrs, names), urls, attrs, objectives)
 
 
 def _load(name: str, url: str) -> optuna.Study:
@@ -211,6 +214,7 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
                 "latency_under_load": bool(g["latency_under_load"].eq(True).any()),
                 "device": ", ".join(sorted(set(map(str, g["device"])))),
                 **{m: _mean(g[m]) * (100 if METRICS[m].unit == "fraction" else 1) for m in DEPLOYED},  # accuracies in %
+                **{c: bool(g[c].eq(True).any()) if c.endswith("_predicted") else _mean(g[c]) for c in on_target(done)},
             }
         )
     columns = [
@@ -238,8 +242,14 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
         "latency_under_load",
         "device",
         *DEPLOYED,
+        *on_target(done),
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def on_target(frame: pd.DataFrame) -> list[str]:
+    """The frame's `latency_int8_ms@bluebox`-style columns and their `_predicted` marks (dse.targets)."""
+    return [c for c in frame.columns if "@" in c]
 
 
 def _mean(values: pd.Series) -> float:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from dse.front import front_mask
 from dse.metrics import DEPLOYED, METRICS
-from dse.report.frame import StudyData, clean, val_acc
+from dse.report.frame import StudyData, clean, on_target, val_acc
 
 __all__ = [
     "KNOBS",
@@ -119,6 +119,7 @@ def trials_table(data: StudyData) -> pd.DataFrame:
                 "latency_how": row["latency_how"],
                 "s_per_epoch": clean(row["s_per_epoch"]),
                 **_deployed(row),
+                **{c: row[c] for c in on_target(data.trials)},
                 "front": False,
                 "note": row["pruned_reason"] if isinstance(row["pruned_reason"], str) else "",
             }
@@ -145,6 +146,7 @@ def trials_table(data: StudyData) -> pd.DataFrame:
         "latency_how",
         "s_per_epoch",
         *DEPLOYED,
+        *on_target(data.trials),
         "front",
         "note",
     ]
@@ -197,6 +199,7 @@ def configs_table(groups: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFra
                 "s_per_epoch_mean": g["s_per_epoch_mean"],
                 "s_per_epoch_std": g["s_per_epoch_std"],
                 **{m: g[m] for m in DEPLOYED},
+                **{c: g[c] for c in on_target(groups)},
                 "front": False,
             }
         )
@@ -223,6 +226,7 @@ def configs_table(groups: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFra
         "s_per_epoch_mean",
         "s_per_epoch_std",
         *DEPLOYED,
+        *on_target(groups),
         "front",
     ]
     frame = pd.DataFrame(rows, columns=columns)

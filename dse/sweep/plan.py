@@ -84,6 +84,7 @@ class Plan:
     definition: dict = field(default_factory=dict)  # what makes the study's trials comparable (dse.study)
     archs: dict[str, dict] = field(default_factory=dict)  # the grid's inference graphs: latency key -> spec
     arch_of: list[str] = field(default_factory=list)  # each grid trial's key in `archs`
+    template: dict = field(default_factory=dict)  # one architecture's spec: what a latency kit draws others on
 
     def overrides(self, params: dict) -> list[str]:
         """A trial's Hydra overrides: space < point extras < command line < study < the trial's knobs."""
@@ -215,6 +216,8 @@ def plan_sweep(cfg: DictConfig, cli: list[str]) -> Plan:
         plan.archs = dict(keys)
         plan.arch_of = [key for key, _ in keys for _ in plan.seeds]
         check_budgets(plan)
+    first = next(iter(setups.values()))
+    plan.template = _architecture(first, loaded[data_key(first.data)])[1]
     plan.definition = definition(space, plan.seeds, study, setups)
     return plan
 

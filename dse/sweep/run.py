@@ -21,14 +21,16 @@ from tqdm.auto import tqdm
 import dse
 from dse.config import register_schemas
 from dse.latency import ATTR, build, ensure, figures
+from dse.metrics import split_metric
 from dse.storage import StudyError, live_trial, storage_lock, transient
 from dse.study import claim_workdir, create_or_check_study, load_study
 from dse.sweep.plan import Plan, check_budgets, make_sampler
 from dse.sweep.progress import duration, save_curves_chart, start_line, summary, watching
 from dse.sweep.queue import Outcome, enqueue_missing, fail_stale, fail_trial, next_step, sweep_storage, tally
 from dse.sweep.worker import Seams, work
+from dse.targets import TEMPLATE_ATTR, unmeasured_targets
 
-__all__ = ["prepare_study", "run_sweep", "measure_grid_latency", "keep_figures", "reap", "interrupted"]
+__all__ = ["check_targets", "prepare_study", "run_sweep", "measure_grid_latency", "keep_figures", "reap", "interrupted"]
 
 
 def prepare_study(plan: Plan, *, seams: Seams = Seams()) -> tuple[optuna.Study, int]:
@@ -65,6 +67,7 @@ def run_sweep(plan: Plan, *, seams: Seams = Seams()) -> Outcome:
     budget = check_budgets(plan, {k: f["ms"] for k, f in measured.items()})
     study, _ = prepare_study(plan, seams=seams)
     keep_figures(study, measured)
+    check_targets(study, plan)
     claim_workdir(Path(plan.workdir))
     print(start_line(study, plan.storage, plan.total, plan.workers, plan.threads), flush=True)
     if budget:
@@ -93,6 +96,25 @@ def run_sweep(plan: Plan, *, seams: Seams = Seams()) -> Outcome:
     )
     print(f"checkpoints and artifacts: {Path(plan.workdir)}", flush=True)
     return outcome
+
+
+def check_targets(study: optuna.Study, plan: Plan) -> None:
+    """Objectives and budgets that name a target machine (`latency_int8_ms@bluebox`) need a predictor, fitted on
+    architectures a latency kit measured there: without them the sweep stops before any trial, saying how to get
+    them (the study keeps an architecture of the space, `TEMPLATE_ATTR`, that the kit draws its calibration on)."""
+    names = list(dict.fromkeys([*plan.study_cfg.objectives, *plan.study_cfg.limits()]))
+    missing = unmeasured_targets(study, names)
+    if not missing:
+        return
+    study.set_user_attr(TEMPLATE_ATTR, plan.template)
+    target = split_metric(missing[0])[1]
+    s = plan.study_name
+    raise ValueError(
+        f"{', '.join(missing)}: study {s!r} has fewer than 3 architectures measured on {target}, too few to "
+        f"predict the rest; first: python -m dse.deploy latency-kit --study {s} --storage {plan.storage}, run the "
+        f"kit on {target}, python -m dse.deploy import-latency latency.json --study {s} --storage {plan.storage} "
+        f"--target {target}; then run this sweep again"
+    )
 
 
 def measure_grid_latency(plan: Plan) -> dict[str, dict]:

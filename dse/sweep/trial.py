@@ -30,7 +30,7 @@ from dse.deployed import evaluate_deployed
 from dse.identity import architecture
 from dse.latency import ensure, trial_attrs
 from dse.measure import ModelProfile, profile
-from dse.metrics import METRICS
+from dse.metrics import METRICS, metric, split_metric
 from dse.models import build_model, paper_name
 from dse.pruning import History, decide, histories, rungs
 from dse.step import resolve_device
@@ -39,6 +39,7 @@ from dse.study import FINISHED
 from dse.sweep.compose import REPO, TrialSetup, compose, data_key, param_value, trial_identity, typed
 from dse.sweep.plan import GRID, Plan
 from dse.sweep.queue import fixed_params
+from dse.targets import figure_on_target
 from dse.train import EpochRecord, TrainResult
 
 __all__ = [
@@ -152,6 +153,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
     latency = _latency(trial, setup, splits, model, plan.study_cfg.deployed)
+    on_target = _on_target(trial, setup, splits, plan)
     numerics, choice = _numerics(trial, setup, splits, model, probe)
     full = setup.full
     _set_attrs(
@@ -176,6 +178,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
             "size_kb": prof.size_bytes / 1e3,
             "int8_mb": prof.int8_mb,
             **latency,
+            **on_target,
             **numerics,
             "overrides": overrides,
             "provenance": _provenance(setup.resolved),
@@ -185,6 +188,7 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
         "size_mb": prof.size_mb,
         "size_kb": prof.size_bytes / 1e3,
         **{k: v for k, v in latency.items() if k in METRICS},
+        **{k: v for k, v in on_target.items() if not k.endswith("_predicted")},
     }
     return ReadyTrial(
         trial, setup, splits, model, prof, latency["latency_ms"], trial_folder(plan, setup), started, choice, known
@@ -198,7 +202,7 @@ def over_budget(ready: ReadyTrial, plan: Plan) -> str | None:
     for name, limit in limits.items():
         trial.set_constraint(name, ready.known[name] - limit)
     over = [
-        f"{name} {ready.known[name]:.4g} > {limit:g} {METRICS[name].unit}"
+        f"{name} {ready.known[name]:.4g} > {limit:g} {metric(name).unit}"
         for name, limit in limits.items()
         if ready.known[name] > limit
     ]
@@ -227,6 +231,20 @@ def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torc
     how = "by a worker at the first trial of the architecture, training on this machine paused"
     figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how, ort=deployed)[key]
     return {**trial_attrs(figure), "latency_key": key}
+
+
+def _on_target(trial: optuna.Trial, setup: TrialSetup, splits: Splits, plan: Plan) -> dict:
+    """The `latency_int8_ms@bluebox`-style metrics the study's objectives and budgets name, for the trial's
+    architecture: measured on that target by a latency kit, else predicted (`<name>_predicted` says which)."""
+    study = plan.study_cfg
+    names = [n for n in dict.fromkeys([*study.objectives, *study.limits()]) if split_metric(n)[1]]
+    if not names:
+        return {}
+    key, spec = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
+    out = {}
+    for name in names:
+        out[name], out[f"{name}_predicted"] = figure_on_target(trial.study, name, key, spec)
+    return out
 
 
 def _numerics(
