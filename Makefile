@@ -11,7 +11,7 @@ STORAGE ?= sqlite:///studies/$(study).db
 ARTIFACTS ?= studies/$(study)/artifacts
 PORT ?= 8080
 
-.PHONY: help install test test-fast models paper-sizes sweep-quick tables dashboard deploy-list deploy-measure deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
+.PHONY: help install test test-slow models paper-sizes sweep-quick tables dashboard deploy-list deploy-measure deploy deploy-sizes bench-trainer bench-pruning bench-pruning-quick bench-gpu gpu-wheels
 
 help: ## list the tasks
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-20s %s\n", $$1, $$2}'
@@ -19,11 +19,11 @@ help: ## list the tasks
 install: ## create .venv and install dse with its test extra
 	python3 -m venv .venv && .venv/bin/pip install -e '.[test]'
 
-test: ## lint, format check and the whole test suite (what CI runs)
+test: ## lint, format check and the tests not marked slow, two at a time (what CI runs)
 	$(dir $(PY))ruff check . && $(dir $(PY))ruff format --check . && $(PY) -m pytest -q
 
-test-fast: ## run the tests not marked slow
-	$(PY) -m pytest -q -m "not slow"
+test-slow: ## the tests marked slow (whole sweeps killed and resumed, bench scripts, fresh venvs)
+	$(PY) -m pytest -q -m slow
 
 models: ## measure the paper's Table 1 models beside its published sizes
 	$(PY) -m dse.models

@@ -31,13 +31,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import pandas as pd
-from scipy.stats import spearmanr
-from sklearn.linear_model import LinearRegression
-from sklearn.model_selection import KFold, cross_val_predict
+
+if TYPE_CHECKING:  # onnx, scipy and scikit-learn are imported where used: 3 s that every sweep process would pay
+    import onnx
+    from sklearn.linear_model import LinearRegression
 
 from dse.latency import build
 from dse.onnx import export_onnx
@@ -68,6 +69,8 @@ def _numel(shape) -> int:
 
 def graph_features(model: onnx.ModelProto) -> dict[str, float]:
     """FEATURES of an fp32 ONNX graph at batch 1 (shapes by ONNX shape inference)."""
+    import onnx
+
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: v.type.tensor_type.shape for v in [*inferred.graph.value_info, *inferred.graph.output]}
     shapes.update({v.name: v.type.tensor_type.shape for v in inferred.graph.input})
@@ -97,6 +100,12 @@ def graph_features(model: onnx.ModelProto) -> dict[str, float]:
     return out
 
 
+def _load(path: Path) -> onnx.ModelProto:
+    import onnx
+
+    return onnx.load(path)
+
+
 def spec_features(spec: Mapping) -> dict[str, float]:
     """FEATURES of an architecture spec, from its fp32 ONNX export (random weights), plus its params and MACs (the
     naive predictors' single features)."""
@@ -104,7 +113,7 @@ def spec_features(spec: Mapping) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model.eval(), path, shape)
-        features = graph_features(onnx.load(path))
+        features = graph_features(_load(path))
     features["params"] = float(sum(p.numel() for p in model.parameters()))
     features["macs"] = features["macs_conv1x1"] + features["macs_convk"] + features["macs_gemm"]
     return features
@@ -128,6 +137,8 @@ class Fitted:
         """One line: held-out share within +-10 %, median and worst absolute error, Spearman rank correlation."""
         h = self.held_out
         error = (h["predicted"] / h["measured"] - 1).abs()
+        from scipy.stats import spearmanr
+
         rho = spearmanr(h["measured"], h["predicted"]).statistic
         return (
             f"{self.metric}: held-out ({len(h)} architectures, {_folds(len(h))}-fold) within +-10 %: "
@@ -155,6 +166,9 @@ def fit(features: pd.DataFrame, measured: pd.Series, metric: str, *, columns=FEA
     if not (np.isfinite(y).all() and (y > 0).all()):
         raise ValueError(f"{metric}: measured latencies must be positive finite numbers")
     weight = 1 / y**2  # least squares on the relative error: latencies span 100x, the +-10 % goal is relative
+    from sklearn.linear_model import LinearRegression
+    from sklearn.model_selection import KFold, cross_val_predict
+
     folds = KFold(_folds(len(y)), shuffle=True, random_state=0)
     predicted = cross_val_predict(LinearRegression(positive=True), x, y, cv=folds, params={"sample_weight": weight})
     model = LinearRegression(positive=True)
