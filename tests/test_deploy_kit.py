@@ -226,21 +226,8 @@ def test_a_sampled_sweep_runs_on_predicted_latency_and_the_front_s_kit_replaces_
     made = kit(tmp_path, storage, "sampled", "--calibration", "5")
     assert {g["set"] for g in made["graphs"]} == {"calibration"}  # no trial yet: drawn on the sweep's architecture
     run_kit(made["folder"])
-    assert (
-        main(
-            [
-                "import-latency",
-                str(made["folder"] / "latency.json"),
-                "--study",
-                "sampled",
-                "--storage",
-                storage,
-                "--target",
-                "host",
-            ]
-        )
-        == 0
-    )
+    imported = ["--study", "sampled", "--storage", storage, "--target", "host"]
+    assert main(["import-latency", str(made["folder"] / "latency.json"), *imported]) == 0
     assert run_tiny_plan(tmp_path, *args, name="sampled").ok
     study = optuna.load_study(study_name="sampled", storage=storage)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -256,21 +243,7 @@ def test_a_sampled_sweep_runs_on_predicted_latency_and_the_front_s_kit_replaces_
     assert reported(tmp_path, storage)["latency_onnx_ms@host_predicted"].eq(True).all()
     front = kit(tmp_path, storage, "sampled", "--front")
     run_kit(front["folder"])
-    assert (
-        main(
-            [
-                "import-latency",
-                str(front["folder"] / "latency.json"),
-                "--study",
-                "sampled",
-                "--storage",
-                storage,
-                "--target",
-                "host",
-            ]
-        )
-        == 0
-    )
+    assert main(["import-latency", str(front["folder"] / "latency.json"), *imported]) == 0
     capsys.readouterr()
     assert main(["list", "--study", "sampled", "--storage", storage]) == 0
     listed = capsys.readouterr()
