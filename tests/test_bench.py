@@ -13,6 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_bench(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """A bench script from the checkout, its temporary files under `tmp_path`, writing no bytecode."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, f"bench/{script}", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def checkout_status() -> str:
     """Every path git sees changed, untracked or ignored in the checkout."""
     return subprocess.run(
@@ -24,28 +31,8 @@ def checkout_status() -> str:
 def test_quick_pruning_bench_compares_both_runs_and_writes_nothing_into_the_checkout(tmp_path, fake_data):
     data = fake_data("fashion_mnist", n_train=300, n_test=50)
     before = checkout_status()
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "bench/pruning.py",
-            "--quick",
-            "--trials",
-            "3",
-            "--epochs",
-            "2",
-            "--subset",
-            "200",
-            "--val-size",
-            "50",
-            f"data.root={data.root}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    quick = ["--quick", "--trials", "3", "--epochs", "2", "--subset", "200", "--val-size", "50"]
+    result = run_bench(tmp_path, "pruning.py", *quick, f"data.root={data.root}")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "2 epochs of batch 64" in out and "1 workers x 1 threads" in out  # --quick's defaults, options win
@@ -74,16 +61,8 @@ def test_trainer_bench_imports_what_it_measures_and_describes_itself():
 @pytest.mark.slow
 def test_quick_latency_predictor_bench_prints_its_tables_and_writes_nothing_into_the_checkout(tmp_path):
     before = checkout_status()
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     tiny = ["--calibration", "4", "--held-out", "3", "--runs", "2", "--rounds", "1"]
-    result = subprocess.run(
-        [sys.executable, "bench/latency_predictor.py", *tiny],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_bench(tmp_path, "latency_predictor.py", *tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "kit: 4 calibration + 3 held-out architectures of the open space, 14 graphs" in out

@@ -27,6 +27,11 @@ def kit(tmp_path, storage, name, *args) -> dict:
     return json.loads((out / "kit.json").read_text()) | {"folder": out}
 
 
+def import_latency(path, storage: str, name: str, target: str) -> int:
+    """`python -m dse.deploy import-latency PATH --study NAME --storage STORAGE --target TARGET`'s exit code."""
+    return main(["import-latency", str(path), "--study", name, "--storage", storage, "--target", target])
+
+
 def figures(storage, name, target="host") -> dict:
     return measured(optuna.load_study(study_name=name, storage=storage).user_attrs, target)
 
@@ -49,7 +54,7 @@ def test_a_grid_kit_holds_the_study_s_and_the_grid_s_architectures_and_imports_t
         sets.setdefault(g["set"], set()).add(g["architecture"])
     assert len(sets["study"]) == 3 and len(sets["grid"]) == 1  # the grid's fourth width is not yet a trial
     path = made["folder"] / "latency.json"
-    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "host"]) == 0
+    assert import_latency(path, storage, "w", "host") == 0
     assert "stored the latency of 4 architecture(s)" in capsys.readouterr().out
     stored = figures(storage, "w")
     assert set(stored) == sets["study"] | sets["grid"]
@@ -66,7 +71,7 @@ def test_an_open_kit_adds_a_calibration_draw_and_its_figures_come_back(tmp_path,
     assert sum(g["set"] == "calibration" for g in made["graphs"]) == 6
     run_kit(made["folder"])
     path = made["folder"] / "latency.json"
-    assert main(["import-latency", str(path), "--study", "o", "--storage", storage, "--target", "bluebox"]) == 0
+    assert import_latency(path, storage, "o", "bluebox") == 0
     assert len(figures(storage, "o", "bluebox")) == 5 and figures(storage, "o", "host") == {}
 
 
@@ -78,7 +83,7 @@ def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp
     data["complete"] = False
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(data))
-    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "host"]) == 0
+    assert import_latency(path, storage, "w", "host") == 0
     out = capsys.readouterr().out
     assert "stored the latency of 4 architecture(s)" in out and f"missing: 1 graph(s) not (fully) timed: {gone}" in out
     last = figures(storage, "w")[made["graphs"][-1]["architecture"]]
@@ -93,21 +98,7 @@ def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width,
     front = {g["architecture"] for g in made["graphs"]}
     assert {g["set"] for g in made["graphs"]} == {"front"} and len(front) == 3
     run_kit(made["folder"])
-    assert (
-        main(
-            [
-                "import-latency",
-                str(made["folder"] / "latency.json"),
-                "--study",
-                "w",
-                "--storage",
-                storage,
-                "--target",
-                "host",
-            ]
-        )
-        == 0
-    )
+    assert import_latency(made["folder"] / "latency.json", storage, "w", "host") == 0
     after = figures(storage, "w")
     assert set(after) == set(before)
     assert all(after[k]["kit"] == made["kit"] for k in front)
@@ -123,28 +114,14 @@ def test_the_study_s_unmeasured_architectures_are_predicted_until_a_kit_measures
         data["graphs"][g["id"]] = {"architecture": g["architecture"], "precision": g["precision"], "rounds": []}
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(data))
-    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "bluebox"]) == 0
+    assert import_latency(path, storage, "w", "bluebox") == 0
     out = capsys.readouterr().out
     assert "stored the latency of 3 architecture(s)" in out
     assert "predicted latency_onnx_ms of the study's other architectures; latency_onnx_ms: held-out (3" in out
     guess = figures(storage, "w", "bluebox")[left_out]
     assert guess["predicted"] and not guess["measured"] and "held-out" in guess["latency_int8_ms_how"]
     assert math.isfinite(guess["latency_onnx_ms"]) and math.isfinite(guess["latency_int8_ms"])
-    assert (
-        main(
-            [
-                "import-latency",
-                str(made["folder"] / "latency.json"),
-                "--study",
-                "w",
-                "--storage",
-                storage,
-                "--target",
-                "bluebox",
-            ]
-        )
-        == 0
-    )
+    assert import_latency(made["folder"] / "latency.json", storage, "w", "bluebox") == 0
     now = figures(storage, "w", "bluebox")[left_out]
     assert now["measured"] and "predicted" not in now
     timed = json.loads((made["folder"] / "latency.json").read_text())["graphs"]
@@ -170,7 +147,7 @@ def _bad(storage, name, tmp_path, data, capsys, target="host") -> str:
     before = optuna.load_study(study_name=name, storage=storage).user_attrs
     path = tmp_path / "bad.json"
     path.write_text(data if isinstance(data, str) else json.dumps(data))
-    assert main(["import-latency", str(path), "--study", name, "--storage", storage, "--target", target]) == 2
+    assert import_latency(path, storage, name, target) == 2
     assert optuna.load_study(study_name=name, storage=storage).user_attrs == before
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dse.deploy: error: ")
@@ -212,7 +189,7 @@ def test_an_unknown_target_is_refused(width, capsys):
     storage, made = width
     before = figures(storage, "w")
     path = made["folder"] / "latency.json"
-    assert main(["import-latency", str(path), "--study", "w", "--storage", storage, "--target", "board"]) == 2
+    assert import_latency(path, storage, "w", "board") == 2
     assert "target='board' is unknown; allowed: host, bluebox" in capsys.readouterr().err
     assert figures(storage, "w") == before and attr("host", "k") == "latency@host:k"
 
@@ -226,8 +203,7 @@ def test_a_sampled_sweep_runs_on_predicted_latency_and_the_front_s_kit_replaces_
     made = kit(tmp_path, storage, "sampled", "--calibration", "5")
     assert {g["set"] for g in made["graphs"]} == {"calibration"}  # no trial yet: drawn on the sweep's architecture
     run_kit(made["folder"])
-    imported = ["--study", "sampled", "--storage", storage, "--target", "host"]
-    assert main(["import-latency", str(made["folder"] / "latency.json"), *imported]) == 0
+    assert import_latency(made["folder"] / "latency.json", storage, "sampled", "host") == 0
     assert run_tiny_plan(tmp_path, *args, name="sampled").ok
     study = optuna.load_study(study_name="sampled", storage=storage)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -243,7 +219,7 @@ def test_a_sampled_sweep_runs_on_predicted_latency_and_the_front_s_kit_replaces_
     assert reported(tmp_path, storage)["latency_onnx_ms@host_predicted"].eq(True).all()
     front = kit(tmp_path, storage, "sampled", "--front")
     run_kit(front["folder"])
-    assert main(["import-latency", str(front["folder"] / "latency.json"), *imported]) == 0
+    assert import_latency(front["folder"] / "latency.json", storage, "sampled", "host") == 0
     capsys.readouterr()
     assert main(["list", "--study", "sampled", "--storage", storage]) == 0
     listed = capsys.readouterr()
