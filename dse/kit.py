@@ -21,6 +21,7 @@ from dse.identity import architecture
 from dse.latency import build
 from dse.models import ModelConfig
 from dse.onnx import as_trained, export_pair, random_calibration
+from dse.predict import graph_features
 
 __all__ = [
     "KIT_FORMAT",
@@ -34,7 +35,7 @@ __all__ = [
     "write_kit",
 ]
 
-KIT_FORMAT = "dse-latency-kit/1"
+KIT_FORMAT = "dse-latency-kit/2"  # /2: kit.json names the reference graphs
 MANIFEST = "kit.json"
 PRECISIONS = {"fp32": "onnx", "int8": "int8"}  # a graph's precision -> the metric word (latency_onnx_ms, ...)
 BUNDLE = Path(__file__).resolve().parent / "deploy" / "bundle"
@@ -123,6 +124,17 @@ def kit_id(study: str, keys: list[str]) -> str:
     return hashlib.sha256(json.dumps([study, sorted(keys)]).encode()).hexdigest()[:16]
 
 
+def _reference(out: Path, graphs: list[dict]) -> dict[str, str]:
+    """The graphs the runner pairs every timed run with, by precision: those of the kit's architecture of median
+    MACs, whose work is typical of the kit's (a machine's drift then slows both alike)."""
+    import onnx
+
+    fp32 = [g for g in graphs if g["precision"] == "fp32"]
+    macs = {g["id"]: graph_features(onnx.load(out / g["file"]))["macs"] for g in fp32}
+    middle = sorted(fp32, key=lambda g: (macs[g["id"]], g["id"]))[(len(fp32) - 1) // 2]["architecture"]
+    return {g["precision"]: g["id"] for g in graphs if g["architecture"] == middle}
+
+
 def write_kit(
     out: Path,
     sets: Mapping[str, Mapping[str, dict]],
@@ -165,6 +177,7 @@ def write_kit(
                 )
     manifest = {
         "format": KIT_FORMAT,
+        "reference": _reference(out, graphs),
         "kit": kit_id(study, sorted(seen)),
         "study": study,
         "definition_sha256": definition_sha256,

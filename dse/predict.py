@@ -6,8 +6,9 @@ a sum over nodes of (a fixed cost per node: dispatch, memory set-up) + (work x a
 per op type, that is a linear function of a few graph features with non-negative coefficients: MACs of 1x1
 convolutions and of wider kernels (im2col + GEMM, at different rates), output elements of convolutions (per-pixel
 overhead that MACs miss at small widths), of each activation (ELU's exp costs several times ReLU's max), of
-BatchNorm, Add and pooling, and node counts. So the predictor is scikit-learn's `LinearRegression(positive=True)`
-(non-negative least squares) over these features:
+BatchNorm, Add and pooling, and node counts per op type (ONNX Runtime fuses a Conv and the ReLU after it into one
+node, not an ELU: a ReLU node costs no dispatch of its own where an ELU node does). So the predictor is
+scikit-learn's `LinearRegression(positive=True)` (non-negative least squares) over these features:
 
 - it has the form of the cost it models, so its coefficients read as ms per MMAC or per node, and it extrapolates
   to widths and depths outside the calibration set, where a tree model would predict a constant;
@@ -46,6 +47,7 @@ from dse.onnx import export_onnx
 __all__ = ["FEATURES", "Fitted", "graph_features", "spec_features", "fit", "held_out", "within"]
 
 ACTIVATIONS = ("Relu", "Elu")
+COUNTED = {"Relu": "count_relu", "Elu": "count_elu", "BatchNormalization": "count_bn", "Add": "count_add"}
 FEATURES = (
     "macs_conv1x1",
     "macs_convk",
@@ -57,6 +59,7 @@ FEATURES = (
     "elems_add",
     "elems_pool",
     "count_conv",
+    *COUNTED.values(),
     "count_other",
     "input_elems",
 )
@@ -68,7 +71,7 @@ def _numel(shape) -> int:
 
 
 def graph_features(model: onnx.ModelProto) -> dict[str, float]:
-    """FEATURES of an fp32 ONNX graph at batch 1 (shapes by ONNX shape inference)."""
+    """FEATURES of an fp32 ONNX graph at batch 1 (shapes by ONNX shape inference), and its MACs."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -86,7 +89,7 @@ def graph_features(model: onnx.ModelProto) -> dict[str, float]:
             out["elems_conv"] += elems
             out["count_conv"] += 1
             continue
-        out["count_other"] += 1
+        out[COUNTED.get(node.op_type, "count_other")] += 1
         if node.op_type == "Gemm":
             out["macs_gemm"] += elems * weights[node.input[1]][1]
         elif node.op_type in ACTIVATIONS:
@@ -97,6 +100,7 @@ def graph_features(model: onnx.ModelProto) -> dict[str, float]:
             out["elems_add"] += elems
         elif "Pool" in node.op_type:
             out["elems_pool"] += float(_numel(shapes[node.input[0]]))
+    out["macs"] = out["macs_conv1x1"] + out["macs_convk"] + out["macs_gemm"]  # the naive predictor's feature
     return out
 
 
@@ -115,7 +119,6 @@ def spec_features(spec: Mapping) -> dict[str, float]:
         export_onnx(model.eval(), path, shape)
         features = graph_features(_load(path))
     features["params"] = float(sum(p.numel() for p in model.parameters()))
-    features["macs"] = features["macs_conv1x1"] + features["macs_convk"] + features["macs_gemm"]
     return features
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from dse.kit import KIT_FORMAT, PRECISIONS, kit_id
 from dse.metrics import TARGET_MACHINES, split_metric
-from dse.predict import Fitted, fit, spec_features
+from dse.predict import FEATURES, Fitted, fit, spec_features
 
 __all__ = [
     "FEATURES_ATTR",
@@ -35,7 +35,9 @@ __all__ = [
     "with_targets",
 ]
 
-RESULTS_FORMAT = "dse-latency-results/1"  # what the shipped latency_runner.py writes
+RESULTS_FORMAT = "dse-latency-results/2"  # what the shipped latency_runner.py writes
+# Results of kits written by an older dse import too: /1 figures are plain wall-clock medians.
+READABLE = {"dse-latency-results/1": "dse-latency-kit/1", RESULTS_FORMAT: KIT_FORMAT}
 TEMPLATE_ATTR = "architecture_template"  # a sweep's architecture a kit draws on, before the study has trials
 FEATURES_ATTR = "features:"  # an architecture's graph features (dse.predict), computed once per study
 METRICS = tuple(f"latency_{word}_ms" for word in PRECISIONS.values())  # what a target's figure holds
@@ -74,12 +76,15 @@ def read_results(path: Path, study: str, definition_sha256: str | None) -> dict:
         raise ResultsError(f"cannot read {path}: {e.strerror}") from None
     except ValueError as e:
         raise ResultsError(f"{path} is not valid JSON ({e}); a truncated copy? copy it from the board again") from None
-    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ResultsError(f"{path}: format {found!r} is not a kit's results; allowed: {RESULTS_FORMAT}")
+        raise ResultsError(f"{path}: format {found!r} is not a kit's results; allowed: {', '.join(READABLE)}")
     kit = data.get("kit") or {}
-    if kit.get("format") != KIT_FORMAT:
-        raise ResultsError(f"{path}: kit format {kit.get('format')!r} is unknown; allowed: {KIT_FORMAT}")
+    if kit.get("format") != READABLE[data["format"]]:
+        raise ResultsError(
+            f"{path}: kit format {kit.get('format')!r} is unknown to results {data['format']!r}; allowed: "
+            f"{READABLE[data['format']]}"
+        )
     if kit.get("study") != study:
         raise ResultsError(
             f"{path} was made by a kit of study {kit.get('study')!r}, not of {study!r}: its architectures are another "
@@ -168,11 +173,12 @@ def measured(study_attrs: Mapping, target: str, *, predicted: bool = True) -> di
 
 def study_features(study: optuna.Study, specs: Mapping[str, dict]) -> pd.DataFrame:
     """The graph features (`dse.predict.spec_features`) of these architectures, one row each: stored on the study
-    as `features:<architecture>` the first time (an ONNX export each), read back after."""
+    as `features:<architecture>` the first time (an ONNX export each), read back after (computed again where an
+    older dse stored fewer features)."""
     rows = {}
     for key, spec in specs.items():
         rows[key] = study.user_attrs.get(FEATURES_ATTR + key)
-        if rows[key] is None:
+        if rows[key] is None or not set(FEATURES) <= set(rows[key]):
             rows[key] = spec_features(spec)
             study.set_user_attr(FEATURES_ATTR + key, rows[key])
     return pd.DataFrame(rows).T

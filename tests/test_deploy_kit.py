@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import optuna
 import pandas as pd
@@ -83,6 +84,8 @@ def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp
     data["complete"] = False
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(data))
+    assert import_latency(made["folder"] / "latency.json", storage, "w", "host") == 0  # the whole run first
+    capsys.readouterr()
     assert import_latency(path, storage, "w", "host") == 0
     out = capsys.readouterr().out
     assert "stored the latency of 4 architecture(s)" in out and f"missing: 1 graph(s) not (fully) timed: {gone}" in out
@@ -173,6 +176,28 @@ def test_a_truncated_or_malformed_file_is_refused(width, tmp_path, capsys):
     data = json.loads(text)
     data["graphs"]["extra-fp32"] = data["graphs"][made["graphs"][0]["id"]] | {"architecture": '{"model": {}}'}
     assert "are not those of kit" in _bad(storage, "w", tmp_path, data, capsys)
+
+
+def test_a_kit_result_written_by_the_previous_runner_still_imports(width, tmp_path, capsys):
+    """dse-latency-results/1 (plain wall-clock medians, no reference graph) from a kit of dse-latency-kit/1."""
+    shared, made = width
+    storage = f"sqlite:///{shutil.copy(shared.removeprefix('sqlite:///'), tmp_path / 'copy.db')}"
+    data = json.loads((made["folder"] / "latency.json").read_text())
+    data.pop("reference")
+    old = data | {"format": "dse-latency-results/1", "kit": data["kit"] | {"format": "dse-latency-kit/1"}}
+    for g in old["graphs"].values():
+        g["ms"] = g["wall_ms"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert import_latency(path, storage, "w", "bluebox") == 0
+    stored = figures(storage, "w", "bluebox")
+    assert {k: f["latency_onnx_ms"] for k, f in stored.items()} == {
+        g["architecture"]: g["ms"] for g in old["graphs"].values() if g["precision"] == "fp32"
+    }
+    capsys.readouterr()
+    mixed = data | {"kit": data["kit"] | {"format": "dse-latency-kit/1"}}
+    err = _bad(storage, "w", tmp_path, mixed, capsys)
+    assert "kit format 'dse-latency-kit/1' is unknown to results 'dse-latency-results/2'" in err
 
 
 @pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, 0.0, "fast"])

@@ -5,6 +5,7 @@ recorded, resumed after an interruption, with neither torch nor dse."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import onnx
 import pytest
@@ -21,6 +22,7 @@ from dse.kit import (
     write_kit,
 )
 from dse.models import ModelConfig
+from dse.predict import graph_features
 
 TEMPLATE = architecture(ModelConfig(name="shallow_squeezenext", blocks=[1, 1, 1, 1], width=0.125), (1, 16, 16), 4)[1]
 OPEN = {
@@ -99,6 +101,15 @@ def test_the_kit_holds_both_precisions_of_every_architecture_and_everything_the_
         assert quantized == (g["precision"] == "int8")
 
 
+def test_the_reference_every_run_is_paired_with_is_the_architecture_of_median_macs(kit):
+    out, manifest = kit
+    fp32 = {g["id"]: g for g in manifest["graphs"] if g["precision"] == "fp32"}
+    macs = {i: graph_features(onnx.load(out / g["file"]))["macs"] for i, g in fp32.items()}
+    assert len(set(macs.values())) == 3 and manifest["reference"]["fp32"] == sorted(macs, key=macs.get)[1]
+    reference = fp32[manifest["reference"]["fp32"]]["architecture"]
+    assert {g["architecture"] for g in manifest["graphs"] if g["id"] in manifest["reference"].values()} == {reference}
+
+
 def test_an_existing_kit_folder_is_kept_unless_forced(kit):
     out, _ = kit
     with pytest.raises(KitError, match="exists; pass --force"):
@@ -115,9 +126,23 @@ def test_the_runner_times_every_graph_in_rounds_without_torch_or_dse_and_resumes
     assert set(data["graphs"]) == {g["id"] for g in manifest["graphs"]}
     for g in data["graphs"].values():
         assert len(g["rounds"]) == 2 and g["runs"] == 2 and g["ms"] > 0 and g["iqr_ms"] >= 0
-        assert len(g["rounds"][0]["times_ms"]) == len(g["rounds"][0]["cpu_times_ms"]) == 1
-        assert "load_before" in g["rounds"][0] and g["clock"] in ("wall", "thread cpu time")
-        assert g["ms"] == (g["wall_ms"] if g["clock"] == "wall" else g["cpu_ms"])
+        first = g["rounds"][0]
+        assert len(first["times_ms"]) == len(first["cpu_times_ms"]) == len(first["reference_times_ms"]) == 1
+        assert "load_before" in first and g["wall_ms"] > 0 and g["cpu_ms"] > 0
+        # the figure: the median ratio to the reference's paired runs, at the reference's median over the whole run
+        reference = data["reference"][g["precision"]]
+        ratios = [t / r for x in g["rounds"] for t, r in zip(x["times_ms"], x["reference_times_ms"])]
+        assert g["ratio"] == pytest.approx(statistics.median(ratios))
+        assert g["ms"] == pytest.approx(g["ratio"] * reference["ms"])
+    for precision, reference in data["reference"].items():
+        paired = [
+            t
+            for g in data["graphs"].values()
+            if g["precision"] == precision
+            for x in g["rounds"]
+            for t in x["reference_times_ms"]
+        ]
+        assert reference["graph"] == manifest["reference"][precision] and reference["ms"] == statistics.median(paired)
     # an interruption after the first round of the last graph: the rerun times that one round only
     last = manifest["graphs"][-1]["id"]
     data["graphs"][last]["rounds"].pop()
@@ -127,4 +152,5 @@ def test_the_runner_times_every_graph_in_rounds_without_torch_or_dse_and_resumes
     assert again.stdout.count(" ms ") == 1 and last in again.stdout
     resumed = json.loads(results.read_text())
     assert resumed["complete"] and len(resumed["graphs"][last]["rounds"]) == 2
-    assert all(resumed["graphs"][k] == v for k, v in data["graphs"].items() if k != last)
+    # the other graphs keep their timings; their figures follow the reference's median, which the new round moved
+    assert all(resumed["graphs"][k]["rounds"] == v["rounds"] for k, v in data["graphs"].items() if k != last)

@@ -27,6 +27,7 @@ def test_features_count_the_graph_s_work_as_pytorch_does():
     assert f["params"] == sum(p.numel() for p in model.parameters())
     assert f["count_conv"] == sum(isinstance(m, __import__("torch").nn.Conv2d) for m in model.modules())
     assert f["elems_elu"] > 0 and f["elems_relu"] == 0 and f["input_elems"] == 256
+    assert f["count_elu"] == sum(isinstance(m, __import__("torch").nn.ELU) for m in model.modules()) > 0
     relu = spec_features(spec(activation="relu"))
     assert relu["elems_relu"] == f["elems_elu"] and relu["macs"] == f["macs"]
     deeper = spec_features(spec(blocks=(1, 2, 2, 1)))
@@ -38,8 +39,9 @@ def test_a_latency_made_of_per_op_costs_is_recovered_and_predicted_within_10_per
         spec(w, a, b) for w in (0.125, 0.2, 0.3, 0.5) for a in ("elu", "relu") for b in ((1, 1, 1, 1), (1, 2, 2, 1))
     ]
     features = pd.DataFrame({str(i): spec_features(s) for i, s in enumerate(specs)}).T
-    # a made-up machine: 2 ns per MAC, 5 us per node, ELU 10x ReLU per element, 50 us per call
-    cost = 2e-6 * features["macs"] + 5e-3 * (features["count_conv"] + features["count_other"])
+    # a made-up machine: 2 ns per MAC, 5 us per node (a ReLU is fused into its Conv), ELU 10x ReLU per element,
+    # 50 us per call
+    cost = 2e-6 * features["macs"] + 5e-3 * (features["count_conv"] + features["count_elu"] + features["count_bn"])
     cost += 1e-5 * features["elems_elu"] + 1e-6 * features["elems_relu"] + 0.05
     fitted = fit(features.iloc[:12], cost.iloc[:12], "latency_onnx_ms")
     assert (fitted.model.coef_ >= 0).all() and fitted.features == FEATURES
