@@ -187,12 +187,11 @@ def study_features(study: optuna.Study, specs: Mapping[str, dict]) -> pd.DataFra
 def predict_target(study: optuna.Study, target: str, specs: Mapping[str, dict]) -> list[Fitted]:
     """Fit a predictor per metric on the target's measured architectures and store its figure of each of `specs`
     the target has not measured (`predicted`: True, with the fit's held-out error); measured figures stay. Returns
-    the fits (none for a metric with fewer than 3 measured architectures)."""
+    the fits (none for a metric with fewer than 3 measured architectures). Fits with nothing to predict too: their
+    held-out error is worth printing, and the measured architectures' graph features are then stored for the sweep."""
     check_target(target)
     have = measured(study.user_attrs, target, predicted=False)
     todo = {k: s for k, s in specs.items() if k not in have}
-    if not todo:
-        return []
     known = {k: json.loads(k) for k in have}
     features = study_features(study, {**known, **todo})
     fits, figures = [], {k: {} for k in todo}
@@ -202,7 +201,7 @@ def predict_target(study: optuna.Study, target: str, specs: Mapping[str, dict]) 
             continue
         fitted = fit(features, measured_ms, metric)
         fits.append(fitted)
-        for key, ms in fitted.predict(features.loc[list(todo)]).items():
+        for key, ms in (fitted.predict(features.loc[list(todo)]) if todo else {}).items():
             figures[key][metric] = float(ms)
             figures[key][f"{metric}_how"] = fitted.summary()
     for key, figure in figures.items():

@@ -12,7 +12,7 @@ import shutil
 import optuna
 import pandas as pd
 import pytest
-from kits import make_study, run_kit
+from latency_kits import make_study, run_kit
 from sweeps import run_tiny_plan
 
 from dse.deploy.__main__ import main
@@ -72,8 +72,13 @@ def test_an_open_kit_adds_a_calibration_draw_and_its_figures_come_back(tmp_path,
     assert sum(g["set"] == "calibration" for g in made["graphs"]) == 6
     run_kit(made["folder"])
     path = made["folder"] / "latency.json"
+    capsys.readouterr()
     assert import_latency(path, storage, "o", "bluebox") == 0
     assert len(figures(storage, "o", "bluebox")) == 5 and figures(storage, "o", "host") == {}
+    # every architecture measured, none to predict: the fit's held-out error is printed all the same
+    assert "fitted the bluebox predictor of the architectures no kit timed; latency_int8_ms: held-out (5" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp_path, capsys):
@@ -95,7 +100,8 @@ def test_a_partial_run_imports_what_it_timed_and_says_what_is_missing(width, tmp
 
 
 def test_the_front_s_kit_replaces_that_target_s_figures_of_the_front_only(width, tmp_path, capsys):
-    storage, _ = width
+    storage, whole = width
+    assert import_latency(whole["folder"] / "latency.json", storage, "w", "host") == 0  # the grid's kit first
     before = figures(storage, "w")
     made = kit(tmp_path, storage, "w", "--front")
     front = {g["architecture"] for g in made["graphs"]}
@@ -120,7 +126,7 @@ def test_the_study_s_unmeasured_architectures_are_predicted_until_a_kit_measures
     assert import_latency(path, storage, "w", "bluebox") == 0
     out = capsys.readouterr().out
     assert "stored the latency of 3 architecture(s)" in out
-    assert "predicted latency_onnx_ms of the study's other architectures; latency_onnx_ms: held-out (3" in out
+    assert "fitted the bluebox predictor of the architectures no kit timed; latency_onnx_ms: held-out (3" in out
     guess = figures(storage, "w", "bluebox")[left_out]
     assert guess["predicted"] and not guess["measured"] and "held-out" in guess["latency_int8_ms_how"]
     assert math.isfinite(guess["latency_onnx_ms"]) and math.isfinite(guess["latency_int8_ms"])

@@ -9,7 +9,7 @@ import statistics
 
 import onnx
 import pytest
-from kits import run_kit
+from latency_kits import run_kit
 
 from dse.identity import architecture
 from dse.kit import (

@@ -258,7 +258,7 @@ def cmd_import_latency(args) -> int:
         shown = ", ".join(results["missing"][:10]) + (" ..." if len(results["missing"]) > 10 else "")
         print(f"missing: {len(results['missing'])} graph(s) not (fully) timed: {shown}; run the kit again to finish")
     for fitted in fits:
-        print(f"predicted {fitted.metric} of the study's other architectures; {fitted.summary()}")
+        print(f"fitted the {args.target} predictor of the architectures no kit timed; {fitted.summary()}")
     return 0
 
 
