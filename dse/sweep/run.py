@@ -111,9 +111,9 @@ def check_targets(study: optuna.Study, plan: Plan) -> None:
     s = plan.study_name
     raise ValueError(
         f"{', '.join(missing)}: study {s!r} has fewer than 3 architectures measured on {target}, too few to "
-        f"predict the rest; first: python -m dse.deploy latency-kit --study {s} --storage {plan.storage}, run the "
-        f"kit on {target}, python -m dse.deploy import-latency latency.json --study {s} --storage {plan.storage} "
-        f"--target {target}; then run this sweep again"
+        f"predict the rest; first: python -m dse.deploy latency-kit --study {s} --storage {plan.storage} --out "
+        f"kits/{s}, run kits/{s}/latency_runner.py on {target}, python -m dse.deploy import-latency "
+        f"kits/{s}/latency.json --study {s} --storage {plan.storage} --target {target}; then run this sweep again"
     )
 
 

@@ -152,8 +152,10 @@ def setup_trial(trial: optuna.Trial, plan: Plan, cache: dict, *, probe: Callable
     torch.manual_seed(setup.train.seed)
     model = build_model(setup.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     prof = profile(model, tuple(splits.train_x.shape[1:]), latency=False)
-    latency = _latency(trial, setup, splits, model, plan.study_cfg.deployed)
-    on_target = _on_target(trial, setup, splits, plan)
+    shape = tuple(splits.train_x.shape[1:])
+    key, spec = architecture(setup.model, shape, splits.num_classes)
+    latency = _latency(trial, key, model, shape, plan.study_cfg.deployed)
+    on_target = _on_target(trial, key, spec, plan)
     numerics, choice = _numerics(trial, setup, splits, model, probe)
     full = setup.full
     _set_attrs(
@@ -224,23 +226,22 @@ def _suggest(trial: optuna.Trial, space: SpaceConfig) -> dict:
     return params
 
 
-def _latency(trial: optuna.Trial, setup: TrialSetup, splits: Splits, model: torch.nn.Module, deployed: bool) -> dict:
-    """The trial's latency attributes: its architecture's figure in the study, measured now (training on this
+def _latency(trial: optuna.Trial, key: str, model: torch.nn.Module, shape: tuple, deployed: bool) -> dict:
+    """The trial's latency attributes: its architecture's (`key`) figure in the study, measured now (training on this
     machine paused) if no trial of that architecture was measured before."""
-    key, _ = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
     how = "by a worker at the first trial of the architecture, training on this machine paused"
-    figure = ensure(trial.study, {key: lambda: (model, tuple(splits.train_x.shape[1:]))}, how, ort=deployed)[key]
+    figure = ensure(trial.study, {key: lambda: (model, shape)}, how, ort=deployed)[key]
     return {**trial_attrs(figure), "latency_key": key}
 
 
-def _on_target(trial: optuna.Trial, setup: TrialSetup, splits: Splits, plan: Plan) -> dict:
+def _on_target(trial: optuna.Trial, key: str, spec: dict, plan: Plan) -> dict:
     """The `latency_int8_ms@bluebox`-style metrics the study's objectives and budgets name, for the trial's
-    architecture: measured on that target by a latency kit, else predicted (`<name>_predicted` says which)."""
+    architecture (`key`, `spec`): measured on that target by a latency kit, else predicted (`<name>_predicted` says
+    which)."""
     study = plan.study_cfg
     names = [n for n in dict.fromkeys([*study.objectives, *study.limits()]) if split_metric(n)[1]]
     if not names:
         return {}
-    key, spec = architecture(setup.model, tuple(splits.train_x.shape[1:]), splits.num_classes)
     out = {}
     for name in names:
         out[name], out[f"{name}_predicted"] = figure_on_target(trial.study, name, key, spec)
